@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# The one test command.
+#   ./test.sh            install what the tests need, run the pytest suite (also on the
+#                        oldest Python 3.8+ pyenv has), then smoke-check a real proxy process
+#   ./test.sh --url URL  only the smoke checks, against a deployed proxy
+# REQUIRE_INTEROP=1 (set by .ci/run) turns a missing real client or registry into a failure.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+
+if [ "${1:-}" = "--url" ]; then
+  exec "$PYTHON" tests/smoke.py --url "${2:?usage: ./test.sh --url URL}"
+fi
+
+say() { printf 'test.sh: %s\n' "$*"; }
+
+ensure_pytest() {
+  if ! "$1" -c 'import pytest' 2>/dev/null; then
+    say "installing pytest for $1"
+    "$1" -m pip install --quiet --disable-pip-version-check pytest
+  fi
+}
+
+# Real registry and clients the interop tests drive (Debian packages).
+ensure_packages() {
+  local missing=()
+  command -v skopeo >/dev/null || missing+=(skopeo)
+  command -v docker-registry >/dev/null || missing+=(docker-registry)
+  command -v htpasswd >/dev/null || missing+=(apache2-utils)
+  command -v openssl >/dev/null || missing+=(openssl)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "installing ${missing[*]} with apt-get"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null && apt-get install -y -qq "${missing[@]}" >/dev/null \
+      || say "apt-get could not install ${missing[*]}"
+  else
+    say "missing ${missing[*]} (not root: not installing)"
+  fi
+}
+
+ensure_pytest "$PYTHON"
+ensure_packages
+
+say "pytest on $("$PYTHON" --version 2>&1)"
+"$PYTHON" -m pytest -q -p no:cacheprovider tests
+
+# The oldest supported Python pyenv has, so a 3.9+ construct cannot slip in.
+oldest=""
+for dir in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*; do
+  [ -x "$dir/bin/python" ] || continue
+  if "$dir/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 8))' 2>/dev/null; then
+    if [ -z "$oldest" ] || "$dir/bin/python" -c "import sys, subprocess; o = subprocess.check_output(['$oldest', '-c', 'import sys; print(sys.version_info[:3])']).decode(); sys.exit(not sys.version_info[:3] < eval(o))"; then
+      oldest="$dir/bin/python"
+    fi
+  fi
+done
+if [ -n "$oldest" ] && [ "$("$oldest" --version 2>&1)" != "$("$PYTHON" --version 2>&1)" ]; then
+  ensure_pytest "$oldest"
+  say "pytest on $("$oldest" --version 2>&1) (oldest supported found)"
+  "$oldest" -m pytest -q -p no:cacheprovider tests
+fi
+
+say "smoke checks against a real dockerproxy.py process"
+"$PYTHON" tests/smoke.py --local

@@ -1,0 +1,347 @@
+"""Table tests of the pure parts: settings, routing, challenges, scopes, headers."""
+
+import ast
+import email.message
+import os
+import subprocess
+import sys
+
+import pytest
+
+import dockerproxy
+from conftest import ROOT, proxy_config
+from dockerproxy import RegistryError
+
+
+# Standard library only ######################################################
+
+def test_module_imports_only_the_standard_library():
+    tree = ast.parse(open(os.path.join(ROOT, "dockerproxy.py"), encoding="utf-8").read())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    stdlib = set(getattr(sys, "stdlib_module_names", ())) or {
+        "__future__", "argparse", "dataclasses", "email", "errno", "hashlib", "http", "json",
+        "logging", "os", "re", "shutil", "signal", "socket", "ssl", "sys", "tempfile",
+        "threading", "time", "urllib", "base64", "fcntl", "heapq", "contextlib", "io"}
+    stdlib.add("__future__")
+    assert imported and imported <= stdlib, imported - stdlib
+
+
+# Settings ###################################################################
+
+def test_defaults_need_no_configuration(tmp_path):
+    config = proxy_config(tmp_path)
+    assert (config.default_route, config.custom_domain, config.debug) == ("docker", "", False)
+    assert dockerproxy.Config().port == 8080 and dockerproxy.Config().host == "0.0.0.0"
+    assert dockerproxy.Config().cache_dir == "./cache"
+
+
+def test_flag_beats_environment_beats_env_file_beats_default(tmp_path):
+    env_file = tmp_path / "settings.env"
+    env_file.write_text("# comment\nexport PORT=1111\nCUSTOM_DOMAIN='file.example'\nDEBUG=true\n"
+                        "UPSTREAM_GHCR=http://127.0.0.1:7000\n")
+    load = dockerproxy.load_config
+    config = load(["--env-file", str(env_file)], {})
+    assert (config.port, config.custom_domain, config.debug) == (1111, "file.example", True)
+    config = load(["--env-file", str(env_file)], {"PORT": "2222", "UPSTREAM_GHCR": "http://127.0.0.1:7001"})
+    assert config.port == 2222 and config.custom_domain == "file.example"
+    assert {r.name: r.upstream for r in config.routes}["ghcr"] == "http://127.0.0.1:7001"
+    config = load(["--env-file", str(env_file), "--port", "3333", "--debug", "false",
+                   "--upstream", "ghcr=http://127.0.0.1:7002"], {"PORT": "2222"})
+    assert (config.port, config.debug) == (3333, False)
+    assert {r.name: r.upstream for r in config.routes}["ghcr"] == "http://127.0.0.1:7002"
+
+
+def test_env_file_in_working_directory_is_read(tmp_path):
+    (tmp_path / ".env").write_text("PORT=4444\n")
+    result = subprocess.run(
+        [sys.executable, "-c", "import dockerproxy; print(dockerproxy.load_config([], {}).port)"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
+    assert result.stdout.strip() == "4444", result.stderr
+
+
+def test_upstream_override_keeps_docker_hub_semantics(tmp_path):
+    config = proxy_config(tmp_path, UPSTREAM_DOCKER="http://127.0.0.1:5000", UPSTREAM_K8S_GCR="http://127.0.0.1:5001")
+    routes = {route.name: route for route in config.routes}
+    assert routes["docker"].upstream == "http://127.0.0.1:5000" and routes["docker"].dockerhub
+    assert routes["k8s-gcr"].upstream == "http://127.0.0.1:5001"
+    assert "docker.io" in routes["docker"].registry_hosts
+
+
+def test_extra_routes_add_registries(tmp_path):
+    config = proxy_config(tmp_path, EXTRA_ROUTES="harbor=https://harbor.corp.example, nexus=http://127.0.0.1:8443")
+    routes = {route.name: route for route in config.routes}
+    assert routes["harbor"].upstream == "https://harbor.corp.example"
+    assert routes["nexus"].registry_hosts == ("127.0.0.1:8443",)
+    assert not routes["harbor"].dockerhub
+
+
+@pytest.mark.parametrize("args, environ, setting", [
+    (["--port", "abc"], {}, "PORT"),
+    ([], {"PORT": "70000"}, "PORT"),
+    ([], {"DEFAULT_ROUTE": "nosuch"}, "DEFAULT_ROUTE"),
+    ([], {"UPSTREAM_NOSUCH": "http://127.0.0.1:1"}, "UPSTREAM_NOSUCH"),
+    ([], {"UPSTREAM_DOCKER": "ftp://127.0.0.1"}, "UPSTREAM_DOCKER"),
+    ([], {"UPSTREAM_DOCKER": "http://user:secret@127.0.0.1"}, "UPSTREAM_DOCKER"),
+    ([], {"UPSTREAM_DOCKER": "http://127.0.0.1:99999"}, "UPSTREAM_DOCKER"),
+    ([], {"UPSTREAM_DOCKER": "http://127.0.0.1/some/path"}, "UPSTREAM_DOCKER"),
+    ([], {"TARGET_UPSTREAM": "not a url", "MODE": "debug"}, "TARGET_UPSTREAM"),
+    ([], {"MODE": "debug"}, "MODE"),
+    ([], {"MODE": "turbo"}, "MODE"),
+    ([], {"DEBUG": "maybe"}, "DEBUG"),
+    ([], {"READ_TIMEOUT": "-1"}, "READ_TIMEOUT"),
+    ([], {"EXTRA_ROUTES": "docker=http://127.0.0.1:1"}, "EXTRA_ROUTES"),
+    ([], {"EXTRA_ROUTES": "no-url"}, "EXTRA_ROUTES"),
+    ([], {"CUSTOM_DOMAIN": "bad domain"}, "CUSTOM_DOMAIN"),
+])
+def test_bad_setting_stops_start_up_with_one_line_and_status_2(tmp_path, args, environ, setting):
+    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "MODE", "DEBUG")}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--env-file", os.devnull] + args,
+                            env={**env, **environ}, capture_output=True, text=True, timeout=20, cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and setting in lines[0], result.stderr
+    assert "secret" not in result.stderr
+
+
+def test_help_lists_every_setting_with_its_default():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--help"],
+                            capture_output=True, text=True, timeout=20)
+    text = " ".join(result.stdout.split())
+    for setting in dockerproxy.SETTINGS:
+        assert f"env {setting.env}, default {setting.default or 'empty'}" in text
+    assert "UPSTREAM_<ROUTE>" in text and "--env-file" in text
+
+
+# Routing ####################################################################
+
+DOMAIN = "example.com"
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    config = proxy_config(tmp_path_factory.mktemp("c"), CUSTOM_DOMAIN=DOMAIN,
+                          EXTRA_ROUTES="corp=http://127.0.0.1:5999")
+    return dockerproxy.RouteTable(config)
+
+
+DIGEST = "sha256:" + "a" * 64
+
+ROUTING = [
+    # host, path, ns -> route, repository, kind, reference, prefix
+    ("docker.example.com", "/v2/library/nginx/manifests/latest", None, "docker", "library/nginx", "manifests", "latest", ""),
+    ("docker.example.com:443", "/v2/library/nginx/manifests/latest", None, "docker", "library/nginx", "manifests", "latest", ""),
+    ("Docker.Example.COM", "/v2/library/nginx/tags/list", None, "docker", "library/nginx", "tags", "list", ""),
+    ("ghcr.example.com", "/v2/owner/app/blobs/" + DIGEST, None, "ghcr", "owner/app", "blobs", DIGEST, ""),
+    ("quay.example.com", "/v2/org/x/manifests/" + DIGEST, None, "quay", "org/x", "manifests", DIGEST, ""),
+    ("k8s.example.com", "/v2/pause/manifests/3.9", None, "k8s", "pause", "manifests", "3.9", ""),
+    ("k8s-gcr.example.com", "/v2/pause/manifests/3.9", None, "k8s-gcr", "pause", "manifests", "3.9", ""),
+    ("docker-staging.example.com", "/v2/library/a/manifests/1", None, "docker-staging", "library/a", "manifests", "1", ""),
+    ("nvcr.example.com", "/v2/nvidia/cuda/manifests/12", None, "nvcr", "nvidia/cuda", "manifests", "12", ""),
+    ("mcr.example.com", "/v2/dotnet/sdk/manifests/8.0", None, "mcr", "dotnet/sdk", "manifests", "8.0", ""),
+    ("elastic.example.com", "/v2/elasticsearch/elasticsearch/manifests/8", None, "elastic", "elasticsearch/elasticsearch", "manifests", "8", ""),
+    ("corp.example.com", "/v2/team/app/manifests/1", None, "corp", "team/app", "manifests", "1", ""),
+    # the Go port's old names
+    ("registry.docker.example.com", "/v2/library/a/manifests/1", None, "docker", "library/a", "manifests", "1", ""),
+    ("quay.registry.docker.example.com", "/v2/org/a/manifests/1", None, "quay", "org/a", "manifests", "1", ""),
+    ("ghcr.registry.docker.example.com", "/v2/o/a/manifests/1", None, "ghcr", "o/a", "manifests", "1", ""),
+    # containerd's ?ns=
+    ("127.0.0.1:8080", "/v2/library/redis/manifests/7", "docker.io", "docker", "library/redis", "manifests", "7", ""),
+    ("127.0.0.1:8080", "/v2/owner/app/manifests/1", "ghcr.io", "ghcr", "owner/app", "manifests", "1", ""),
+    ("127.0.0.1:8080", "/v2/pause/manifests/3.9", "registry.k8s.io", "k8s", "pause", "manifests", "3.9", ""),
+    ("127.0.0.1:8080", "/v2/team/app/manifests/1", "127.0.0.1:5999", "corp", "team/app", "manifests", "1", ""),
+    ("docker.example.com", "/v2/library/redis/manifests/7", "docker.io", "docker", "library/redis", "manifests", "7", ""),
+    # path prefixes
+    ("127.0.0.1:8080", "/v2/ghcr.io/owner/app/manifests/1", None, "ghcr", "owner/app", "manifests", "1", "ghcr.io"),
+    ("127.0.0.1:8080", "/v2/docker.io/library/nginx/blobs/" + DIGEST, None, "docker", "library/nginx", "blobs", DIGEST, "docker.io"),
+    ("127.0.0.1:8080", "/v2/registry.k8s.io/pause/manifests/3.9", None, "k8s", "pause", "manifests", "3.9", "registry.k8s.io"),
+    ("127.0.0.1:8080", "/v2/GHCR.io/owner/app/manifests/1", None, "ghcr", "owner/app", "manifests", "1", "GHCR.io"),
+    ("ghcr.example.com", "/v2/ghcr.io/owner/app/manifests/1", None, "ghcr", "owner/app", "manifests", "1", "ghcr.io"),
+    # a domain-scoped gcr project is a name, not a prefix, on the gcr route
+    ("gcr.example.com", "/v2/example.com/proj/img/manifests/1", None, "gcr", "example.com/proj/img", "manifests", "1", ""),
+    # default route
+    ("127.0.0.1:8080", "/v2/library/nginx/manifests/latest", None, "docker", "library/nginx", "manifests", "latest", ""),
+    ("unknown.other.org", "/v2/library/nginx/manifests/latest", None, "docker", "library/nginx", "manifests", "latest", ""),
+    ("127.0.0.1:8080", "/v2/a/manifests/manifests/manifests", None, "docker", "a/manifests", "manifests", "manifests", ""),
+    ("127.0.0.1:8080", "/v2/a/b/c/d/referrers/" + DIGEST, None, "docker", "a/b/c/d", "referrers", DIGEST, ""),
+]
+
+
+@pytest.mark.parametrize("host, path, ns, route, repository, kind, reference, prefix", ROUTING)
+def test_resolve_routes_by_host_then_ns_then_prefix_then_default(table, host, path, ns, route, repository, kind, reference, prefix):
+    target = table.resolve(host, path, ns)
+    assert (target.route.name, target.repository, target.kind, target.reference, target.prefix) == (
+        route, repository, kind, reference, prefix)
+
+
+REFUSED = [
+    # host, path, ns -> status, code
+    ("127.0.0.1", "/v2/library/nginx/manifests/latest", "evil.example.org", 403, "DENIED"),
+    ("127.0.0.1", "/v2/evil.example.org/app/manifests/latest", None, 403, "DENIED"),
+    ("127.0.0.1", "/v2/localhost/app/manifests/latest", None, 403, "DENIED"),
+    ("127.0.0.1", "/v2/169.254.169.254:80/app/manifests/latest", None, 403, "DENIED"),
+    ("docker.example.com", "/v2/owner/app/manifests/1", "ghcr.io", 403, "DENIED"),
+    ("docker.example.com", "/v2/ghcr.io/owner/app/manifests/1", None, 403, "DENIED"),
+    ("127.0.0.1", "/v2/ghcr.io/owner/app/manifests/1", "quay.io", 403, "DENIED"),
+    ("127.0.0.1", "/v2/Library/nginx/manifests/latest", None, 400, "NAME_INVALID"),
+    ("127.0.0.1", "/v2/library/../secret/manifests/latest", None, 400, "NAME_INVALID"),
+    ("127.0.0.1", "/v2/library/ng%2Finx/manifests/latest", None, 400, "NAME_INVALID"),
+    ("127.0.0.1", "/v2//manifests/latest", None, 400, "NAME_INVALID"),
+    ("127.0.0.1", "/v2/" + "a/" * 130 + "manifests/latest", None, 400, "NAME_INVALID"),
+    ("127.0.0.1", "/v2/library/nginx/manifests/-bad", None, 400, "TAG_INVALID"),
+    ("127.0.0.1", "/v2/library/nginx/manifests/" + "t" * 129, None, 400, "TAG_INVALID"),
+    ("127.0.0.1", "/v2/library/nginx/blobs/latest", None, 400, "DIGEST_INVALID"),
+    ("127.0.0.1", "/v2/library/nginx/blobs/sha256:abc", None, 400, "DIGEST_INVALID"),
+    ("127.0.0.1", "/v2/library/nginx/blobs/md5:" + "a" * 32, None, 400, "DIGEST_INVALID"),
+    ("127.0.0.1", "/v2/library/nginx/blobs/uploads/", None, 404, "UNSUPPORTED"),
+    ("127.0.0.1", "/v2/_catalog", None, 404, "UNSUPPORTED"),
+]
+
+
+@pytest.mark.parametrize("host, path, ns, status, code", REFUSED)
+def test_resolve_refuses_unknown_registries_and_bad_names(table, host, path, ns, status, code):
+    with pytest.raises(RegistryError) as raised:
+        table.resolve(host, path, ns)
+    assert (raised.value.status, raised.value.code) == (status, code)
+
+
+def test_without_default_route_an_unknown_host_gets_the_route_list(tmp_path):
+    table = dockerproxy.RouteTable(proxy_config(tmp_path, CUSTOM_DOMAIN=DOMAIN, DEFAULT_ROUTE=""))
+    with pytest.raises(dockerproxy.NoRoute) as raised:
+        table.resolve("127.0.0.1", "/v2/library/a/manifests/1", None)
+    routes = raised.value.routes["routes"]
+    assert routes["docker.example.com"] == "https://registry-1.docker.io"
+    assert routes["quay.example.com"] == "https://quay.io"
+    assert raised.value.status == 404
+
+
+def test_debug_mode_sends_every_host_to_target_upstream(tmp_path):
+    table = dockerproxy.RouteTable(proxy_config(
+        tmp_path, MODE="debug", TARGET_UPSTREAM="https://registry-1.docker.io", CUSTOM_DOMAIN=DOMAIN))
+    for host in ("ghcr.example.com", "127.0.0.1", "anything.org"):
+        target = table.resolve(host, "/v2/nginx/manifests/latest", None)
+        assert target.route.upstream == "https://registry-1.docker.io" and target.route.dockerhub
+    table = dockerproxy.RouteTable(proxy_config(tmp_path, MODE="debug", TARGET_UPSTREAM="http://127.0.0.1:5000"))
+    assert not table.resolve("x", "/v2/nginx/manifests/latest", None).route.dockerhub
+
+
+@pytest.mark.parametrize("host, path, query, location", [
+    ("127.0.0.1", "/v2/nginx/manifests/latest", "", "/v2/library/nginx/manifests/latest"),
+    ("127.0.0.1", "/v2/nginx/blobs/" + DIGEST, "", "/v2/library/nginx/blobs/" + DIGEST),
+    ("127.0.0.1", "/v2/nginx/tags/list", "n=10&last=a", "/v2/library/nginx/tags/list?n=10&last=a"),
+    ("127.0.0.1", "/v2/docker.io/nginx/manifests/1", "", "/v2/docker.io/library/nginx/manifests/1"),
+    ("127.0.0.1", "/v2/library/nginx/manifests/latest", "", None),
+    ("ghcr.example.com", "/v2/nginx/manifests/latest", "", None),
+])
+def test_library_redirect_only_on_docker_hub(table, host, path, query, location):
+    target = table.resolve(host, path, None)
+    assert dockerproxy.library_redirect(target, query) == location
+
+
+@pytest.mark.parametrize("host, ns, scopes, route", [
+    ("127.0.0.1", None, ["repository:library/nginx:pull"], "docker"),
+    ("127.0.0.1", "ghcr.io", ["repository:owner/app:pull"], "ghcr"),
+    ("127.0.0.1", None, ["repository:ghcr.io/owner/app:pull"], "ghcr"),
+    ("quay.example.com", None, ["repository:org/app:pull"], "quay"),
+    ("127.0.0.1", None, [], "docker"),
+])
+def test_token_route_follows_host_ns_or_scope_prefix(table, host, ns, scopes, route):
+    assert table.for_token(host, ns, scopes).name == route
+
+
+def test_token_route_refuses_scopes_of_two_registries(table):
+    with pytest.raises(RegistryError):
+        table.for_token("127.0.0.1", None, ["repository:ghcr.io/a/b:pull", "repository:quay.io/c/d:pull"])
+
+
+# Scopes and challenges ######################################################
+
+@pytest.mark.parametrize("route, scope, rewritten", [
+    ("docker", "repository:nginx:pull", "repository:library/nginx:pull"),
+    ("docker", "repository:library/nginx:pull", "repository:library/nginx:pull"),
+    ("docker", "repository:user/app:pull,push", "repository:user/app:pull,push"),
+    ("docker", "repository:docker.io/nginx:pull", "repository:library/nginx:pull"),
+    ("ghcr", "repository:ghcr.io/owner/app:pull", "repository:owner/app:pull"),
+    ("ghcr", "repository:nginx:pull", "repository:nginx:pull"),
+    ("corp", "repository:127.0.0.1:5999/team/app:pull", "repository:team/app:pull"),
+    ("docker", "registry:catalog:*", "registry:catalog:*"),
+])
+def test_rewrite_scope(table, route, scope, rewritten):
+    assert dockerproxy.rewrite_scope(scope, table.routes[route]) == rewritten
+
+
+@pytest.mark.parametrize("header, scheme, params", [
+    ('Bearer realm="https://auth.docker.io/token",service="registry.docker.io"',
+     "bearer", {"realm": "https://auth.docker.io/token", "service": "registry.docker.io"}),
+    ('Bearer service="registry.docker.io",realm="https://auth.docker.io/token",scope="repository:library/a:pull"',
+     "bearer", {"realm": "https://auth.docker.io/token", "service": "registry.docker.io",
+                "scope": "repository:library/a:pull"}),
+    ('Bearer realm="https://r/t", error="insufficient_scope", scope="repository:a/b:pull,push"',
+     "bearer", {"realm": "https://r/t", "error": "insufficient_scope", "scope": "repository:a/b:pull,push"}),
+    ('Bearer realm=https://r/t,service=svc', "bearer", {"realm": "https://r/t", "service": "svc"}),
+    ('Bearer realm="a\\"b",service="x,y"', "bearer", {"realm": 'a"b', "service": "x,y"}),
+    ('Basic realm="Registry Realm"', "basic", {"realm": "Registry Realm"}),
+    ('BEARER Realm="https://r"', "bearer", {"realm": "https://r"}),
+    ('Bearer', "bearer", {}),
+])
+def test_parse_challenge_by_key_not_position(header, scheme, params):
+    assert dockerproxy.parse_challenge(header) == (scheme, params)
+
+
+def test_render_challenge_round_trips():
+    params = {"realm": 'http://h:1/v2/auth?ns=ghcr.io', "service": 'a"b', "scope": "repository:x:pull"}
+    assert dockerproxy.parse_challenge(dockerproxy.render_challenge("bearer", params)) == ("bearer", params)
+
+
+# Headers ####################################################################
+
+def headers_of(*pairs):
+    message = email.message.Message()
+    for name, value in pairs:
+        message[name] = value
+    return message
+
+
+def test_forwarded_request_headers_keep_what_registries_need():
+    headers = headers_of(
+        ("Accept", "application/vnd.oci.image.index.v1+json"),
+        ("Accept", "application/vnd.docker.distribution.manifest.v2+json"),
+        ("Range", "bytes=10-"), ("Authorization", "Bearer abc"), ("Cookie", "x=1"),
+        ("Connection", "keep-alive, X-Secret"), ("X-Secret", "1"), ("Proxy-Authorization", "Basic eA=="),
+        ("Host", "docker.example.com"), ("User-Agent", "docker/27"))
+    forwarded = dockerproxy.forwarded_request_headers(headers)
+    assert forwarded == {
+        "accept": "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+        "range": "bytes=10-", "user-agent": "docker/27", "authorization": "Bearer abc"}
+    assert "authorization" not in dockerproxy.forwarded_request_headers(
+        headers_of(("Authorization", "Bearer " + dockerproxy.ANONYMOUS_TOKEN)))
+
+
+def test_response_headers_drop_cookies_and_hop_by_hop():
+    headers = headers_of(
+        ("Content-Type", "application/json"), ("Docker-Content-Digest", DIGEST), ("Set-Cookie", "s=1"),
+        ("Connection", "close"), ("Transfer-Encoding", "chunked"), ("Location", "https://cdn/x"),
+        ("ETag", '"x"'), ("Link", '</v2/a/tags/list?n=1&last=b>; rel="next"'), ("RateLimit-Remaining", "99"))
+    kept = dict(dockerproxy.response_headers(headers, prefix="ghcr.io"))
+    assert kept == {"Content-Type": "application/json", "Docker-Content-Digest": DIGEST, "ETag": '"x"',
+                    "Link": '</v2/ghcr.io/a/tags/list?n=1&last=b>; rel="next"', "Ratelimit-Remaining": "99"}
+
+
+@pytest.mark.parametrize("url, redacted", [
+    ("https://cdn.example/blobs/x?X-Amz-Signature=secret", "https://cdn.example/blobs/x"),
+    ("http://127.0.0.1:1/v2/", "http://127.0.0.1:1/v2/"),
+])
+def test_redacted_url_drops_signed_queries(url, redacted):
+    assert dockerproxy.redacted_url(url) == redacted
+
+
+@pytest.mark.parametrize("host, bare", [
+    ("docker.example.com", "docker.example.com"), ("Docker.Example.com:8443", "docker.example.com"),
+    ("[::1]:8080", "::1"), ("example.com.", "example.com"),
+])
+def test_split_host(host, bare):
+    assert dockerproxy.split_host(host) == bare
