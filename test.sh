@@ -47,12 +47,10 @@ say "pytest on $("$PYTHON" --version 2>&1)"
 
 # The oldest supported Python pyenv has, so a 3.9+ construct cannot slip in.
 oldest=""
-for dir in "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.*; do
-  [ -x "$dir/bin/python" ] || continue
-  if "$dir/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 8))' 2>/dev/null; then
-    if [ -z "$oldest" ] || "$dir/bin/python" -c "import sys, subprocess; o = subprocess.check_output(['$oldest', '-c', 'import sys; print(sys.version_info[:3])']).decode(); sys.exit(not sys.version_info[:3] < eval(o))"; then
-      oldest="$dir/bin/python"
-    fi
+for dir in $(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/3.* 2>/dev/null | sort -V); do
+  if [ -x "$dir/bin/python" ] && "$dir/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 8))'; then
+    oldest="$dir/bin/python"
+    break
   fi
 done
 if [ -n "$oldest" ] && [ "$("$oldest" --version 2>&1)" != "$("$PYTHON" --version 2>&1)" ]; then
