@@ -18,18 +18,41 @@ What it does:
   * redirects one-segment Docker Hub names to ``library/``;
   * follows upstream redirects (CDNs) itself, never sending Authorization to
     another host;
-  * streams bodies in fixed-size chunks, whatever their size.
+  * streams bodies in fixed-size chunks, whatever their size;
+  * keeps a disk cache of blobs and manifests under CACHE_DIR, each verified
+    against its digest before it is stored, fetched from upstream once however
+    many clients ask at once, served with sendfile, bounded by CACHE_MAX_SIZE
+    and CACHE_MAX_AGE, and served (marked stale) when the upstream is down.
+
+Cache layout (CACHE_DIR):
+  blobs/<alg>/<hh>/<hex>          a blob or manifest, named by its digest
+  blobs/<alg>/<hh>/<hex>.type     a manifest's media type
+  repos/<host:port>/<repository>/_tags/<tag>/<accept kind>.json
+                                  tag -> digest, and when upstream last said so
+  repos/<host:port>/<repository>/_links/<alg>/<hex>
+                                  the object belongs to this repository
+  repos/<host:port>/<repository>/_public
+                                  mtime: when an anonymous pull last succeeded
+  .tmp-*                          being written; renamed once verified
+A cached object is served without asking upstream only to a client that may
+have it: the repository was pulled anonymously, or upstream accepted this
+client's credentials for it, within the last ten minutes.  Anyone else is
+checked with a HEAD upstream first, so private images do not leak.
 
 What it never does:
   * accept a push: PUT, POST, PATCH and DELETE on the registry API get 405;
   * connect to a host outside its route table, except where a configured
     upstream redirects it (CDNs) or names its token realm;
-  * write outside CACHE_DIR, or log an Authorization header, token or password.
+  * write outside CACHE_DIR, or log an Authorization header, token or password;
+  * put into the cache an object whose bytes do not match its digest.
 
 Settings (command-line flag > environment > .env file > default):
   HOST=0.0.0.0              address to listen on
   PORT=8080                 TCP port to listen on
-  CACHE_DIR=./cache         directory of the disk cache
+  CACHE_DIR=./cache         directory of the disk cache (empty: no cache)
+  CACHE_MAX_SIZE=20G        evict least recently used objects above this size
+  CACHE_MAX_AGE=30d         remove objects unused this long
+  MANIFEST_TTL=60           seconds a tag is served before upstream is asked
   CUSTOM_DOMAIN=            domain of the host routes (empty: none)
   DEFAULT_ROUTE=docker      route of requests nothing else routes (empty: 404)
   UPSTREAM_<ROUTE>=         another URL for a route (UPSTREAM_DOCKER=http://...)
@@ -41,7 +64,9 @@ Settings (command-line flag > environment > .env file > default):
   READ_TIMEOUT=60           seconds an upstream may stay silent mid-answer
   DEBUG=false               log upstream requests, redirects, token fetches
 
-Run ``python3 dockerproxy.py --help`` for the same list with the flags.
+Run ``python3 dockerproxy.py --help`` for the same list with the flags, and
+``python3 dockerproxy.py cache verify|stats|prune`` to check, count or trim
+the cache.
 """
 
 from __future__ import annotations
@@ -50,12 +75,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import fcntl
+import functools
+import hashlib
 import http.client
 import http.server
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -105,6 +135,35 @@ LISTEN_BACKLOG = 128
 # always fetch one (podman pings the default route) can go on.  It is never
 # forwarded upstream.
 ANONYMOUS_TOKEN = "dockerproxy-anonymous"
+
+# distribution refuses manifests over 4 MiB; a larger one is passed through
+# uncached rather than held to a limit no registry would serve.
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+
+# A repository verified pullable (anonymously, or with a client's token) is
+# trusted this long before upstream is asked again.  Cached public content
+# costs no upstream request; a repository made private, or a token revoked,
+# is noticed within ten minutes.
+ACCESS_TTL = 600.0
+
+# Eviction frees down to 90% of CACHE_MAX_SIZE, so one sweep makes room for
+# many fills instead of one sweep per fill at the limit.
+EVICTION_LOW_WATER = 0.9
+
+# The evictor's pace when nothing wakes it: CACHE_MAX_AGE is days, so five
+# minutes is exact enough, and a full cache wakes it at once.
+SWEEP_INTERVAL = 300.0
+
+# A hit bumps its object's mtime, the "last used" eviction reads, at most
+# once a minute: LRU order does not need more, and a hit stays one stat.
+TOUCH_INTERVAL = 60.0
+
+# Answers up to this size go out in the same write as their headers
+# (manifests, errors); larger ones use sendfile.
+SMALL_ANSWER = 64 * 1024
+
+# Files being written carry this prefix until they are complete.
+TEMP_PREFIX = ".tmp-"
 
 # OCI distribution spec: repository name components and tags.
 NAME_COMPONENT = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*\Z")
@@ -233,6 +292,9 @@ class Config:
     trust_proxy_headers: bool = False
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
+    manifest_ttl: float = 60.0
+    cache_max_size: int = 20 * 1024 ** 3
+    cache_max_age: float = 30 * 86400.0
     debug: bool = False
     routes: tuple = BUILTIN_ROUTES
 
@@ -260,6 +322,26 @@ def parse_seconds(text: str) -> float:
     if not 0 < seconds < 86400:
         raise ValueError("must be between 0 and 86400 seconds")
     return seconds
+
+
+SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_size(text: str) -> int:
+    """'20G' -> 21474836480 (binary units, K/M/G/T, an optional B or iB)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text.lower())
+    if not match:
+        raise ValueError("not a size (a number with K, M, G or T)")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2)])
+
+
+def parse_duration(text: str) -> float:
+    """'30d' -> 2592000.0 (seconds; s, m, h or d)."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", text.lower())
+    if not match:
+        raise ValueError("not a duration (a number with s, m, h or d)")
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)]
 
 
 def parse_upstream_url(text: str) -> str:
@@ -343,7 +425,13 @@ class Setting:
 SETTINGS = (
     Setting("HOST", "0.0.0.0", str.strip, "address to listen on"),
     Setting("PORT", "8080", parse_port, "TCP port to listen on"),
-    Setting("CACHE_DIR", "./cache", str.strip, "directory of the disk cache"),
+    Setting("CACHE_DIR", "./cache", str.strip, "directory of the disk cache (empty: no cache)"),
+    Setting("CACHE_MAX_SIZE", "20G", parse_size,
+            "evict least recently used objects above this size, K/M/G/T (0: no limit)"),
+    Setting("CACHE_MAX_AGE", "30d", parse_duration,
+            "remove objects unused this long, s/m/h/d (0: never)"),
+    Setting("MANIFEST_TTL", "60", parse_duration,
+            "seconds a cached tag is served before a HEAD asks upstream whether it moved"),
     Setting("CUSTOM_DOMAIN", "", parse_domain,
             "domain of the host routes docker.DOMAIN, ghcr.DOMAIN, ... (empty: none)"),
     Setting("DEFAULT_ROUTE", "docker", parse_route_name,
@@ -366,9 +454,12 @@ UPSTREAM_PREFIX = "UPSTREAM_"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dockerproxy.py",
+        prog="dockerproxy.py", usage="%(prog)s [cache {verify,stats,prune}] [options]",
         description="Pull-through proxy for container registries.",
-        epilog="Each setting is read from its flag, else the environment, else the "
+        epilog="Commands: 'cache verify' re-hashes every cached object and removes bad ones; "
+               "'cache stats' prints counts and sizes; 'cache prune' applies CACHE_MAX_SIZE and "
+               "CACHE_MAX_AGE now.  "
+               "Each setting is read from its flag, else the environment, else the "
                ".env file, else its default.  UPSTREAM_<ROUTE>=URL (or --upstream "
                "ROUTE=URL) points a route at another registry, e.g. "
                "UPSTREAM_DOCKER=http://127.0.0.1:5000 for a local mirror of Docker Hub.")
@@ -735,6 +826,22 @@ def forwarded_request_headers(headers, same_host: bool = True) -> dict:
     return forwarded
 
 
+def response_headers(headers, prefix: str = "") -> list:
+    """The upstream headers a client gets (see FORWARDED_RESPONSE_HEADERS)."""
+    kept = []
+    for name in FORWARDED_RESPONSE_HEADERS:
+        for value in headers.get_all(name) or []:
+            if name == "link" and prefix:
+                value = value.replace("</v2/", f"</v2/{prefix}/", 1)
+            kept.append((name.title() if name != "etag" else "ETag", value))
+    return kept
+
+
+def is_upstream_failure(status: int) -> bool:
+    """Answers that mean "try the cache": the upstream is broken or rate-limiting."""
+    return status >= 500 or status == 429
+
+
 def same_origin(url_a: str, url_b: str) -> bool:
     a, b = urllib.parse.urlsplit(url_a), urllib.parse.urlsplit(url_b)
     return (a.scheme, a.hostname, a.port) == (b.scheme, b.hostname, b.port)
@@ -749,6 +856,606 @@ def redacted_url(url: str) -> str:
 def printable(text: str) -> str:
     """Control characters escaped, as http.server does, so a log line stays one line."""
     return text.encode("unicode_escape", "backslashreplace").decode("ascii").replace('"', '\\"')
+
+
+# Cache layout and manifest kinds (pure: no I/O) ############################
+
+MANIFEST_KINDS = {
+    "application/vnd.docker.distribution.manifest.v2+json": "docker-manifest",
+    "application/vnd.docker.distribution.manifest.list.v2+json": "docker-list",
+    "application/vnd.oci.image.manifest.v1+json": "oci-manifest",
+    "application/vnd.oci.image.index.v1+json": "oci-index",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws": "docker-v1",
+    "application/vnd.docker.distribution.manifest.v1+json": "docker-v1",
+}
+
+BLOB_TYPE = "application/octet-stream"
+
+
+def accepted_types(accept: str) -> list:
+    """'a/b;q=0.5, c/d' -> ['a/b', 'c/d']; parameters do not change what may be sent."""
+    return [part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()]
+
+
+def accept_kind(accept: str) -> str:
+    """The tag index key for what a client accepts: the same tag can answer
+    with a different manifest per Accept (an OCI index or a docker list)."""
+    types = accepted_types(accept)
+    kinds = sorted({MANIFEST_KINDS[t] for t in types if t in MANIFEST_KINDS})
+    if not types or "*/*" in types:
+        kinds.append("any")
+    return "+".join(kinds) or "other"
+
+
+def accepts(accept: str, media_type: str) -> bool:
+    """Whether a client may be sent `media_type` (no Accept at all means anything)."""
+    types = accepted_types(accept)
+    return not types or "*/*" in types or media_type.lower() in types
+
+
+def object_path(root: str, digest: str) -> str:
+    """'sha256:abcd...' -> ROOT/blobs/sha256/ab/abcd...; blobs and manifests alike."""
+    algorithm, _, hexdigest = digest.partition(":")
+    return os.path.join(root, "blobs", algorithm, hexdigest[:2], hexdigest)
+
+
+def repository_dir(root: str, upstream: str, repository: str) -> str:
+    """Per-registry, per-repository bookkeeping: the upstream's host:port is in
+    the key, so ghcr.io/x/y and docker.io/x/y never share an entry."""
+    return os.path.join(root, "repos", urllib.parse.urlsplit(upstream).netloc, repository)
+
+
+def tag_path(root: str, upstream: str, repository: str, tag: str, kind: str) -> str:
+    # Name components never start with "_", so _tags cannot collide with one.
+    return os.path.join(repository_dir(root, upstream, repository), "_tags", tag, kind + ".json")
+
+
+def link_path(root: str, upstream: str, repository: str, digest: str) -> str:
+    algorithm, _, hexdigest = digest.partition(":")
+    return os.path.join(repository_dir(root, upstream, repository), "_links", algorithm, hexdigest)
+
+
+def public_marker_path(root: str, upstream: str, repository: str) -> str:
+    return os.path.join(repository_dir(root, upstream, repository), "_public")
+
+
+def referenced_digests(manifest: bytes) -> list:
+    """The config, layers and child manifests a manifest or index names."""
+    try:
+        document = json.loads(manifest)
+    except ValueError:
+        return []
+    if not isinstance(document, dict):
+        return []
+    descriptors = [document.get("config"), document.get("subject")]
+    for field in ("layers", "manifests", "blobs"):
+        if isinstance(document.get(field), list):
+            descriptors.extend(document[field])
+    return [d["digest"] for d in descriptors
+            if isinstance(d, dict) and isinstance(d.get("digest"), str) and DIGEST.match(d["digest"])]
+
+
+def parse_byte_range(header: str, size: int) -> tuple | None:
+    """'bytes=a-b' -> (start, end inclusive); None for what we serve whole.
+
+    One range only (what clients send to resume); a malformed or multi-range
+    header is ignored, as RFC 9110 allows.  Unsatisfiable raises 416.
+    """
+    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
+    if not match or match.group(1) == match.group(2) == "":
+        return None
+    first, last = match.groups()
+    if first == "":
+        start, end = max(size - int(last), 0), size - 1
+    else:
+        start, end = int(first), min(int(last), size - 1) if last else size - 1
+    if start >= size or start > end:
+        raise RegistryError(416, "BLOB_UNKNOWN", "requested range not satisfiable",
+                            headers=(("Content-Range", f"bytes */{size}"),))
+    return start, end
+
+
+# Cache #####################################################################
+
+_thread_state = threading.local()
+
+
+def thread_buffer() -> memoryview:
+    """One streaming buffer per thread, allocated once and reused."""
+    buffer = getattr(_thread_state, "buffer", None)
+    if buffer is None:
+        buffer = _thread_state.buffer = memoryview(bytearray(CHUNK_SIZE))
+    return buffer
+
+
+class Recent:
+    """Keys remembered for a while (access grants, anonymous tokens), bounded."""
+
+    def __init__(self, ttl: float, limit: int = 100000) -> None:
+        self.ttl = ttl
+        self.limit = limit
+        self._seen = {}
+        self._lock = threading.Lock()
+
+    def add(self, key) -> None:
+        with self._lock:
+            if len(self._seen) >= self.limit:
+                self._seen.clear()  # crude, but bounded: the cost is a few re-checks
+            self._seen[key] = time.monotonic()
+
+    def fresh(self, key) -> bool:
+        seen = self._seen.get(key)
+        return seen is not None and time.monotonic() - seen < self.ttl
+
+
+def identity_of(authorization: str) -> str:
+    """Who a client is, for access bookkeeping: a hash, never the credential."""
+    return hashlib.sha256(authorization.encode()).hexdigest()
+
+
+def create_temp(directory: str, name: str) -> tuple:
+    """A new locked temporary file beside its final name: (fd, path).
+
+    The flock marks it as alive: start-up and `cache verify` remove only
+    temporary files nobody holds, so a second process sharing CACHE_DIR
+    never loses a fill in progress, and a SIGKILLed one leaves nothing behind.
+    """
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"{TEMP_PREFIX}{name}-{os.getpid()}-{os.urandom(4).hex()}")
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd, path
+
+
+def write_all(fd: int, data) -> None:
+    while data:
+        written = os.write(fd, data)
+        data = data[written:]
+
+
+def write_atomic(path: str, data: bytes) -> None:
+    """Small files (tag entries, media types): temp file, then rename."""
+    fd, temp = create_temp(os.path.dirname(path), os.path.basename(path))
+    try:
+        write_all(fd, data)
+        os.replace(temp, path)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    finally:
+        os.close(fd)
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def remove_abandoned_temps(root: str) -> int:
+    """Temporary files whose writer is gone (its flock released): removed."""
+    removed = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            if not name.startswith(TEMP_PREFIX):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live fill holds it
+            finally:
+                os.close(fd)
+            remove_quietly(path)
+            removed += 1
+    return removed
+
+
+class Fill:
+    """One upstream download into a temporary file, followed by every client.
+
+    The fill runs in its own thread, so a slow or vanished client neither
+    slows nor stops it; clients send what has been written with sendfile.
+    The last byte is held back until the digest is verified: a bad body
+    ends every client's transfer short, never as a clean 200.
+    """
+
+    PENDING, STREAMING, DONE, FAILED, DECLINED = "pending", "streaming", "done", "failed", "declined"
+
+    def __init__(self, key: tuple, identity: str | None) -> None:
+        self.key = key
+        self.identity = identity     # whose credentials fetched it (None: anonymous)
+        self.cond = threading.Condition()
+        self.state = Fill.PENDING
+        self.headers = []            # the answer headers every follower sends
+        self.length = None           # Content-Length, when the upstream gave one
+        self.written = 0
+        self.followers = 0           # clients sending it (for logs and tests)
+        self.temp_path = ""
+        self.final_path = ""
+
+    def settle(self, state: str) -> None:
+        with self.cond:
+            self.state = state
+            self.cond.notify_all()
+
+    def wait_started(self, timeout: float) -> str:
+        with self.cond:
+            self.cond.wait_for(lambda: self.state != Fill.PENDING, timeout)
+            return self.state
+
+    def open_reader(self):
+        """A file object on the bytes so far; None if the fill failed first."""
+        with self.cond:
+            if self.state not in (Fill.STREAMING, Fill.DONE):
+                return None
+            self.followers += 1
+            return open(self.temp_path if self.state == Fill.STREAMING else self.final_path, "rb")
+
+    def wait_beyond(self, position: int, timeout: float) -> tuple:
+        """(bytes a client may send, done, failed) once there is more than `position`."""
+        def ready():
+            return self.state in (Fill.DONE, Fill.FAILED) or self.available() > position
+        with self.cond:
+            self.cond.wait_for(ready, timeout)
+            return self.available(), self.state == Fill.DONE, self.state == Fill.FAILED
+
+    def available(self) -> int:
+        return self.written if self.state == Fill.DONE else max(self.written - 1, 0)
+
+
+class Cache:
+    """Content-addressed store of blobs and manifests, a tag index, and fills.
+
+    Layout under CACHE_DIR:
+      blobs/<alg>/<hh>/<hex>            bytes of a blob or manifest, verified
+      blobs/<alg>/<hh>/<hex>.type       media type, for manifests
+      repos/<host:port>/<name>/_tags/<tag>/<accept kind>.json
+                                        {"digest", "media_type", "checked"}
+      repos/<host:port>/<name>/_links/<alg>/<hex>
+                                        the object was seen in this repository
+      repos/<host:port>/<name>/_public  mtime: last anonymous pull upstream allowed
+      .tmp-* files beside their final names while being written
+    """
+
+    def __init__(self, root: str, max_size: int, max_age: float) -> None:
+        self.root = root
+        self.max_size = max_size
+        self.max_age = max_age
+        os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
+        remove_abandoned_temps(root)
+        self._lock = threading.Lock()
+        self._fills = {}
+        self._readers = {}            # path -> clients reading it: never evicted
+        self._touched = Recent(TOUCH_INTERVAL)  # paths whose mtime was bumped lately
+        self._disk_warned = False
+        self.size = 0
+        self._sweep_now = threading.Event()
+
+    # Objects -----------------------------------------------------------------
+
+    def media_type(self, digest: str) -> str | None:
+        """The stored media type of a cached manifest, else None."""
+        path = object_path(self.root, digest)
+        try:
+            with open(path + ".type", encoding="utf-8") as file:
+                media_type = file.read().strip()
+        except OSError:
+            return None
+        return media_type if os.path.exists(path) else None
+
+    def has(self, digest: str) -> bool:
+        return os.path.exists(object_path(self.root, digest))
+
+    def open_object(self, digest: str):
+        """(file, size) of a cached object, counted as being read; None if absent."""
+        path = object_path(self.root, digest)
+        try:
+            file = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            self._readers[path] = self._readers.get(path, 0) + 1
+        self.touch(path)
+        return file, os.fstat(file.fileno()).st_size
+
+    def close_object(self, file) -> None:
+        with self._lock:
+            count = self._readers.pop(file.name, 1) - 1
+            if count:
+                self._readers[file.name] = count
+        file.close()
+
+    def touch(self, path: str) -> None:
+        """Bump the mtime that eviction reads as last use, at most once a minute."""
+        if not self._touched.fresh(path):
+            self._touched.add(path)
+            try:
+                os.utime(path)
+            except OSError:
+                pass
+
+    # Repository bookkeeping --------------------------------------------------
+
+    def is_linked(self, upstream: str, repository: str, digest: str) -> bool:
+        return os.path.exists(link_path(self.root, upstream, repository, digest))
+
+    def link(self, upstream: str, repository: str, digests) -> None:
+        for digest in digests:
+            path = link_path(self.root, upstream, repository, digest)
+            if not os.path.exists(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                open(path, "ab").close()
+
+    def public_age(self, upstream: str, repository: str) -> float | None:
+        """Seconds since anonymous access to the repository last succeeded upstream."""
+        try:
+            return time.time() - os.stat(public_marker_path(self.root, upstream, repository)).st_mtime
+        except OSError:
+            return None
+
+    def mark_public(self, upstream: str, repository: str) -> None:
+        path = public_marker_path(self.root, upstream, repository)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "ab"):
+            os.utime(path)
+
+    # Tag index ---------------------------------------------------------------
+
+    def tag_entry(self, upstream: str, repository: str, tag: str, kind: str) -> dict | None:
+        try:
+            with open(tag_path(self.root, upstream, repository, tag, kind), encoding="utf-8") as file:
+                entry = json.load(file)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(entry, dict) or not DIGEST.match(str(entry.get("digest"))):
+            return None
+        return entry if self.media_type(entry["digest"]) else None
+
+    def tag_entries(self, upstream: str, repository: str, tag: str) -> list:
+        directory = os.path.dirname(tag_path(self.root, upstream, repository, tag, "x"))
+        try:
+            kinds = sorted(name[:-5] for name in os.listdir(directory) if name.endswith(".json"))
+        except OSError:
+            return []
+        entries = (self.tag_entry(upstream, repository, tag, kind) for kind in kinds)
+        return [entry for entry in entries if entry]
+
+    def write_tag(self, upstream: str, repository: str, tag: str, kind: str,
+                  digest: str, media_type: str) -> None:
+        entry = {"digest": digest, "media_type": media_type, "checked": time.time()}
+        write_atomic(tag_path(self.root, upstream, repository, tag, kind), json.dumps(entry).encode())
+
+    def drop_tag(self, upstream: str, repository: str, tag: str) -> None:
+        directory = os.path.dirname(tag_path(self.root, upstream, repository, tag, "x"))
+        shutil.rmtree(directory, ignore_errors=True)
+
+    # Fills -------------------------------------------------------------------
+
+    def begin_fill(self, key: tuple, identity: str | None) -> tuple:
+        """(fill, True) for the first request of `key`, (its fill, False) for the others."""
+        with self._lock:
+            fill = self._fills.get(key)
+            if fill is not None:
+                return fill, False
+            fill = self._fills[key] = Fill(key, identity)
+            return fill, True
+
+    def end_fill(self, fill: Fill, state: str) -> None:
+        with self._lock:
+            if self._fills.get(fill.key) is fill:
+                del self._fills[fill.key]
+        fill.settle(state)
+
+    def start_fill(self, fill: Fill, response, digest: str | None, headers: list,
+                   media_type: str | None, on_commit) -> bool:
+        """Start writing `response` into the cache in a thread of its own.
+
+        False when no room could be reserved: the caller passes it through.
+        """
+        length = response.headers.get("content-length")
+        fill.length = int(length) if length and length.isdigit() else None
+        name = digest.partition(":")[2] if digest else "manifest"
+        directory = os.path.dirname(object_path(self.root, digest or "sha256:00"))
+        try:
+            fd, temp_path = create_temp(directory, name)
+        except OSError as err:
+            self.warn_disk(err)
+            return False
+        try:
+            if fill.length:
+                # Reserve the space now: a full disk (or a file size limit)
+                # shows here, before any client depends on this file.
+                os.posix_fallocate(fd, 0, fill.length)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                os.close(fd)
+                remove_quietly(temp_path)
+                self.warn_disk(err)
+                return False
+        fill.temp_path, fill.headers = temp_path, headers
+        fill.settle(Fill.STREAMING)
+        threading.Thread(target=self.run_fill, daemon=True, name="fill",
+                         args=(fill, response, fd, digest, media_type, on_commit)).start()
+        return True
+
+    def run_fill(self, fill: Fill, response, fd: int, digest: str | None,
+                 media_type: str | None, on_commit) -> None:
+        algorithm = digest.partition(":")[0] if digest else "sha256"
+        hasher = hashlib.new(algorithm)
+        buffer = thread_buffer()
+        state = Fill.FAILED
+        try:
+            limit = MAX_MANIFEST_SIZE if media_type else None
+            while True:
+                count = response.readinto(buffer)
+                if not count:
+                    break
+                chunk = buffer[:count]
+                write_all(fd, chunk)
+                hasher.update(chunk)
+                with fill.cond:
+                    fill.written += count
+                    fill.cond.notify_all()
+                if limit and fill.written > limit:
+                    raise ValueError("manifest larger than MAX_MANIFEST_SIZE")
+            actual = f"{algorithm}:{hasher.hexdigest()}"
+            if fill.length is not None and fill.written != fill.length:
+                raise ValueError(f"upstream sent {fill.written} of {fill.length} bytes")
+            if digest and actual != digest:
+                raise ValueError(f"upstream sent bytes of {actual}, not {digest}")
+            os.ftruncate(fd, fill.written)
+            os.fsync(fd)
+            self.commit(fill, actual, media_type)
+            on_commit(actual)
+            state = Fill.DONE
+            self._disk_warned = False
+        except Exception as err:  # any failure: nothing is cached, followers are cut short
+            log.warning("cache fill of %s failed: %s", digest or "manifest", printable(str(err)))
+            remove_quietly(fill.temp_path)
+        finally:
+            os.close(fd)
+            response.release() if state == Fill.DONE else response.close()
+            self.end_fill(fill, state)
+
+    def commit(self, fill: Fill, digest: str, media_type: str | None) -> None:
+        """The verified bytes take their final name (the media type first)."""
+        final = object_path(self.root, digest)
+        if media_type:
+            write_atomic(final + ".type", media_type.encode())
+        with fill.cond:
+            os.replace(fill.temp_path, final)
+            fill.final_path = final
+        with self._lock:
+            self.size += fill.written
+        if self.max_size and self.size > self.max_size:
+            self._sweep_now.set()
+
+    def warn_disk(self, err: OSError) -> None:
+        """A full disk degrades to pass-through: one warning per episode."""
+        if not self._disk_warned:
+            self._disk_warned = True
+            log.warning("cache cannot write (%s): passing content through uncached", err.strerror or err)
+
+    # Eviction ----------------------------------------------------------------
+
+    def start_evictor(self) -> None:
+        threading.Thread(target=self._evict_forever, daemon=True, name="evictor").start()
+
+    def _evict_forever(self) -> None:
+        while True:
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("cache sweep failed")
+            self._sweep_now.wait(SWEEP_INTERVAL)
+            self._sweep_now.clear()
+
+    def objects(self) -> list:
+        """(mtime, size, path) of every stored object, temporary files aside."""
+        found = []
+        for directory, _, files in os.walk(os.path.join(self.root, "blobs")):
+            for name in files:
+                if name.startswith(TEMP_PREFIX) or name.endswith(".type"):
+                    continue
+                path = os.path.join(directory, name)
+                try:
+                    stat = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                found.append((stat.st_mtime, stat.st_size, path))
+        return found
+
+    def is_being_read(self, path: str) -> bool:
+        with self._lock:
+            return bool(self._readers.get(path))
+
+    def sweep(self) -> dict:
+        """Remove objects unused for CACHE_MAX_AGE, then, over CACHE_MAX_SIZE, the
+        least recently used down to the low-water mark; never one being read."""
+        objects = sorted(self.objects())  # least recently used first
+        total = sum(size for _, size, _ in objects)
+        low_water = self.max_size * EVICTION_LOW_WATER if self.max_size and total > self.max_size else None
+        now, removed, freed = time.time(), 0, 0
+        for mtime, size, path in objects:
+            expired = self.max_age and now - mtime > self.max_age
+            if not expired and (low_water is None or total <= low_water):
+                break  # everything after is younger
+            if self.is_being_read(path):
+                continue
+            remove_quietly(path)
+            remove_quietly(path + ".type")
+            total, removed, freed = total - size, removed + 1, freed + size
+        with self._lock:
+            self.size = total
+        dropped = self.drop_dangling_tags()
+        if removed:
+            log.info("cache evicted %d objects (%d bytes) and %d tag entries; %d bytes remain",
+                     removed, freed, dropped, total)
+        return {"removed": removed, "freed_bytes": freed, "tags_dropped": dropped, "size_bytes": total}
+
+    def drop_dangling_tags(self) -> int:
+        dropped = 0
+        for directory, _, files in os.walk(os.path.join(self.root, "repos")):
+            if os.path.basename(os.path.dirname(directory)) != "_tags":
+                continue
+            for name in files:
+                path = os.path.join(directory, name)
+                try:
+                    with open(path, encoding="utf-8") as file:
+                        digest = json.load(file)["digest"]
+                    present = DIGEST.match(digest) and os.path.exists(object_path(self.root, digest))
+                except (OSError, ValueError, KeyError, TypeError):
+                    present = name.startswith(TEMP_PREFIX)
+                if not present:
+                    remove_quietly(path)
+                    dropped += 1
+        return dropped
+
+    # Operator commands -------------------------------------------------------
+
+    def verify(self) -> dict:
+        """Re-hash every object; remove those whose bytes do not match their name."""
+        checked = bad = 0
+        for _, size, path in self.objects():
+            algorithm = os.path.basename(os.path.dirname(os.path.dirname(path)))
+            expected = f"{algorithm}:{os.path.basename(path)}"
+            checked += 1
+            if DIGEST.match(expected) and file_digest(path, algorithm) == expected:
+                continue
+            log.warning("cache verify: %s does not match its digest: removed", printable(path))
+            remove_quietly(path)
+            remove_quietly(path + ".type")
+            bad += 1
+        temps = remove_abandoned_temps(self.root)
+        return {"checked": checked, "bad_removed": bad, "temporary_files_removed": temps,
+                "tags_dropped": self.drop_dangling_tags()}
+
+    def stats(self) -> dict:
+        objects = self.objects()
+        manifests = sum(1 for _, _, path in objects if os.path.exists(path + ".type"))
+        tags = repositories = 0
+        for directory, subdirectories, files in os.walk(os.path.join(self.root, "repos")):
+            repositories += "_links" in subdirectories or "_tags" in subdirectories
+            if os.path.basename(os.path.dirname(directory)) == "_tags":
+                tags += sum(1 for name in files if name.endswith(".json"))
+        return {"objects": len(objects), "manifests": manifests, "blobs": len(objects) - manifests,
+                "size_bytes": sum(size for _, size, _ in objects), "max_size_bytes": self.max_size,
+                "max_age_seconds": self.max_age, "tag_entries": tags, "repositories": repositories}
+
+
+def file_digest(path: str, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    buffer = thread_buffer()
+    with open(path, "rb", buffering=0) as file:
+        for count in iter(lambda: file.readinto(buffer), 0):
+            hasher.update(buffer[:count])
+    return f"{algorithm}:{hasher.hexdigest()}"
 
 
 # Upstream client ###########################################################
@@ -896,26 +1603,15 @@ class Challenges:
             self._known[route.name] = (time.monotonic() + CHALLENGE_TTL, scheme, params)
         return scheme, params
 
-    def get(self, route: Route) -> tuple | None:
+    def get(self, route: Route, any_age: bool = False) -> tuple | None:
         with self._lock:
             known = self._known.get(route.name)
-        if known and known[0] > time.monotonic():
+        if known and (any_age or known[0] > time.monotonic()):
             return known[1], known[2]
         return None
 
 
 # HTTP handler ##############################################################
-
-_thread_state = threading.local()
-
-
-def thread_buffer() -> memoryview:
-    """One streaming buffer per thread, allocated once and reused."""
-    buffer = getattr(_thread_state, "buffer", None)
-    if buffer is None:
-        buffer = _thread_state.buffer = memoryview(bytearray(CHUNK_SIZE))
-    return buffer
-
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
     """One client connection: reads requests, answers each, logs one line each."""
@@ -1010,11 +1706,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 scheme = forwarded
         return scheme
 
-    def own_challenge(self, route: Route, upstream_header: str, prefix: str = "") -> str:
-        """Our challenge for an upstream's: same service and scope, our realm."""
-        scheme, params = self.server.challenges.remember(route, upstream_header)
-        if scheme != "bearer":
-            return upstream_header  # Basic: the client sends credentials we forward
+    def own_challenge(self, route: Route, scheme: str, params: dict, prefix: str = "") -> str:
+        """Our Bearer challenge for an upstream's: same service and scope, our realm."""
         realm = f"{self.client_scheme()}://{self.client_host()}/v2/auth"
         implied = self.server.routes.implied(self.client_host())
         if route.registry_hosts and (implied is None or implied.name != route.name):
@@ -1025,21 +1718,32 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             ours["scope"] = " ".join(client_scope(s, prefix) for s in params["scope"].split(" "))
         return render_challenge("bearer", ours)
 
+    def send_challenge(self, route: Route, header: str, prefix: str = "") -> None:
+        scheme, params = self.server.challenges.remember(route, header)
+        if scheme == "bearer":
+            header = self.own_challenge(route, scheme, params, prefix)
+        # Basic: passed on; the client's credentials then go to the same host.
+        self.send_registry_error(RegistryError(
+            401, "UNAUTHORIZED", "authentication required", headers=(("WWW-Authenticate", header),)))
+
     # Endpoints ---------------------------------------------------------------
 
     def serve_base(self, ns: str | None) -> None:
         """/v2/: the upstream decides whether a token is needed, we answer with our realm."""
         route = self.server.routes.for_base(self.client_host(), ns)
         self.route_name = route.name
-        response = self.server.upstreams.fetch(
-            self.command, route.upstream + "/v2/", forwarded_request_headers(self.headers))
+        try:
+            response = self.server.upstreams.fetch(
+                self.command, route.upstream + "/v2/", forwarded_request_headers(self.headers))
+        except (UpstreamUnavailable, UpstreamTimeout) as err:
+            # Offline: a challenge still leads clients through /v2/auth to the cache.
+            log.warning("route %s: %s; answering /v2/ from memory", route.name, err.message)
+            known = self.server.challenges.get(route, any_age=True)
+            params = known[1] if known else {"service": route.registry_hosts[0] if route.registry_hosts else route.name}
+            header = self.own_challenge(route, "bearer", params)
+            return self.send_registry_error(RegistryError(
+                401, "UNAUTHORIZED", "authentication required", headers=(("WWW-Authenticate", header),)))
         self.relay(response, route)
-
-    def serve_registry(self, target: Target, query: str) -> None:
-        url = target.route.upstream + target.upstream_path + (f"?{query}" if query else "")
-        response = self.server.upstreams.fetch(
-            self.command, url, forwarded_request_headers(self.headers))
-        self.relay(response, target.route, target.prefix)
 
     def serve_token(self, query: dict) -> None:
         """/v2/auth: a token from the realm of the route the image comes from."""
@@ -1049,11 +1753,26 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         ns = query.get("ns", [None])[0]
         route = self.server.routes.for_token(self.client_host(), ns, scopes)
         self.route_name = route.name
-        challenge = self.upstream_challenge(route)
-        if challenge is None or challenge[0] != "bearer":
-            return self.send_json(200, {"token": ANONYMOUS_TOKEN, "access_token": ANONYMOUS_TOKEN})
-        realm, service = self.checked_realm(route, challenge[1])
         scopes = list(dict.fromkeys(rewrite_scope(scope, route) for scope in scopes))
+        try:
+            challenge = self.upstream_challenge(route)
+            if challenge is None or challenge[0] != "bearer":
+                return self.send_anonymous_token()
+            response = self.fetch_token(route, challenge[1], scopes, form, query)
+        except (UpstreamUnavailable, UpstreamTimeout) as err:
+            # Offline: cached public content needs no upstream token.
+            log.warning("route %s: token service unavailable (%s); anonymous token", route.name, err.message)
+            return self.send_anonymous_token()
+        with_credentials = bool(self.headers.get("authorization") or form.get("password"))
+        body = response.read_small()
+        response.release()
+        if response.status == 200 and not with_credentials:
+            self.remember_anonymous_token(body)
+        self.send_small(response.status, body, response.headers.get("content-type", "application/json"),
+                        response_headers(response.headers))
+
+    def fetch_token(self, route: Route, params: dict, scopes: list, form: dict, query: dict) -> UpstreamResponse:
+        realm, service = self.checked_realm(route, params)
         headers = {"user-agent": self.headers.get("user-agent", self.server_version)}
         if self.headers.get("authorization"):
             headers["authorization"] = self.headers["authorization"]
@@ -1063,12 +1782,25 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             headers["content-type"] = "application/x-www-form-urlencoded"
             response = self.server.upstreams.fetch("POST", realm, headers, body)
         else:
-            params = [("service", service)] + [("scope", s) for s in scopes]
-            params += [(k, v) for k, values in query.items() if k not in ("service", "scope", "ns") for v in values]
+            fields = [("service", service)] + [("scope", scope) for scope in scopes]
+            fields += [(k, v) for k, values in query.items() if k not in ("service", "scope", "ns") for v in values]
             separator = "&" if "?" in realm else "?"
-            response = self.server.upstreams.fetch("GET", realm + separator + urllib.parse.urlencode(params), headers)
+            response = self.server.upstreams.fetch("GET", realm + separator + urllib.parse.urlencode(fields), headers)
         log.debug("token %s for %s -> %d", redacted_url(realm), " ".join(scopes), response.status)
-        self.relay(response, None)
+        return response
+
+    def send_anonymous_token(self) -> None:
+        self.send_json(200, {"token": ANONYMOUS_TOKEN, "access_token": ANONYMOUS_TOKEN})
+
+    def remember_anonymous_token(self, body: bytes) -> None:
+        """Requests with a token fetched without credentials count as anonymous."""
+        try:
+            answer = json.loads(body)
+            token = answer.get("token") or answer.get("access_token")
+        except (ValueError, AttributeError):
+            return
+        if isinstance(token, str) and token:
+            self.server.anonymous_tokens.add(identity_of(f"Bearer {token}"))
 
     def upstream_challenge(self, route: Route) -> tuple | None:
         """The route's realm and service, asked of its /v2/ once an hour."""
@@ -1098,18 +1830,275 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         body = self.rfile.read(int(length)).decode("utf-8", "replace")
         return urllib.parse.parse_qs(body, keep_blank_values=True)
 
+    # Registry objects, through the cache -------------------------------------
+
+    def serve_registry(self, target: Target, query: str) -> None:
+        if self.server.cache is None or target.kind not in ("blobs", "manifests"):
+            return self.pass_through(target, query)
+        if target.kind == "blobs":
+            return self.serve_blob(target, query)
+        if DIGEST.match(target.reference):
+            return self.serve_manifest_by_digest(target, query)
+        self.serve_tag(target, query)
+
+    def upstream_url(self, target: Target, query: str) -> str:
+        return target.route.upstream + target.upstream_path + (f"?{query}" if query else "")
+
+    def pass_through(self, target: Target, query: str) -> None:
+        response = self.server.upstreams.fetch(
+            self.command, self.upstream_url(target, query), forwarded_request_headers(self.headers))
+        self.relay(response, target.route, target.prefix, x_cache="MISS")
+
+    def accept(self) -> str:
+        return ", ".join(self.headers.get_all("accept") or [])
+
+    def client_identity(self) -> str | None:
+        """None for an anonymous client (no credentials, or a token fetched without)."""
+        authorization = self.headers.get("authorization", "")
+        if not authorization or authorization == f"Bearer {ANONYMOUS_TOKEN}":
+            return None
+        identity = identity_of(authorization)
+        return None if self.server.anonymous_tokens.fresh(identity) else identity
+
+    def serve_blob(self, target: Target, query: str) -> None:
+        digest = target.reference
+        if self.server.cache.has(digest):
+            if self.cache_access(target, digest, query):
+                self.send_cached(target, query, digest, BLOB_TYPE)
+        elif self.command == "HEAD" or self.headers.get("range"):
+            self.pass_through(target, query)  # a HEAD never costs a download
+        else:
+            self.fill_and_follow(target, query, digest, manifest=False)
+
+    def serve_manifest_by_digest(self, target: Target, query: str) -> None:
+        digest = target.reference
+        media_type = self.server.cache.media_type(digest)
+        if media_type and accepts(self.accept(), media_type):
+            if self.cache_access(target, digest, query):
+                self.send_cached(target, query, digest, media_type)
+        elif self.command == "HEAD":
+            self.pass_through(target, query)
+        else:
+            self.fill_and_follow(target, query, digest, manifest=True)
+
+    def serve_tag(self, target: Target, query: str) -> None:
+        """A tag: from the index within MANIFEST_TTL, then revalidated by a HEAD."""
+        kind = accept_kind(self.accept())
+        entry = self.server.cache.tag_entry(target.route.upstream, target.repository, target.reference, kind)
+        if entry is None:
+            if self.command == "HEAD":
+                return self.pass_through(target, query)
+            return self.fill_and_follow(target, query, None, manifest=True, tag_kind=kind)
+        fresh = time.time() - entry.get("checked", 0) < self.server.config.manifest_ttl
+        if fresh and self.access_known(target, entry["digest"]):
+            return self.send_cached(target, query, entry["digest"], entry["media_type"])
+        self.revalidate_tag(target, query, entry, kind)
+
+    def revalidate_tag(self, target: Target, query: str, entry: dict, kind: str) -> None:
+        """HEAD upstream (not counted by Docker Hub's pull limit): same digest, serve ours."""
+        try:
+            response = self.server.upstreams.fetch(
+                "HEAD", self.upstream_url(target, query), forwarded_request_headers(self.headers))
+        except (UpstreamUnavailable, UpstreamTimeout) as err:
+            if self.serve_stale(target, query, err.message):
+                return
+            raise
+        if response.status == 200:
+            response.read_small()
+            response.release()
+            if response.headers.get("docker-content-digest") == entry["digest"]:
+                cache = self.server.cache
+                cache.write_tag(target.route.upstream, target.repository, target.reference,
+                                kind, entry["digest"], entry["media_type"])
+                self.server.remember_access(target, self.client_identity(), [entry["digest"]])
+                return self.send_cached(target, query, entry["digest"], entry["media_type"])
+            if self.command == "HEAD":
+                return self.pass_through(target, query)
+            return self.fill_and_follow(target, query, None, manifest=True, tag_kind=kind)
+        if is_upstream_failure(response.status) and self.serve_stale(
+                target, query, f"upstream answered {response.status}"):
+            return response.close()
+        if response.status == 404:
+            self.server.cache.drop_tag(target.route.upstream, target.repository, target.reference)
+        self.relay(response, target.route, target.prefix, x_cache="MISS")
+
+    def serve_stale(self, target: Target, query: str, reason: str) -> bool:
+        """Upstream down, 5xx or 429: a cached manifest of the tag, marked stale, if any."""
+        cache, accept = self.server.cache, self.accept()
+        for entry in cache.tag_entries(target.route.upstream, target.repository, target.reference):
+            if accepts(accept, entry["media_type"]) and self.access_known(target, entry["digest"], stale=True):
+                log.warning("route %s: %s; serving %s:%s from cache (stale)", target.route.name,
+                            reason, target.repository, target.reference)
+                self.send_cached(target, query, entry["digest"], entry["media_type"], "STALE")
+                return True
+        return False
+
+    def access_known(self, target: Target, digest: str, stale: bool = False) -> bool:
+        """Whether this client may have `digest` of this repository without asking upstream.
+
+        Yes if the object was seen in the repository and either the repository
+        was pulled anonymously within ACCESS_TTL (any time ago, when upstream is
+        down) or upstream accepted this client's credentials for it within ACCESS_TTL.
+        """
+        cache, upstream, repository = self.server.cache, target.route.upstream, target.repository
+        if not cache.is_linked(upstream, repository, digest):
+            return False
+        identity = self.client_identity()
+        if identity is not None and self.server.grants.fresh((identity, upstream, repository)):
+            return True
+        age = cache.public_age(upstream, repository)
+        return age is not None and (stale or age < ACCESS_TTL)
+
+    def cache_access(self, target: Target, digest: str, query: str) -> bool:
+        """For a cached digest: allowed from what we know, else from a HEAD upstream.
+
+        A refusal is relayed (our challenge for a 401) and False returned: an
+        object first fetched with one user's credentials never reaches a client
+        upstream would refuse.
+        """
+        if self.access_known(target, digest):
+            return True
+        try:
+            response = self.server.upstreams.fetch(
+                "HEAD", self.upstream_url(target, query), forwarded_request_headers(self.headers))
+        except (UpstreamUnavailable, UpstreamTimeout):
+            if self.access_known(target, digest, stale=True):
+                return True
+            raise
+        if response.status == 200:
+            response.read_small()
+            response.release()
+            self.server.remember_access(target, self.client_identity(), [digest])
+            return True
+        if is_upstream_failure(response.status) and self.access_known(target, digest, stale=True):
+            response.close()
+            return True
+        self.relay(response, target.route, target.prefix, x_cache="MISS")
+        return False
+
+    def fill_and_follow(self, target: Target, query: str, digest: str | None,
+                        manifest: bool, tag_kind: str | None = None) -> None:
+        """A miss: one upstream GET per object, however many clients ask at once."""
+        cache, identity = self.server.cache, self.client_identity()
+        key = (target.route.upstream, target.repository, target.kind, target.reference, tag_kind)
+        fill, leader = cache.begin_fill(key, identity)
+        if not leader:
+            return self.follow_other(fill, target, query)
+        try:
+            response = self.server.upstreams.fetch(
+                "GET", self.upstream_url(target, query), forwarded_request_headers(self.headers))
+        except RegistryError as err:
+            cache.end_fill(fill, Fill.DECLINED)
+            if tag_kind and self.serve_stale(target, query, err.message):
+                return
+            raise
+        if response.status != 200 or not cacheable(response, manifest):
+            cache.end_fill(fill, Fill.DECLINED)
+            if tag_kind and is_upstream_failure(response.status) and self.serve_stale(
+                    target, query, f"upstream answered {response.status}"):
+                return response.close()
+            return self.relay(response, target.route, target.prefix, x_cache="MISS")
+        media_type = response.headers.get("content-type", BLOB_TYPE) if manifest else None
+        if digest is None and DIGEST.match(response.headers.get("docker-content-digest", "")):
+            digest = response.headers["docker-content-digest"]
+        record = functools.partial(self.server.record_fill, target, tag_kind, media_type, identity)
+        headers = response_headers(response.headers, target.prefix) + [("X-Cache", "MISS")]
+        if not cache.start_fill(fill, response, digest, headers, media_type, record):
+            cache.end_fill(fill, Fill.DECLINED)
+            return self.relay(response, target.route, target.prefix, x_cache="MISS")
+        self.follow(fill)
+
+    def follow_other(self, fill: Fill, target: Target, query: str) -> None:
+        """Join another client's fill if this client may see it, else fetch alone."""
+        config = self.server.config
+        state = fill.wait_started(config.connect_timeout + config.read_timeout)
+        identity = self.client_identity()
+        upstream, repository = target.route.upstream, target.repository
+        public_age = self.server.cache.public_age(upstream, repository)
+        allowed = (fill.identity == identity or (public_age is not None and public_age < ACCESS_TTL)
+                   or (identity is not None and self.server.grants.fresh((identity, upstream, repository))))
+        if state in (Fill.STREAMING, Fill.DONE) and allowed and self.follow(fill):
+            return
+        self.pass_through(target, query)
+
+    def follow(self, fill: Fill) -> bool:
+        """Send a fill's bytes as they land in its file; False if it failed before we began."""
+        reader = fill.open_reader()
+        if reader is None:
+            return False
+        with reader:
+            self.start_response(200, fill.headers)
+            chunked = fill.length is None and self.request_version == "HTTP/1.1"
+            if fill.length is not None:
+                self.send_header("Content-Length", str(fill.length))
+            elif chunked:
+                self.send_header("Transfer-Encoding", "chunked")
+            else:
+                self.close_connection = True
+            self.end_headers()
+            # Longer than the fill's own READ_TIMEOUT: a stalled upstream fails the fill first.
+            patience = 2 * self.server.config.read_timeout + 1
+            position = 0
+            while True:
+                available, done, failed = fill.wait_beyond(position, patience)
+                if failed or (available == position and not done):
+                    self.close_connection = True  # short of the length: the client sees a failure
+                    return True
+                if available > position:
+                    self.send_file_part(reader, position, available - position, chunked)
+                    position = available
+                if done and position == available:
+                    break
+            if chunked:
+                self.wfile.write(b"0\r\n\r\n")
+        return True
+
+    def send_file_part(self, file, offset: int, count: int, chunked: bool = False) -> None:
+        if chunked:
+            self.wfile.write(b"%x\r\n" % count)
+        self.connection.sendfile(file, offset, count)
+        if chunked:
+            self.wfile.write(b"\r\n")
+        self.bytes_sent += count
+
+    def send_cached(self, target: Target, query: str, digest: str, media_type: str,
+                    x_cache: str = "HIT") -> None:
+        """A cached object: no upstream request, sendfile for the body, Range for blobs."""
+        opened = self.server.cache.open_object(digest)
+        if opened is None:  # evicted since we looked
+            return self.pass_through(target, query)
+        file, size = opened
+        try:
+            byte_range = parse_byte_range(self.headers.get("range", ""), size) if target.kind == "blobs" else None
+            start, end = byte_range or (0, size - 1)
+            headers = [("Content-Type", media_type), ("Docker-Content-Digest", digest),
+                       ("ETag", f'"{digest}"'), ("Accept-Ranges", "bytes"), ("X-Cache", x_cache)]
+            if byte_range:
+                headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+            if x_cache == "STALE":
+                headers.append(("Warning", '110 dockerproxy "Response is Stale"'))
+            status, count = (206 if byte_range else 200), end - start + 1
+            if self.command == "HEAD" or count <= SMALL_ANSWER:
+                body = b"" if self.command == "HEAD" else os.pread(file.fileno(), count, start)
+                return self.send_small(status, body, headers=headers, content_length=count)
+            self.start_response(status, headers)
+            self.send_header("Content-Length", str(count))
+            self.end_headers()
+            self.send_file_part(file, start, count)
+        finally:
+            self.server.cache.close_object(file)
+
     # Answers -----------------------------------------------------------------
 
-    def relay(self, response: UpstreamResponse, route: Route | None, prefix: str = "") -> None:
+    def relay(self, response: UpstreamResponse, route: Route, prefix: str = "", x_cache: str = "") -> None:
         """An upstream answer to the client: our challenge for a 401, else as it came."""
         try:
             challenge = response.headers.get("www-authenticate")
-            if response.status == 401 and route is not None and challenge:
+            if response.status == 401 and challenge:
                 response.read_small()
-                error = RegistryError(401, "UNAUTHORIZED", "authentication required",
-                                      headers=(("WWW-Authenticate", self.own_challenge(route, challenge, prefix)),))
-                return self.send_registry_error(error)
-            self.start_response(response.status, response_headers(response.headers, prefix))
+                return self.send_challenge(route, challenge, prefix)
+            headers = response_headers(response.headers, prefix)
+            self.start_response(response.status, headers + ([("X-Cache", x_cache)] if x_cache else []))
             length = response.headers.get("content-length")
             if self.command == "HEAD" or response.status in (204, 304):
                 self.send_header("Content-Length", length or "0")
@@ -1177,12 +2166,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.status_sent = status
 
     def send_small(self, status: int, body: bytes, content_type: str = "",
-                   headers: tuple = ()) -> None:
+                   headers=(), content_length: int | None = None) -> None:
         """A whole answer in one write (no Nagle wait between headers and body)."""
         self.start_response(status, headers)
         if content_type:
             self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(body) if content_length is None else content_length))
         if self.command != "HEAD" and body and self.request_version != "HTTP/0.9":
             self._headers_buffer.extend((b"\r\n", body))
             self.bytes_sent += len(body)
@@ -1227,15 +2216,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                  self.bytes_sent, time.monotonic() - self.started)
 
 
-def response_headers(headers, prefix: str = "") -> list:
-    """The upstream headers a client gets (see FORWARDED_RESPONSE_HEADERS)."""
-    kept = []
-    for name in FORWARDED_RESPONSE_HEADERS:
-        for value in headers.get_all(name) or []:
-            if name == "link" and prefix:
-                value = value.replace("</v2/", f"</v2/{prefix}/", 1)
-            kept.append((name.title() if name != "etag" else "ETag", value))
-    return kept
+def cacheable(response: UpstreamResponse, manifest: bool) -> bool:
+    length = response.headers.get("content-length", "")
+    if manifest:
+        return bool(response.headers.get("content-type")) and not (
+            length.isdigit() and int(length) > MAX_MANIFEST_SIZE)
+    return True
 
 
 # Server and main ###########################################################
@@ -1251,9 +2237,37 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.routes = RouteTable(config)
         self.upstreams = Upstreams(config.connect_timeout, config.read_timeout)
         self.challenges = Challenges()
+        self.grants = Recent(ACCESS_TTL)            # (client, upstream, repository) upstream accepted
+        self.anonymous_tokens = Recent(3600.0)     # identities of tokens fetched without credentials
+        self.cache = None
+        if config.cache_dir:
+            self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age)
+            self.cache.start_evictor()
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
+
+
+    def remember_access(self, target: Target, identity: str | None, digests: list) -> None:
+        """Upstream let this client have `digests` of the repository: note it."""
+        upstream, repository = target.route.upstream, target.repository
+        self.cache.link(upstream, repository, digests)
+        if identity is None:
+            self.cache.mark_public(upstream, repository)
+        else:
+            self.grants.add((identity, upstream, repository))
+
+    def record_fill(self, target: Target, tag_kind: str | None, media_type: str | None,
+                    identity: str | None, digest: str) -> None:
+        """After a verified fill: links, the tag entry, and who may see it."""
+        digests = [digest]
+        if media_type:
+            with open(object_path(self.cache.root, digest), "rb") as file:
+                digests += referenced_digests(file.read(MAX_MANIFEST_SIZE))
+            if tag_kind:
+                self.cache.write_tag(target.route.upstream, target.repository, target.reference,
+                                     tag_kind, digest, media_type)
+        self.remember_access(target, identity, digests)
 
 
 def configure_logging(debug: bool) -> None:
@@ -1262,18 +2276,42 @@ def configure_logging(debug: bool) -> None:
         format="%(asctime)s %(levelname)s %(message)s")
 
 
+CACHE_COMMANDS = ("verify", "stats", "prune")
+
+
+def cache_command(action: str, config: Config) -> int:
+    """python3 dockerproxy.py cache verify|stats|prune: the operator's tools."""
+    if not config.cache_dir:
+        print("dockerproxy.py: error: CACHE_DIR is empty: there is no cache", file=sys.stderr)
+        return 2
+    cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age)
+    report = {"verify": cache.verify, "stats": cache.stats, "prune": cache.sweep}[action]()
+    for key, value in report.items():
+        print(f"{key}: {value}")
+    return 1 if report.get("bad_removed") else 0
+
+
 def main(argv: list | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    action = None
+    if argv[:1] == ["cache"]:
+        if len(argv) < 2 or argv[1] not in CACHE_COMMANDS:
+            print(f"usage: dockerproxy.py cache {{{','.join(CACHE_COMMANDS)}}} [settings]", file=sys.stderr)
+            return 2
+        action, argv = argv[1], argv[2:]
     try:
-        config = load_config(sys.argv[1:] if argv is None else argv, os.environ)
+        config = load_config(argv, os.environ)
     except ConfigError as err:
         print(f"dockerproxy.py: error: {err}", file=sys.stderr)
         return 2
     configure_logging(config.debug)
     try:
+        if action:
+            return cache_command(action, config)
         server = ProxyServer(config)
     except OSError as err:
-        print(f"dockerproxy.py: cannot listen on {config.host}:{config.port}: {err.strerror}",
-              file=sys.stderr)
+        where = f"CACHE_DIR {err.filename}" if err.filename else f"{config.host}:{config.port}"
+        print(f"dockerproxy.py: cannot use {where}: {err.strerror or err}", file=sys.stderr)
         return 1
     # docker stop and systemd send SIGTERM: leave the serve loop cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
