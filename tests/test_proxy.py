@@ -349,8 +349,8 @@ def test_upstream_silent_mid_body_closes_the_client_connection_short(start_proxy
 
 def test_upstream_silent_before_answering_gives_504(start_proxy, fake):
     proxy = start_proxy("--upstream", f"docker={fake.url}", "--read-timeout", "0.5")
-    fake.fault("registry", "/v2/", "stall")
-    status, _, body = proxy.request("GET", "/v2/")
+    fake.fault("registry", "/manifests/", "stall")
+    status, _, body = proxy.request("GET", "/v2/library/alpine/manifests/3")
     fake.release.set()
     assert status == 504 and errors_of(body) == ["UNAVAILABLE"]
 
@@ -403,7 +403,8 @@ def test_a_slow_transfer_longer_than_read_timeout_completes(start_proxy):
     upstream.start()
     proxy = start_proxy("--upstream", f"docker={upstream.url}", "--read-timeout", "1")
     started = time.monotonic()
-    status, _, body = proxy.request("GET", "/v2/library/a/blobs/sha256:" + "d" * 64)
+    digest = "sha256:" + hashlib.sha256(b"d" * 6000).hexdigest()
+    status, _, body = proxy.request("GET", "/v2/library/a/blobs/" + digest)
     assert status == 200 and len(body) == 6000
     assert time.monotonic() - started > 1.5  # longer than READ_TIMEOUT in total
 

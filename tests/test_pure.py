@@ -1,6 +1,7 @@
 """Table tests of the pure parts: settings, routing, challenges, scopes, headers."""
 
 import ast
+import json
 import email.message
 import os
 import subprocess
@@ -345,3 +346,82 @@ def test_redacted_url_drops_signed_queries(url, redacted):
 ])
 def test_split_host(host, bare):
     assert dockerproxy.split_host(host) == bare
+
+
+# Cache layout and manifest kinds ############################################
+
+DM, DL = "application/vnd.docker.distribution.manifest.v2+json", "application/vnd.docker.distribution.manifest.list.v2+json"
+OM, OI = "application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.index.v1+json"
+
+
+@pytest.mark.parametrize("accept, kind", [
+    (f"{DM}, {DL}, {OM}, {OI}", "docker-list+docker-manifest+oci-index+oci-manifest"),
+    (f"{OI};q=0.9, {DL}", "docker-list+oci-index"),
+    (f"{DL}, {DM}", "docker-list+docker-manifest"),
+    (f"{DM}, {DM}", "docker-manifest"),
+    (f"{DM}, */*", "docker-manifest+any"),
+    ("", "any"),
+    ("application/json", "other"),
+])
+def test_accept_kind_keys_the_tag_index_by_what_a_client_accepts(accept, kind):
+    assert dockerproxy.accept_kind(accept) == kind
+
+
+@pytest.mark.parametrize("accept, media_type, allowed", [
+    (f"{DL}, {DM}", OI, False), (f"{DL}, {DM}", DL, True), (f"{OI}; q=0.5", OI, True),
+    ("", OI, True), ("*/*", DM, True), ("application/json", DM, False),
+])
+def test_accepts(accept, media_type, allowed):
+    assert dockerproxy.accepts(accept, media_type) is allowed
+
+
+def test_cache_paths_keep_registries_apart_and_stay_inside_the_root():
+    root = "/c"
+    assert dockerproxy.object_path(root, "sha256:" + "ab" * 32) == "/c/blobs/sha256/ab/" + "ab" * 32
+    docker = dockerproxy.tag_path(root, "https://registry-1.docker.io", "library/nginx", "latest", "any")
+    ghcr = dockerproxy.tag_path(root, "https://ghcr.io", "library/nginx", "latest", "any")
+    assert docker == "/c/repos/registry-1.docker.io/library/nginx/_tags/latest/any.json" and docker != ghcr
+    assert dockerproxy.link_path(root, "http://127.0.0.1:5000", "a/b", "sha256:" + "c" * 64) == \
+        "/c/repos/127.0.0.1:5000/a/b/_links/sha256/" + "c" * 64
+
+
+@pytest.mark.parametrize("header, size, expected", [
+    ("bytes=0-9", 100, (0, 9)), ("bytes=90-", 100, (90, 99)), ("bytes=-10", 100, (90, 99)),
+    ("bytes=95-200", 100, (95, 99)), ("bytes=0-1,5-6", 100, None), ("items=0-1", 100, None),
+    ("", 100, None), ("bytes=-", 100, None), ("bytes=-500", 100, (0, 99)),
+])
+def test_parse_byte_range(header, size, expected):
+    assert dockerproxy.parse_byte_range(header, size) == expected
+
+
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=50-10"])
+def test_unsatisfiable_range_is_416(header):
+    with pytest.raises(RegistryError) as raised:
+        dockerproxy.parse_byte_range(header, 100)
+    assert raised.value.status == 416
+
+
+@pytest.mark.parametrize("text, size", [("20G", 20 * 1024 ** 3), ("512m", 512 * 1024 ** 2), ("1.5K", 1536),
+                                        ("0", 0), ("3TiB", 3 * 1024 ** 4), ("100", 100)])
+def test_parse_size(text, size):
+    assert dockerproxy.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text, seconds", [("30d", 2592000), ("60", 60), ("2h", 7200), ("0.5s", 0.5), ("0", 0)])
+def test_parse_duration(text, seconds):
+    assert dockerproxy.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["-1", "lots", "5X", "1e9"])
+def test_bad_size_or_duration_is_refused(text):
+    with pytest.raises(ValueError):
+        dockerproxy.parse_size(text)
+
+
+def test_referenced_digests_of_manifests_and_indexes():
+    a, b, c = ("sha256:" + x * 64 for x in "abc")
+    manifest = json.dumps({"config": {"digest": a}, "layers": [{"digest": b}, {"digest": "bogus"}]}).encode()
+    index = json.dumps({"manifests": [{"digest": c}], "subject": {"digest": a}}).encode()
+    assert dockerproxy.referenced_digests(manifest) == [a, b]
+    assert dockerproxy.referenced_digests(index) == [a, c]
+    assert dockerproxy.referenced_digests(b"not json") == [] and dockerproxy.referenced_digests(b"[1]") == []
