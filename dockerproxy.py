@@ -74,6 +74,7 @@ from __future__ import annotations
 # Imports and limits ########################################################
 
 import argparse
+import base64
 import dataclasses
 import errno
 import fcntl
@@ -122,6 +123,14 @@ CHALLENGE_TTL = 3600.0
 # Idle keep-alive connections kept per upstream host.  Eight covers the
 # parallel layer downloads of one docker pull (it uses three) several times.
 IDLE_CONNECTIONS_PER_HOST = 8
+
+# The proxy's own upstream tokens are renewed this long before they expire,
+# so a request in flight never carries one that lapses on the way (Docker
+# Hub's last 300 s; the spec's default is 60 s).
+TOKEN_RENEW_MARGIN = 30.0
+
+# A TLS client must finish its handshake within this, or its thread is freed.
+TLS_HANDSHAKE_TIMEOUT = 10.0
 
 # A client connection idle this long is closed (slowloris guard).  Generous,
 # because a client may pause between layers while it extracts.
@@ -252,6 +261,21 @@ class Route:
     upstream: str                   # "https://ghcr.io", no path
     registry_hosts: tuple = ()      # names for ?ns= and path prefixes
     dockerhub: bool = False         # library/ redirect and scope rewrite
+    # The proxy's own account upstream, for clients that bring no credentials.
+    # Never printed: repr=False keeps it out of logs and tracebacks.
+    credentials: Credentials | None = dataclasses.field(default=None, repr=False, compare=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """A username and password for an upstream (from the environment or an auth file)."""
+
+    username: str
+    password: str = dataclasses.field(repr=False)
+
+    def basic(self) -> str:
+        raw = f"{self.username}:{self.password}".encode()
+        return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
 DOCKER_HUB = "https://registry-1.docker.io"
@@ -295,6 +319,9 @@ class Config:
     manifest_ttl: float = 60.0
     cache_max_size: int = 20 * 1024 ** 3
     cache_max_age: float = 30 * 86400.0
+    tls_cert: str = ""
+    tls_key: str = ""
+    registry_auth_file: str = ""
     debug: bool = False
     routes: tuple = BUILTIN_ROUTES
 
@@ -442,6 +469,11 @@ SETTINGS = (
     Setting("TARGET_UPSTREAM", "", parse_optional_url, "the upstream of MODE=debug"),
     Setting("TRUST_PROXY_HEADERS", "false", parse_bool,
             "honour X-Forwarded-Proto/-Host (only behind a TLS-terminating reverse proxy)"),
+    Setting("TLS_CERT", "", str.strip, "PEM certificate (chain): serve HTTPS (with TLS_KEY)"),
+    Setting("TLS_KEY", "", str.strip, "PEM private key of TLS_CERT"),
+    Setting("REGISTRY_AUTH_FILE", "", str.strip,
+            "docker config.json or podman auth.json whose auths the proxy uses upstream "
+            "when a client brings no credentials"),
     Setting("CONNECT_TIMEOUT", "10", parse_seconds, "seconds to connect to an upstream"),
     Setting("READ_TIMEOUT", "60", parse_seconds,
             "seconds an upstream may stay silent mid-answer (a whole transfer has no limit)"),
@@ -456,7 +488,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dockerproxy.py", usage="%(prog)s [cache {verify,stats,prune}] [options]",
         description="Pull-through proxy for container registries.",
-        epilog="Commands: 'cache verify' re-hashes every cached object and removes bad ones; "
+        epilog="UPSTREAM_<ROUTE>_USERNAME and UPSTREAM_<ROUTE>_PASSWORD (environment or .env "
+               "only, never a flag: argv is visible to every user) give the proxy an upstream "
+               "account for clients that bring no credentials.  "
+               "Commands: 'cache verify' re-hashes every cached object and removes bad ones; "
                "'cache stats' prints counts and sizes; 'cache prune' applies CACHE_MAX_SIZE and "
                "CACHE_MAX_AGE now.  "
                "Each setting is read from its flag, else the environment, else the "
@@ -520,9 +555,31 @@ def load_config(argv: list, environ: dict) -> Config:
         name, _, url = item.partition("=")
         overrides[name.strip().lower()] = url
     routes = build_routes(extra_routes, overrides)
+    credentials = auth_file_credentials(values["registry_auth_file"], routes) if values["registry_auth_file"] else {}
+    credentials.update(upstream_credentials({**dotenv, **environ}, routes))
+    routes = tuple(dataclasses.replace(route, credentials=credentials.get(route.name)) for route in routes)
     config = Config(routes=routes, **values)
     check_config(config)
+    if config.tls_cert or config.tls_key:
+        server_tls_context(config)  # a bad certificate stops start-up here, status 2
     return config
+
+
+def server_tls_context(config: Config) -> ssl.SSLContext:
+    """TLS 1.2+ with the standard library's modern defaults."""
+    if not (config.tls_cert and config.tls_key):
+        raise ConfigError("TLS_CERT and TLS_KEY go together")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(config.tls_cert, config.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"TLS_CERT={config.tls_cert!r}/TLS_KEY={config.tls_key!r}: "
+                          f"{getattr(err, 'strerror', None) or err}") from None
+    return context
+
+
+CREDENTIAL_SUFFIXES = ("_USERNAME", "_PASSWORD")
 
 
 def upstream_overrides(variables: dict) -> dict:
@@ -530,8 +587,53 @@ def upstream_overrides(variables: dict) -> dict:
     return {
         key[len(UPSTREAM_PREFIX):].lower().replace("_", "-"): value
         for key, value in variables.items()
-        if key.startswith(UPSTREAM_PREFIX) and value.strip()
+        if key.startswith(UPSTREAM_PREFIX) and value.strip() and not key.endswith(CREDENTIAL_SUFFIXES)
     }
+
+
+def upstream_credentials(variables: dict, routes: tuple) -> dict:
+    """UPSTREAM_<ROUTE>_USERNAME/_PASSWORD -> {route name: Credentials}."""
+    names = {env_name(route.name): route.name for route in routes}
+    found = {}
+    for key in variables:
+        if not (key.startswith(UPSTREAM_PREFIX) and key.endswith(CREDENTIAL_SUFFIXES)):
+            continue
+        route = key[len(UPSTREAM_PREFIX):-len("_USERNAME")]
+        if route not in names:
+            raise ConfigError(f"{key}: unknown route {route.lower().replace('_', '-')!r}")
+        username = variables.get(f"{UPSTREAM_PREFIX}{route}_USERNAME", "")
+        password = variables.get(f"{UPSTREAM_PREFIX}{route}_PASSWORD", "")
+        if not username or not password:
+            raise ConfigError(f"{UPSTREAM_PREFIX}{route}_USERNAME and _PASSWORD go together")
+        found[names[route]] = Credentials(username, password)
+    return found
+
+
+def auth_file_credentials(path: str, routes: tuple) -> dict:
+    """The `auths` of a docker config.json / podman auth.json -> {route name: Credentials}.
+
+    Keys are registry hosts as `docker login` wrote them
+    ("https://index.docker.io/v1/", "ghcr.io", "127.0.0.1:5000").
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            auths = json.load(file).get("auths", {})
+        found = {}
+        for key, entry in auths.items():
+            host = urllib.parse.urlsplit(key if "//" in key else "//" + key).netloc.lower()
+            if entry.get("auth"):
+                username, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
+            else:
+                username, password = entry.get("username", ""), entry.get("password", "")
+            for route in routes:
+                upstream_host = urllib.parse.urlsplit(route.upstream).netloc
+                if username and password and (host in route.registry_hosts or host == upstream_host):
+                    found[route.name] = Credentials(username, password)
+        return found
+    except OSError as err:
+        raise ConfigError(f"REGISTRY_AUTH_FILE={path!r}: {err.strerror}") from None
+    except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
+        raise ConfigError(f"REGISTRY_AUTH_FILE={path!r}: not a docker config.json") from None
 
 
 def build_routes(extra_routes: tuple, overrides: dict) -> tuple:
@@ -1611,6 +1713,42 @@ class Challenges:
         return None
 
 
+class ProxyTokens:
+    """Upstream tokens fetched with the proxy's own credentials.
+
+    A token is scoped to one repository (repository:<name>:pull), so the key
+    is (route, repository); each is kept until TOKEN_RENEW_MARGIN before it expires.
+    """
+
+    def __init__(self) -> None:
+        self._tokens = {}
+        self._lock = threading.Lock()
+
+    def get(self, route: Route, repository: str) -> str | None:
+        with self._lock:
+            token, renew_at = self._tokens.get((route.name, repository), (None, 0.0))
+        return token if time.monotonic() < renew_at else None
+
+    def put(self, route: Route, repository: str, token: str, expires_in: float) -> None:
+        with self._lock:
+            if len(self._tokens) > 10000:
+                self._tokens.clear()
+            self._tokens[(route.name, repository)] = (token, time.monotonic() + expires_in - TOKEN_RENEW_MARGIN)
+
+
+def checked_realm(route: Route, params: dict) -> tuple:
+    """(realm, service) of a challenge, refusing a realm we must not call."""
+    realm = params.get("realm", "")
+    scheme = urllib.parse.urlsplit(realm).scheme
+    if scheme not in ("http", "https") or (route.upstream.startswith("https:") and scheme == "http"):
+        raise UpstreamUnavailable(f"upstream of route {route.name} names an unusable realm")
+    return realm, params.get("service", "")
+
+
+def realm_url(realm: str, fields: list) -> str:
+    return realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(fields)
+
+
 # HTTP handler ##############################################################
 
 class ProxyHandler(http.server.BaseHTTPRequestHandler):
@@ -1755,7 +1893,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         self.route_name = route.name
         scopes = list(dict.fromkeys(rewrite_scope(scope, route) for scope in scopes))
         try:
-            challenge = self.upstream_challenge(route)
+            challenge = self.server.upstream_challenge(route)
             if challenge is None or challenge[0] != "bearer":
                 return self.send_anonymous_token()
             response = self.fetch_token(route, challenge[1], scopes, form, query)
@@ -1763,6 +1901,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             # Offline: cached public content needs no upstream token.
             log.warning("route %s: token service unavailable (%s); anonymous token", route.name, err.message)
             return self.send_anonymous_token()
+        # A token fetched with no credentials, or with the proxy's own, is anonymous
+        # for the cache: what it may pull, anyone may.
         with_credentials = bool(self.headers.get("authorization") or form.get("password"))
         body = response.read_small()
         response.release()
@@ -1772,10 +1912,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                         response_headers(response.headers))
 
     def fetch_token(self, route: Route, params: dict, scopes: list, form: dict, query: dict) -> UpstreamResponse:
-        realm, service = self.checked_realm(route, params)
+        realm, service = checked_realm(route, params)
         headers = {"user-agent": self.headers.get("user-agent", self.server_version)}
         if self.headers.get("authorization"):
             headers["authorization"] = self.headers["authorization"]
+        elif route.credentials and not form.get("password"):
+            headers["authorization"] = route.credentials.basic()  # the proxy's own account
         if self.command == "POST":
             form.update({"service": [service], "scope": [" ".join(scopes)]})
             body = urllib.parse.urlencode(form, doseq=True).encode()
@@ -1784,8 +1926,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         else:
             fields = [("service", service)] + [("scope", scope) for scope in scopes]
             fields += [(k, v) for k, values in query.items() if k not in ("service", "scope", "ns") for v in values]
-            separator = "&" if "?" in realm else "?"
-            response = self.server.upstreams.fetch("GET", realm + separator + urllib.parse.urlencode(fields), headers)
+            response = self.server.upstreams.fetch("GET", realm_url(realm, fields), headers)
         log.debug("token %s for %s -> %d", redacted_url(realm), " ".join(scopes), response.status)
         return response
 
@@ -1801,26 +1942,6 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         if isinstance(token, str) and token:
             self.server.anonymous_tokens.add(identity_of(f"Bearer {token}"))
-
-    def upstream_challenge(self, route: Route) -> tuple | None:
-        """The route's realm and service, asked of its /v2/ once an hour."""
-        known = self.server.challenges.get(route)
-        if known:
-            return known
-        response = self.server.upstreams.fetch("GET", route.upstream + "/v2/", {})
-        response.read_small()
-        response.release()
-        header = response.headers.get("www-authenticate")
-        if response.status != 401 or not header:
-            return None
-        return self.server.challenges.remember(route, header)
-
-    def checked_realm(self, route: Route, params: dict) -> tuple:
-        realm = params.get("realm", "")
-        scheme = urllib.parse.urlsplit(realm).scheme
-        if scheme not in ("http", "https") or (route.upstream.startswith("https:") and scheme == "http"):
-            raise UpstreamUnavailable(f"upstream of route {route.name} names an unusable realm")
-        return realm, params.get("service", "")
 
     def read_form(self) -> dict:
         length = self.headers.get("content-length", "")
@@ -1846,11 +1967,20 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def pass_through(self, target: Target, query: str) -> None:
         response = self.server.upstreams.fetch(
-            self.command, self.upstream_url(target, query), forwarded_request_headers(self.headers))
+            self.command, self.upstream_url(target, query), self.upstream_headers(target))
         self.relay(response, target.route, target.prefix, x_cache="MISS")
 
     def accept(self) -> str:
         return ", ".join(self.headers.get_all("accept") or [])
+
+    def upstream_headers(self, target: Target) -> dict:
+        """The client's headers, with the proxy's own account if the client brings none."""
+        headers = forwarded_request_headers(self.headers)
+        if "authorization" not in headers and target.route.credentials:
+            authorization = self.server.proxy_authorization(target.route, target.repository)
+            if authorization:
+                headers["authorization"] = authorization
+        return headers
 
     def client_identity(self) -> str | None:
         """None for an anonymous client (no credentials, or a token fetched without)."""
@@ -1898,7 +2028,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """HEAD upstream (not counted by Docker Hub's pull limit): same digest, serve ours."""
         try:
             response = self.server.upstreams.fetch(
-                "HEAD", self.upstream_url(target, query), forwarded_request_headers(self.headers))
+                "HEAD", self.upstream_url(target, query), self.upstream_headers(target))
         except (UpstreamUnavailable, UpstreamTimeout) as err:
             if self.serve_stale(target, query, err.message):
                 return
@@ -1960,7 +2090,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return True
         try:
             response = self.server.upstreams.fetch(
-                "HEAD", self.upstream_url(target, query), forwarded_request_headers(self.headers))
+                "HEAD", self.upstream_url(target, query), self.upstream_headers(target))
         except (UpstreamUnavailable, UpstreamTimeout):
             if self.access_known(target, digest, stale=True):
                 return True
@@ -1986,7 +2116,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return self.follow_other(fill, target, query)
         try:
             response = self.server.upstreams.fetch(
-                "GET", self.upstream_url(target, query), forwarded_request_headers(self.headers))
+                "GET", self.upstream_url(target, query), self.upstream_headers(target))
         except RegistryError as err:
             cache.end_fill(fill, Fill.DECLINED)
             if tag_kind and self.serve_stale(target, query, err.message):
@@ -2237,6 +2367,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.routes = RouteTable(config)
         self.upstreams = Upstreams(config.connect_timeout, config.read_timeout)
         self.challenges = Challenges()
+        self.tokens = ProxyTokens()
+        self.tls = server_tls_context(config) if config.tls_cert else None
         self.grants = Recent(ACCESS_TTL)            # (client, upstream, repository) upstream accepted
         self.anonymous_tokens = Recent(3600.0)     # identities of tokens fetched without credentials
         self.cache = None
@@ -2247,6 +2379,47 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
 
+
+    def upstream_challenge(self, route: Route) -> tuple | None:
+        """The route's realm and service, asked of its /v2/ once an hour; None: no auth."""
+        known = self.challenges.get(route)
+        if known:
+            return known
+        response = self.upstreams.fetch("GET", route.upstream + "/v2/", {})
+        response.read_small()
+        response.release()
+        header = response.headers.get("www-authenticate")
+        if response.status != 401 or not header:
+            return None
+        return self.challenges.remember(route, header)
+
+    def proxy_authorization(self, route: Route, repository: str) -> str | None:
+        """An Authorization header for the proxy's own account on `route`, if it has one."""
+        challenge = self.upstream_challenge(route) if route.credentials else None
+        if challenge is None:
+            return None
+        if challenge[0] != "bearer":
+            return route.credentials.basic()
+        token = self.tokens.get(route, repository)
+        if token:
+            return token
+        realm, service = checked_realm(route, challenge[1])
+        url = realm_url(realm, [("service", service), ("scope", f"repository:{repository}:pull")])
+        response = self.upstreams.fetch("GET", url, {"authorization": route.credentials.basic()})
+        body = response.read_small()
+        response.release()
+        try:
+            answer = json.loads(body) if response.status == 200 else {}
+            token = answer.get("token") or answer.get("access_token")
+            expires_in = float(answer.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            log.warning("route %s: the proxy's credentials got no token (%d)", route.name, response.status)
+            return None
+        log.debug("proxy token for %s on route %s, %d s", repository, route.name, expires_in)
+        self.tokens.put(route, repository, f"Bearer {token}", expires_in)
+        return f"Bearer {token}"
 
     def remember_access(self, target: Target, identity: str | None, digests: list) -> None:
         """Upstream let this client have `digests` of the repository: note it."""
@@ -2268,6 +2441,23 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                 self.cache.write_tag(target.route.upstream, target.repository, target.reference,
                                      tag_kind, digest, media_type)
         self.remember_access(target, identity, digests)
+
+
+    def finish_request(self, request, client_address) -> None:
+        """With TLS, the handshake runs here, in the connection's own thread,
+        so a slow client cannot hold up the accept loop."""
+        if self.tls is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(TLS_HANDSHAKE_TIMEOUT)
+        try:
+            request = self.tls.wrap_socket(request, server_side=True)
+        except (OSError, ssl.SSLError) as err:
+            log.info("%s: TLS handshake failed: %s", client_address[0], printable(str(err)))
+            return
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            self.shutdown_request(request)
 
 
 def configure_logging(debug: bool) -> None:
@@ -2316,8 +2506,8 @@ def main(argv: list | None = None) -> int:
     # docker stop and systemd send SIGTERM: leave the serve loop cleanly.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     host, port = server.server_address[:2]
-    log.info("dockerproxy %s listening on %s:%d, default route %s", __version__, host, port,
-             config.default_route or "(none)")
+    log.info("dockerproxy %s listening on %s:%d (%s), default route %s", __version__, host, port,
+             "https" if server.tls else "http", config.default_route or "(none)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -1,0 +1,158 @@
+"""HTTPS serving (TLS_CERT/TLS_KEY) and the proxy's own upstream credentials."""
+
+import base64
+import http.client
+import json
+import logging
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+import dockerproxy
+from conftest import ROOT, RegistryClient
+from fakeregistry import DOCKER_MANIFEST, FakeRegistry
+
+MANIFEST_ACCEPT = {"Accept": DOCKER_MANIFEST}
+OPENSSL = shutil.which("openssl")
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made with the openssl command now."""
+    if not OPENSSL:
+        pytest.fail("openssl is required (test.sh installs it)")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
+
+
+def tls_request(proxy, cert, method, path, headers=None):
+    context = ssl.create_default_context(cafile=cert)
+    connection = http.client.HTTPSConnection("127.0.0.1", proxy.port, context=context, timeout=30)
+    try:
+        connection.request(method, path, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+# TLS ########################################################################
+
+def test_tls_serves_https_and_the_realm_says_https(start_proxy, fake, certificate):
+    cert, key = certificate
+    proxy = start_proxy("--upstream", f"docker={fake.url}", "--tls-cert", cert, "--tls-key", key)
+    status, headers, _ = tls_request(proxy, cert, "GET", "/v2/")
+    assert status == 401
+    realm = dockerproxy.parse_challenge(headers["WWW-Authenticate"])[1]["realm"]
+    assert realm == f"https://127.0.0.1:{proxy.port}/v2/auth"
+    digest = fake.add_blob("library/alpine", b"over tls" * 20000)
+    status, headers, body = tls_request(proxy, cert, "GET", f"/v2/auth?scope=repository:library/alpine:pull")
+    token = json.loads(body)["token"]
+    for expected in ("MISS", "HIT"):
+        status, headers, body = tls_request(proxy, cert, "GET", f"/v2/library/alpine/blobs/{digest}",
+                                            {"Authorization": f"Bearer {token}"})
+        assert status == 200 and body == b"over tls" * 20000 and headers["X-Cache"] == expected
+
+
+def test_tls_refuses_plain_http_and_old_protocols(start_proxy, fake, certificate):
+    cert, key = certificate
+    proxy = start_proxy("--upstream", f"docker={fake.url}", "--tls-cert", cert, "--tls-key", key)
+    with pytest.raises((http.client.HTTPException, ConnectionError, OSError)):
+        proxy.request("GET", "/healthz")
+    context = ssl.create_default_context(cafile=cert)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # asking for TLS 1.1 on purpose
+        context.maximum_version = ssl.TLSVersion.TLSv1_1
+        context.minimum_version = ssl.TLSVersion.MINIMUM_SUPPORTED
+    connection = http.client.HTTPSConnection("127.0.0.1", proxy.port, context=context, timeout=10)
+    with pytest.raises((ssl.SSLError, OSError)):
+        connection.request("GET", "/healthz")
+    assert tls_request(proxy, cert, "GET", "/healthz")[0] == 200  # still serving
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tls-cert", "/nonexistent.pem", "--tls-key", "/nonexistent.pem"], "TLS_CERT"),
+    (["--tls-cert", os.path.join(ROOT, "README.md"), "--tls-key", os.path.join(ROOT, "README.md")], "TLS_CERT"),
+    (["--tls-cert", os.path.join(ROOT, "README.md")], "TLS_KEY"),
+])
+def test_bad_tls_settings_stop_start_up(flags, message):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--env-file", os.devnull] + flags,
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# Upstream credentials #######################################################
+
+@pytest.fixture
+def private_fake():
+    with FakeRegistry(users={"proxyuser": "pr0xy-pa55"}, private_repos={"team/private"}) as fake:
+        fake.image = fake.add_image("team/private", "1", [b"team layer" * 100])
+        yield fake
+
+
+def test_proxy_credentials_serve_clients_that_bring_none(start_proxy, private_fake, caplog):
+    fake = private_fake
+    caplog.set_level(logging.DEBUG, logger="dockerproxy")
+    proxy = start_proxy("--upstream", f"docker={fake.url}", "--debug",
+                        UPSTREAM_DOCKER_USERNAME="proxyuser", UPSTREAM_DOCKER_PASSWORD="pr0xy-pa55")
+    # /v2/auth asks the realm with the proxy's account when the client has none
+    status, _, body = proxy.request("GET", "/v2/auth?service=x&scope=repository:team/private:pull")
+    assert status == 200 and fake.token_requests[-1]["username"] == "proxyuser"
+    # a client with no auth at all: the proxy fetches one repository token and keeps it
+    fake.reset_counters()
+    status, _, body = proxy.request("GET", "/v2/team/private/manifests/1", MANIFEST_ACCEPT)
+    assert status == 200 and json.loads(body)["schemaVersion"] == 2
+    for digest in fake.image["layers"] + [fake.image["config"]]:
+        assert proxy.request("GET", f"/v2/team/private/blobs/{digest}")[0] == 200
+    assert len(fake.token_requests) == 1 and fake.token_requests[0]["scopes"] == ["repository:team/private:pull"]
+    assert fake.token_requests[0]["username"] == "proxyuser"
+    status, _, body = proxy.request("GET", "/routes")
+    for text in (caplog.text, body.decode()):
+        assert "pr0xy-pa55" not in text
+        assert base64.b64encode(b"proxyuser:pr0xy-pa55").decode() not in text
+
+
+def test_docker_config_json_auths_are_used(start_proxy, private_fake, tmp_path):
+    fake = private_fake
+    host = fake.url.split("//")[1]
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"auths": {f"http://{host}": {
+        "auth": base64.b64encode(b"proxyuser:pr0xy-pa55").decode()}}}))
+    proxy = start_proxy("--upstream", f"docker={fake.url}", "--registry-auth-file", str(config))
+    status, _, _ = proxy.request("GET", f"/v2/team/private/manifests/{fake.image['digest']}", MANIFEST_ACCEPT)
+    assert status == 200
+
+
+def test_without_proxy_credentials_private_content_needs_the_client_login(proxy, private_fake, start_proxy):
+    fake = private_fake
+    proxy = start_proxy("--upstream", f"docker={fake.url}")
+    assert proxy.request("GET", f"/v2/team/private/manifests/{fake.image['digest']}")[0] == 401
+
+
+@pytest.mark.parametrize("environ, message", [
+    ({"UPSTREAM_DOCKER_USERNAME": "u"}, "go together"),
+    ({"UPSTREAM_NOPE_USERNAME": "u", "UPSTREAM_NOPE_PASSWORD": "secretvalue"}, "unknown route"),
+    ({"REGISTRY_AUTH_FILE": "/nonexistent/config.json"}, "REGISTRY_AUTH_FILE"),
+])
+def test_bad_credential_settings_stop_start_up_without_echoing_secrets(environ, message):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UPSTREAM_")}
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--env-file", os.devnull],
+                            env={**env, **environ}, capture_output=True, text=True, timeout=20)
+    assert result.returncode == 2 and message in result.stderr
+    assert "secretvalue" not in result.stderr
+
+
+def test_credentials_never_appear_in_the_config_repr(tmp_path):
+    from conftest import proxy_config
+    config = proxy_config(tmp_path, UPSTREAM_GHCR_USERNAME="me", UPSTREAM_GHCR_PASSWORD="hunter2hunter2")
+    assert "hunter2hunter2" not in repr(config)
+    assert {r.name: r for r in config.routes}["ghcr"].credentials.username == "me"
