@@ -304,26 +304,26 @@ ROUTE_NAME = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*\Z")
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    """Every setting, parsed and checked.  Build it with load_config()."""
+    """Every setting, parsed and checked.  Built by load_config(); the defaults are in SETTINGS."""
 
-    host: str = "0.0.0.0"
-    port: int = 8080
-    cache_dir: str = "./cache"
-    custom_domain: str = ""
-    default_route: str = "docker"
-    mode: str = ""
-    target_upstream: str = ""
-    trust_proxy_headers: bool = False
-    connect_timeout: float = 10.0
-    read_timeout: float = 60.0
-    manifest_ttl: float = 60.0
-    cache_max_size: int = 20 * 1024 ** 3
-    cache_max_age: float = 30 * 86400.0
-    tls_cert: str = ""
-    tls_key: str = ""
-    registry_auth_file: str = ""
-    debug: bool = False
-    routes: tuple = BUILTIN_ROUTES
+    host: str
+    port: int
+    cache_dir: str
+    custom_domain: str
+    default_route: str
+    mode: str
+    target_upstream: str
+    trust_proxy_headers: bool
+    connect_timeout: float
+    read_timeout: float
+    manifest_ttl: float
+    cache_max_size: int
+    cache_max_age: float
+    tls_cert: str
+    tls_key: str
+    registry_auth_file: str
+    debug: bool
+    routes: tuple
 
 
 def parse_port(text: str) -> int:
@@ -939,9 +939,29 @@ def response_headers(headers, prefix: str = "") -> list:
     return kept
 
 
+def content_length(headers) -> int | None:
+    """A Content-Length header as a number, None if absent or not plain digits."""
+    value = (headers.get("content-length") or "").strip()
+    return int(value) if re.fullmatch(r"[0-9]{1,19}", value) else None
+
+
 def is_upstream_failure(status: int) -> bool:
     """Answers that mean "try the cache": the upstream is broken or rate-limiting."""
     return status >= 500 or status == 429
+
+
+def checked_redirect(url: str, location: str) -> str:
+    """Where a redirect goes, refused if not http(s) or from https down to http."""
+    next_url = urllib.parse.urljoin(url, location)
+    parts = urllib.parse.urlsplit(next_url)
+    try:
+        parts.port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or (
+            url.startswith("https:") and parts.scheme == "http"):
+        raise UpstreamUnavailable(f"refused redirect from {redacted_url(url)} to {redacted_url(next_url)}")
+    return next_url
 
 
 def same_origin(url_a: str, url_b: str) -> bool:
@@ -1029,7 +1049,9 @@ def referenced_digests(manifest: bytes) -> list:
         return []
     if not isinstance(document, dict):
         return []
-    descriptors = [document.get("config"), document.get("subject")]
+    # Not "subject": any repository may name any digest as its subject, so it
+    # proves nothing about what the repository holds.
+    descriptors = [document.get("config")]
     for field in ("layers", "manifests", "blobs"):
         if isinstance(document.get(field), list):
             descriptors.extend(document[field])
@@ -1177,7 +1199,7 @@ class Fill:
         self.headers = []            # the answer headers every follower sends
         self.length = None           # Content-Length, when the upstream gave one
         self.written = 0
-        self.followers = 0           # clients sending it (for logs and tests)
+        self.followers = 0           # clients that joined it (for logs and tests)
         self.temp_path = ""
         self.final_path = ""
 
@@ -1196,8 +1218,14 @@ class Fill:
         with self.cond:
             if self.state not in (Fill.STREAMING, Fill.DONE):
                 return None
+            try:
+                # final_path is set under this lock at the rename, so one of the two exists,
+                # unless the fill has just failed and removed its temporary file.
+                file = open(self.final_path or self.temp_path, "rb")
+            except FileNotFoundError:
+                return None
             self.followers += 1
-            return open(self.temp_path if self.state == Fill.STREAMING else self.final_path, "rb")
+            return file
 
     def wait_beyond(self, position: int, timeout: float) -> tuple:
         """(bytes a client may send, done, failed) once there is more than `position`."""
@@ -1214,15 +1242,8 @@ class Fill:
 class Cache:
     """Content-addressed store of blobs and manifests, a tag index, and fills.
 
-    Layout under CACHE_DIR:
-      blobs/<alg>/<hh>/<hex>            bytes of a blob or manifest, verified
-      blobs/<alg>/<hh>/<hex>.type       media type, for manifests
-      repos/<host:port>/<name>/_tags/<tag>/<accept kind>.json
-                                        {"digest", "media_type", "checked"}
-      repos/<host:port>/<name>/_links/<alg>/<hex>
-                                        the object was seen in this repository
-      repos/<host:port>/<name>/_public  mtime: last anonymous pull upstream allowed
-      .tmp-* files beside their final names while being written
+    The layout under CACHE_DIR is in the module docstring; the paths come from
+    the pure functions object_path(), tag_path(), link_path(), public_marker_path().
     """
 
     def __init__(self, root: str, max_size: int, max_age: float) -> None:
@@ -1355,22 +1376,23 @@ class Cache:
         fill.settle(state)
 
     def start_fill(self, fill: Fill, response, digest: str | None, headers: list,
-                   media_type: str | None, on_commit) -> bool:
+                   media_type: str | None, on_commit):
         """Start writing `response` into the cache in a thread of its own.
 
-        False when no room could be reserved: the caller passes it through.
+        Returns the first client's reader, opened before the thread starts so
+        that client always sees its own fill through; None when no room could
+        be reserved: the caller passes the answer through.
         """
-        length = response.headers.get("content-length")
-        fill.length = int(length) if length and length.isdigit() else None
+        fill.length = content_length(response.headers)
         name = digest.partition(":")[2] if digest else "manifest"
         directory = os.path.dirname(object_path(self.root, digest or "sha256:00"))
         try:
             fd, temp_path = create_temp(directory, name)
         except OSError as err:
             self.warn_disk(err)
-            return False
+            return None
         try:
-            if fill.length:
+            if fill.length and hasattr(os, "posix_fallocate"):
                 # Reserve the space now: a full disk (or a file size limit)
                 # shows here, before any client depends on this file.
                 os.posix_fallocate(fd, 0, fill.length)
@@ -1379,62 +1401,76 @@ class Cache:
                 os.close(fd)
                 remove_quietly(temp_path)
                 self.warn_disk(err)
-                return False
+                return None
         fill.temp_path, fill.headers = temp_path, headers
         fill.settle(Fill.STREAMING)
+        reader = fill.open_reader()
         threading.Thread(target=self.run_fill, daemon=True, name="fill",
                          args=(fill, response, fd, digest, media_type, on_commit)).start()
-        return True
+        return reader
 
     def run_fill(self, fill: Fill, response, fd: int, digest: str | None,
                  media_type: str | None, on_commit) -> None:
-        algorithm = digest.partition(":")[0] if digest else "sha256"
-        hasher = hashlib.new(algorithm)
-        buffer = thread_buffer()
         state = Fill.FAILED
         try:
-            limit = MAX_MANIFEST_SIZE if media_type else None
-            while True:
-                count = response.readinto(buffer)
-                if not count:
-                    break
-                chunk = buffer[:count]
-                write_all(fd, chunk)
-                hasher.update(chunk)
-                with fill.cond:
-                    fill.written += count
-                    fill.cond.notify_all()
-                if limit and fill.written > limit:
-                    raise ValueError("manifest larger than MAX_MANIFEST_SIZE")
-            actual = f"{algorithm}:{hasher.hexdigest()}"
-            if fill.length is not None and fill.written != fill.length:
-                raise ValueError(f"upstream sent {fill.written} of {fill.length} bytes")
-            if digest and actual != digest:
-                raise ValueError(f"upstream sent bytes of {actual}, not {digest}")
-            os.ftruncate(fd, fill.written)
-            os.fsync(fd)
+            actual = self.copy_verified(fill, response, fd, digest, media_type)
             self.commit(fill, actual, media_type)
-            on_commit(actual)
             state = Fill.DONE
-            self._disk_warned = False
         except Exception as err:  # any failure: nothing is cached, followers are cut short
             log.warning("cache fill of %s failed: %s", digest or "manifest", printable(str(err)))
             remove_quietly(fill.temp_path)
         finally:
             os.close(fd)
-            response.release() if state == Fill.DONE else response.close()
-            self.end_fill(fill, state)
+        if state == Fill.DONE:
+            response.release()
+            self._disk_warned = False
+            try:
+                on_commit(actual)
+            except Exception:  # bookkeeping only: the object itself is good
+                log.exception("cache bookkeeping for %s failed", actual)
+        else:
+            response.close()
+        self.end_fill(fill, state)
+
+    def copy_verified(self, fill: Fill, response, fd: int, digest: str | None,
+                      media_type: str | None) -> str:
+        """Upstream bytes to the file, hashed as they pass; their digest if all is well."""
+        algorithm = digest.partition(":")[0] if digest else "sha256"
+        hasher = hashlib.new(algorithm)
+        buffer = thread_buffer()
+        limit = MAX_MANIFEST_SIZE if media_type else None
+        while True:
+            count = response.readinto(buffer)
+            if not count:
+                break
+            chunk = buffer[:count]
+            write_all(fd, chunk)
+            hasher.update(chunk)
+            with fill.cond:
+                fill.written += count
+                fill.cond.notify_all()
+            if limit and fill.written > limit:
+                raise ValueError("manifest larger than MAX_MANIFEST_SIZE")
+        actual = f"{algorithm}:{hasher.hexdigest()}"
+        if fill.length is not None and fill.written != fill.length:
+            raise ValueError(f"upstream sent {fill.written} of {fill.length} bytes")
+        if digest and actual != digest:
+            raise ValueError(f"upstream sent bytes of {actual}, not {digest}")
+        os.ftruncate(fd, fill.written)
+        os.fsync(fd)
+        return actual
 
     def commit(self, fill: Fill, digest: str, media_type: str | None) -> None:
         """The verified bytes take their final name (the media type first)."""
         final = object_path(self.root, digest)
         if media_type:
             write_atomic(final + ".type", media_type.encode())
+        already_cached = os.path.exists(final)  # another process filled it too
         with fill.cond:
             os.replace(fill.temp_path, final)
             fill.final_path = final
         with self._lock:
-            self.size += fill.written
+            self.size += 0 if already_cached else fill.written
         if self.max_size and self.size > self.max_size:
             self._sweep_now.set()
 
@@ -1640,7 +1676,10 @@ class Upstreams:
     def send(self, method: str, url: str, headers: dict, body: bytes | None = None) -> UpstreamResponse:
         """One request, one answer; a stale pooled connection is retried once."""
         parts = urllib.parse.urlsplit(url)
-        key = (parts.scheme, parts.hostname, parts.port)
+        try:
+            key = (parts.scheme, parts.hostname, parts.port)
+        except ValueError:
+            raise UpstreamUnavailable(f"malformed upstream URL {redacted_url(url)}") from None
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         connection = self._idle_connection(key)
         try:
@@ -1653,7 +1692,7 @@ class Upstreams:
             return self._exchange(connection, method, url, target, headers, body)
         except socket.timeout:
             raise UpstreamTimeout(f"upstream {parts.netloc} did not answer in time") from None
-        except (OSError, http.client.HTTPException) as err:
+        except (OSError, http.client.HTTPException, ValueError) as err:  # ValueError: IDNA, bad header
             raise UpstreamUnavailable(f"upstream {parts.netloc} unreachable: {err.__class__.__name__}") from None
 
     def _exchange(self, connection, method, url, target, headers, body) -> UpstreamResponse:
@@ -1679,10 +1718,7 @@ class Upstreams:
                 return response
             response.read_small()
             response.release()
-            next_url = urllib.parse.urljoin(url, location)
-            scheme = urllib.parse.urlsplit(next_url).scheme
-            if scheme not in ("http", "https") or (url.startswith("https:") and scheme == "http"):
-                raise UpstreamUnavailable(f"refused redirect from {redacted_url(url)} to {redacted_url(next_url)}")
+            next_url = checked_redirect(url, location)
             if not same_origin(url, next_url):
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             if response.status == 303:
@@ -1844,7 +1880,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 scheme = forwarded
         return scheme
 
-    def own_challenge(self, route: Route, scheme: str, params: dict, prefix: str = "") -> str:
+    def own_challenge(self, route: Route, params: dict, prefix: str = "") -> str:
         """Our Bearer challenge for an upstream's: same service and scope, our realm."""
         realm = f"{self.client_scheme()}://{self.client_host()}/v2/auth"
         implied = self.server.routes.implied(self.client_host())
@@ -1859,7 +1895,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def send_challenge(self, route: Route, header: str, prefix: str = "") -> None:
         scheme, params = self.server.challenges.remember(route, header)
         if scheme == "bearer":
-            header = self.own_challenge(route, scheme, params, prefix)
+            header = self.own_challenge(route, params, prefix)
         # Basic: passed on; the client's credentials then go to the same host.
         self.send_registry_error(RegistryError(
             401, "UNAUTHORIZED", "authentication required", headers=(("WWW-Authenticate", header),)))
@@ -1877,10 +1913,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             # Offline: a challenge still leads clients through /v2/auth to the cache.
             log.warning("route %s: %s; answering /v2/ from memory", route.name, err.message)
             known = self.server.challenges.get(route, any_age=True)
-            params = known[1] if known else {"service": route.registry_hosts[0] if route.registry_hosts else route.name}
-            header = self.own_challenge(route, "bearer", params)
+            params = known[1] if known and known[0] else {"service": route.name}
             return self.send_registry_error(RegistryError(
-                401, "UNAUTHORIZED", "authentication required", headers=(("WWW-Authenticate", header),)))
+                401, "UNAUTHORIZED", "authentication required",
+                headers=(("WWW-Authenticate", self.own_challenge(route, params)),)))
         self.relay(response, route)
 
     def serve_token(self, query: dict) -> None:
@@ -1892,6 +1928,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         route = self.server.routes.for_token(self.client_host(), ns, scopes)
         self.route_name = route.name
         scopes = list(dict.fromkeys(rewrite_scope(scope, route) for scope in scopes))
+        # A POST carries a password or a refresh token: credentials either way.
+        with_credentials = self.command == "POST" or bool(self.headers.get("authorization"))
+        if route.credentials and not with_credentials:
+            # The proxy's account is used by the proxy, upstream; a token of it
+            # must never reach a client, who could use it anywhere, for anything.
+            return self.send_anonymous_token()
         try:
             challenge = self.server.upstream_challenge(route)
             if challenge is None or challenge[0] != "bearer":
@@ -1901,23 +1943,17 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             # Offline: cached public content needs no upstream token.
             log.warning("route %s: token service unavailable (%s); anonymous token", route.name, err.message)
             return self.send_anonymous_token()
-        # A token fetched with no credentials, or with the proxy's own, is anonymous
-        # for the cache: what it may pull, anyone may.
-        with_credentials = bool(self.headers.get("authorization") or form.get("password"))
         body = response.read_small()
         response.release()
         if response.status == 200 and not with_credentials:
-            self.remember_anonymous_token(body)
-        self.send_small(response.status, body, response.headers.get("content-type", "application/json"),
-                        response_headers(response.headers))
+            self.remember_anonymous_token(body)  # what it may pull, anyone may
+        self.send_small(response.status, body, headers=response_headers(response.headers))
 
     def fetch_token(self, route: Route, params: dict, scopes: list, form: dict, query: dict) -> UpstreamResponse:
         realm, service = checked_realm(route, params)
         headers = {"user-agent": self.headers.get("user-agent", self.server_version)}
         if self.headers.get("authorization"):
             headers["authorization"] = self.headers["authorization"]
-        elif route.credentials and not form.get("password"):
-            headers["authorization"] = route.credentials.basic()  # the proxy's own account
         if self.command == "POST":
             form.update({"service": [service], "scope": [" ".join(scopes)]})
             body = urllib.parse.urlencode(form, doseq=True).encode()
@@ -2115,6 +2151,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if not leader:
             return self.follow_other(fill, target, query)
         try:
+            self.lead_fill(fill, target, query, digest, manifest, tag_kind, identity)
+        except BaseException:
+            if fill.state == Fill.PENDING:  # a started fill ends in its own thread
+                cache.end_fill(fill, Fill.DECLINED)
+            raise
+
+    def lead_fill(self, fill: Fill, target: Target, query: str, digest: str | None,
+                  manifest: bool, tag_kind: str | None, identity: str | None) -> None:
+        cache = self.server.cache
+        try:
             response = self.server.upstreams.fetch(
                 "GET", self.upstream_url(target, query), self.upstream_headers(target))
         except RegistryError as err:
@@ -2133,10 +2179,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             digest = response.headers["docker-content-digest"]
         record = functools.partial(self.server.record_fill, target, tag_kind, media_type, identity)
         headers = response_headers(response.headers, target.prefix) + [("X-Cache", "MISS")]
-        if not cache.start_fill(fill, response, digest, headers, media_type, record):
+        reader = cache.start_fill(fill, response, digest, headers, media_type, record)
+        if reader is None:
             cache.end_fill(fill, Fill.DECLINED)
             return self.relay(response, target.route, target.prefix, x_cache="MISS")
-        self.follow(fill)
+        self.follow(fill, reader)
 
     def follow_other(self, fill: Fill, target: Target, query: str) -> None:
         """Join another client's fill if this client may see it, else fetch alone."""
@@ -2151,9 +2198,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return
         self.pass_through(target, query)
 
-    def follow(self, fill: Fill) -> bool:
+    def follow(self, fill: Fill, reader=None) -> bool:
         """Send a fill's bytes as they land in its file; False if it failed before we began."""
-        reader = fill.open_reader()
+        reader = reader or fill.open_reader()
         if reader is None:
             return False
         with reader:
@@ -2229,14 +2276,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return self.send_challenge(route, challenge, prefix)
             headers = response_headers(response.headers, prefix)
             self.start_response(response.status, headers + ([("X-Cache", x_cache)] if x_cache else []))
-            length = response.headers.get("content-length")
+            length = content_length(response.headers)
             if self.command == "HEAD" or response.status in (204, 304):
-                self.send_header("Content-Length", length or "0")
+                if length is not None:  # a HEAD tells the size of what a GET would send
+                    self.send_header("Content-Length", str(length))
                 self.end_headers()
-            elif length is not None and length.isdigit():
-                self.send_header("Content-Length", length)
+                response.read_small()  # marks it complete, so its connection is reused
+            elif length is not None:
+                self.send_header("Content-Length", str(length))
                 self.end_headers()
-                self.stream_body(response, int(length))
+                self.stream_body(response, length)
             else:
                 self.stream_unknown_length(response)
         finally:
@@ -2347,10 +2396,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
 
 def cacheable(response: UpstreamResponse, manifest: bool) -> bool:
-    length = response.headers.get("content-length", "")
+    length = content_length(response.headers)
     if manifest:
-        return bool(response.headers.get("content-type")) and not (
-            length.isdigit() and int(length) > MAX_MANIFEST_SIZE)
+        return bool(response.headers.get("content-type")) and not (length and length > MAX_MANIFEST_SIZE)
     return True
 
 
@@ -2379,19 +2427,17 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler)
 
-
     def upstream_challenge(self, route: Route) -> tuple | None:
         """The route's realm and service, asked of its /v2/ once an hour; None: no auth."""
         known = self.challenges.get(route)
         if known:
-            return known
+            return known if known[0] else None
         response = self.upstreams.fetch("GET", route.upstream + "/v2/", {})
         response.read_small()
         response.release()
-        header = response.headers.get("www-authenticate")
-        if response.status != 401 or not header:
-            return None
-        return self.challenges.remember(route, header)
+        header = response.headers.get("www-authenticate", "") if response.status == 401 else ""
+        scheme, params = self.challenges.remember(route, header)  # "" remembers "no auth"
+        return (scheme, params) if scheme else None
 
     def proxy_authorization(self, route: Route, repository: str) -> str | None:
         """An Authorization header for the proxy's own account on `route`, if it has one."""
@@ -2441,7 +2487,6 @@ class ProxyServer(http.server.ThreadingHTTPServer):
                 self.cache.write_tag(target.route.upstream, target.repository, target.reference,
                                      tag_kind, digest, media_type)
         self.remember_access(target, identity, digests)
-
 
     def finish_request(self, request, client_address) -> None:
         """With TLS, the handshake runs here, in the connection's own thread,

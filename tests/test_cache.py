@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import urllib.parse
 
 import pytest
 
@@ -525,3 +526,47 @@ def test_empty_cache_dir_turns_the_cache_off(start_proxy, fake, tmp_path, monkey
         assert status == 200 and headers["X-Cache"] == "MISS"
     assert blob_gets(fake, digest) == 2
     assert proxy.server.cache is None and os.listdir(tmp_path) == []
+
+
+def test_a_token_from_a_refresh_token_is_not_anonymous(start_proxy):
+    """docker with a stored identity token POSTs grant_type=refresh_token without Authorization."""
+    with FakeRegistry(users={"alice": "s3cret"}, private_repos={"alice/private"}) as fake:
+        image = fake.add_image("alice/private", "1", [b"private layer" * 100])
+        proxy = start_proxy("--upstream", f"docker={fake.url}")
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        login = urllib.parse.urlencode({"grant_type": "password", "username": "alice", "password": "s3cret",
+                                        "service": fake.service, "client_id": "docker", "scope": ""}).encode()
+        refresh_token = json.loads(proxy.request("POST", "/v2/auth", form, body=login)[2])["refresh_token"]
+        refresh = urllib.parse.urlencode({"grant_type": "refresh_token", "refresh_token": refresh_token,
+                                          "service": fake.service, "client_id": "docker",
+                                          "scope": "repository:alice/private:pull"}).encode()
+        token = json.loads(proxy.request("POST", "/v2/auth", form, body=refresh)[2])["token"]
+        layer = image["layers"][0]
+        assert proxy.request("GET", f"/v2/alice/private/blobs/{layer}", {"Authorization": f"Bearer {token}"})[0] == 200
+        status, _, body = proxy.request("GET", f"/v2/alice/private/blobs/{layer}")
+        assert status == 401 and b"private layer" not in body
+
+
+def test_an_unusable_redirect_ends_the_fill_so_later_requests_do_not_wait(start_proxy):
+    with FakeRegistry(redirect_location="http://127.0.0.1:99999/x") as fake:
+        digest = fake.add_blob("library/alpine", b"y" * 1000)
+        proxy = start_proxy("--upstream", f"docker={fake.url}")
+        client = RegistryClient(proxy)
+        client.request("HEAD", f"/v2/library/alpine/blobs/{digest}")
+        for _ in range(2):
+            status, _, body = client.request("GET", f"/v2/library/alpine/blobs/{digest}")
+            assert status == 502 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+        assert proxy.server.cache._fills == {}
+
+
+def test_relayed_head_answers_reuse_their_upstream_connection(start_proxy):
+    with FakeRegistry(auth_required=False) as fake:
+        digest = fake.add_blob("library/alpine", b"z" * 1000)
+        proxy = start_proxy("--upstream", f"docker={fake.url}")
+        opened = []
+        real = proxy.server.upstreams._new_connection
+        proxy.server.upstreams._new_connection = lambda *key: opened.append(key) or real(*key)
+        for _ in range(5):
+            status, headers, _ = proxy.request("HEAD", f"/v2/library/alpine/blobs/{digest}")
+            assert status == 200 and headers["Content-Length"] == "1000"
+        assert len(opened) == 1

@@ -104,17 +104,20 @@ def test_proxy_credentials_serve_clients_that_bring_none(start_proxy, private_fa
     caplog.set_level(logging.DEBUG, logger="dockerproxy")
     proxy = start_proxy("--upstream", f"docker={fake.url}", "--debug",
                         UPSTREAM_DOCKER_USERNAME="proxyuser", UPSTREAM_DOCKER_PASSWORD="pr0xy-pa55")
-    # /v2/auth asks the realm with the proxy's account when the client has none
-    status, _, body = proxy.request("GET", "/v2/auth?service=x&scope=repository:team/private:pull")
+    # /v2/auth never hands out a token of the proxy's account: a client could use it upstream
+    status, _, body = proxy.request("GET", "/v2/auth?service=x&scope=repository:team/private:pull,push,delete")
+    assert status == 200 and json.loads(body)["token"] == dockerproxy.ANONYMOUS_TOKEN
+    assert fake.token_requests == []
+    status, _, body = RegistryClient(proxy).request("GET", "/v2/team/private/manifests/1", MANIFEST_ACCEPT)
     assert status == 200 and fake.token_requests[-1]["username"] == "proxyuser"
+    assert fake.token_requests[-1]["scopes"] == ["repository:team/private:pull"]
     # a client with no auth at all: the proxy fetches one repository token and keeps it
     fake.reset_counters()
     status, _, body = proxy.request("GET", "/v2/team/private/manifests/1", MANIFEST_ACCEPT)
     assert status == 200 and json.loads(body)["schemaVersion"] == 2
     for digest in fake.image["layers"] + [fake.image["config"]]:
         assert proxy.request("GET", f"/v2/team/private/blobs/{digest}")[0] == 200
-    assert len(fake.token_requests) == 1 and fake.token_requests[0]["scopes"] == ["repository:team/private:pull"]
-    assert fake.token_requests[0]["username"] == "proxyuser"
+    assert fake.token_requests == []  # the repository token fetched above is still good
     status, _, body = proxy.request("GET", "/routes")
     for text in (caplog.text, body.decode()):
         assert "pr0xy-pa55" not in text
