@@ -1903,21 +1903,35 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     # Endpoints ---------------------------------------------------------------
 
     def serve_base(self, ns: str | None) -> None:
-        """/v2/: the upstream decides whether a token is needed, we answer with our realm."""
+        """/v2/: the upstream decides whether a token is needed, we answer with our realm.
+
+        A client without credentials always gets our challenge, even when this
+        route's upstream needs none: skopeo and podman take the challenge of
+        this one ping for every registry behind the proxy, so an anonymous
+        default route must not leave them unable to answer ghcr.io's.  The
+        same challenge answers when the upstream is unreachable, so clients
+        still reach the cache through /v2/auth.
+        """
         route = self.server.routes.for_base(self.client_host(), ns)
         self.route_name = route.name
         try:
             response = self.server.upstreams.fetch(
                 self.command, route.upstream + "/v2/", forwarded_request_headers(self.headers))
         except (UpstreamUnavailable, UpstreamTimeout) as err:
-            # Offline: a challenge still leads clients through /v2/auth to the cache.
             log.warning("route %s: %s; answering /v2/ from memory", route.name, err.message)
-            known = self.server.challenges.get(route, any_age=True)
-            params = known[1] if known and known[0] else {"service": route.name}
-            return self.send_registry_error(RegistryError(
-                401, "UNAUTHORIZED", "authentication required",
-                headers=(("WWW-Authenticate", self.own_challenge(route, params)),)))
+            return self.send_own_challenge(route)
+        if response.status == 200 and not self.headers.get("authorization"):
+            response.read_small()
+            response.release()
+            return self.send_own_challenge(route)
         self.relay(response, route)
+
+    def send_own_challenge(self, route: Route) -> None:
+        known = self.server.challenges.get(route, any_age=True)
+        params = known[1] if known and known[0] == "bearer" else {"service": route.name}
+        self.send_registry_error(RegistryError(
+            401, "UNAUTHORIZED", "authentication required",
+            headers=(("WWW-Authenticate", self.own_challenge(route, params)),)))
 
     def serve_token(self, query: dict) -> None:
         """/v2/auth: a token from the realm of the route the image comes from."""
@@ -2053,12 +2067,37 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         entry = self.server.cache.tag_entry(target.route.upstream, target.repository, target.reference, kind)
         if entry is None:
             if self.command == "HEAD":
-                return self.pass_through(target, query)
+                return self.head_tag(target, query, kind)
             return self.fill_and_follow(target, query, None, manifest=True, tag_kind=kind)
         fresh = time.time() - entry.get("checked", 0) < self.server.config.manifest_ttl
         if fresh and self.access_known(target, entry["digest"]):
             return self.send_cached(target, query, entry["digest"], entry["media_type"])
         self.revalidate_tag(target, query, entry, kind)
+
+    def head_tag(self, target: Target, query: str, kind: str) -> None:
+        """An uncached tag's HEAD: asked upstream with a HEAD, stale from the cache if that fails.
+
+        The answer's digest is noted in the tag index: containerd resolves a
+        tag by HEAD and then fetches the manifest by digest, so without this
+        entry it could never resolve the tag from the cache when upstream is
+        down.  The entry serves nothing until that manifest is cached itself.
+        """
+        try:
+            response = self.server.upstreams.fetch(
+                "HEAD", self.upstream_url(target, query), self.upstream_headers(target))
+        except (UpstreamUnavailable, UpstreamTimeout) as err:
+            if self.serve_stale(target, query, err.message):
+                return
+            raise
+        digest = response.headers.get("docker-content-digest", "")
+        media_type = response.headers.get("content-type", "")
+        if response.status == 200 and DIGEST.match(digest) and media_type:
+            self.server.cache.write_tag(target.route.upstream, target.repository, target.reference,
+                                        kind, digest, media_type)
+        elif is_upstream_failure(response.status) and self.serve_stale(
+                target, query, f"upstream answered {response.status}"):
+            return response.close()
+        self.relay(response, target.route, target.prefix, x_cache="MISS")
 
     def revalidate_tag(self, target: Target, query: str, entry: dict, kind: str) -> None:
         """HEAD upstream (not counted by Docker Hub's pull limit): same digest, serve ours."""
@@ -2079,7 +2118,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.server.remember_access(target, self.client_identity(), [entry["digest"]])
                 return self.send_cached(target, query, entry["digest"], entry["media_type"])
             if self.command == "HEAD":
-                return self.pass_through(target, query)
+                return self.head_tag(target, query, kind)
             return self.fill_and_follow(target, query, None, manifest=True, tag_kind=kind)
         if is_upstream_failure(response.status) and self.serve_stale(
                 target, query, f"upstream answered {response.status}"):

@@ -28,6 +28,8 @@ ensure_packages() {
   command -v docker-registry >/dev/null || missing+=(docker-registry)
   command -v htpasswd >/dev/null || missing+=(apache2-utils)
   command -v openssl >/dev/null || missing+=(openssl)
+  command -v podman >/dev/null || missing+=(podman)
+  { command -v containerd >/dev/null && command -v ctr >/dev/null; } || missing+=(containerd)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing ${missing[*]} with apt-get"

@@ -552,3 +552,15 @@ def test_streaming_a_blob_much_larger_than_the_chunk_keeps_memory_flat(fake, tmp
     finally:
         process.terminate()
         process.wait(10)
+
+
+def test_v2_challenges_a_client_without_credentials_even_when_the_upstream_needs_none(start_proxy):
+    """skopeo and podman keep the challenge of their one /v2/ ping for every registry behind us."""
+    with FakeRegistry(auth_required=False) as fake:
+        proxy = start_proxy("--upstream", f"docker={fake.url}")
+        status, headers, _ = proxy.request("GET", "/v2/")
+        assert status == 401 and "/v2/auth" in headers["WWW-Authenticate"]
+        status, _, body = proxy.request("GET", "/v2/auth?service=docker&scope=repository:library/a:pull")
+        token = json.loads(body)["token"]
+        status, headers, _ = proxy.request("GET", "/v2/", {"Authorization": f"Bearer {token}"})
+        assert status == 200 and headers["Docker-Distribution-Api-Version"] == "registry/2.0"
