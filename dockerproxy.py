@@ -1199,6 +1199,7 @@ class Fill:
         self.headers = []            # the answer headers every follower sends
         self.length = None           # Content-Length, when the upstream gave one
         self.written = 0
+        self.verified = False        # size and digest matched: the last byte may go out
         self.followers = 0           # clients that joined it (for logs and tests)
         self.temp_path = ""
         self.final_path = ""
@@ -1228,19 +1229,24 @@ class Fill:
             return file
 
     def wait_beyond(self, position: int, timeout: float) -> tuple:
-        """(bytes a client may send, done, failed) once there is more than `position`.
+        """(bytes a client may send, all sent may be, failed) once there is more than `position`.
 
-        The last byte waits for DONE: verified, durable and in place, so a client
-        that has the whole body and asks again finds it cached.
+        The last byte waits for verification, not for the fsync and rename that
+        follow it: a request arriving meanwhile waits for those in
+        Cache.settle_fill(), so a client that asks again still finds it cached.
         """
         def ready():
-            return self.state in (Fill.DONE, Fill.FAILED) or self.available() > position
+            return self.verified or self.state == Fill.FAILED or self.available() > position
         with self.cond:
             self.cond.wait_for(ready, timeout)
-            return self.available(), self.state == Fill.DONE, self.state == Fill.FAILED
+            return self.available(), self.verified, self.state == Fill.FAILED and not self.verified
 
     def available(self) -> int:
-        return self.written if self.state == Fill.DONE else max(self.written - 1, 0)
+        return self.written if self.verified else max(self.written - 1, 0)
+
+    def wait_finished(self, timeout: float) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.state in (Fill.DONE, Fill.FAILED, Fill.DECLINED), timeout)
 
 
 class Cache:
@@ -1373,6 +1379,12 @@ class Cache:
             fill = self._fills[key] = Fill(key, identity)
             return fill, True
 
+    def settle_fill(self, key: tuple, timeout: float) -> None:
+        """If `key` was just verified and is being stored, wait until it is stored."""
+        fill = self._fills.get(key)
+        if fill is not None and fill.verified:
+            fill.wait_finished(timeout)
+
     def end_fill(self, fill: Fill, state: str) -> None:
         with self._lock:
             if self._fills.get(fill.key) is fill:
@@ -1460,6 +1472,9 @@ class Cache:
             raise ValueError(f"upstream sent {fill.written} of {fill.length} bytes")
         if digest and actual != digest:
             raise ValueError(f"upstream sent bytes of {actual}, not {digest}")
+        with fill.cond:  # clients may have their last byte; storing it is ours to finish
+            fill.verified = True
+            fill.cond.notify_all()
         os.ftruncate(fd, fill.written)
         os.fsync(fd)
         return actual
@@ -2046,8 +2061,12 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         identity = identity_of(authorization)
         return None if self.server.anonymous_tokens.fresh(identity) else identity
 
+    def settle(self, target: Target, tag_kind: str | None = None) -> None:
+        self.server.cache.settle_fill(fill_key(target, tag_kind), self.server.config.read_timeout)
+
     def serve_blob(self, target: Target, query: str) -> None:
         digest = target.reference
+        self.settle(target)
         if self.server.cache.has(digest):
             if self.cache_access(target, digest, query):
                 self.send_cached(target, query, digest, BLOB_TYPE)
@@ -2058,6 +2077,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def serve_manifest_by_digest(self, target: Target, query: str) -> None:
         digest = target.reference
+        self.settle(target)
         media_type = self.server.cache.media_type(digest)
         if media_type and accepts(self.accept(), media_type):
             if self.cache_access(target, digest, query):
@@ -2070,6 +2090,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
     def serve_tag(self, target: Target, query: str) -> None:
         """A tag: from the index within MANIFEST_TTL, then revalidated by a HEAD."""
         kind = accept_kind(self.accept())
+        self.settle(target, kind)
         entry = self.server.cache.tag_entry(target.route.upstream, target.repository, target.reference, kind)
         if entry is None:
             if self.command == "HEAD":
@@ -2191,7 +2212,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                         manifest: bool, tag_kind: str | None = None) -> None:
         """A miss: one upstream GET per object, however many clients ask at once."""
         cache, identity = self.server.cache, self.client_identity()
-        key = (target.route.upstream, target.repository, target.kind, target.reference, tag_kind)
+        key = fill_key(target, tag_kind)
         fill, leader = cache.begin_fill(key, identity)
         if not leader:
             return self.follow_other(fill, target, query)
@@ -2438,6 +2459,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                  printable(self.headers.get("host", "-") if getattr(self, "headers", None) else "-"),
                  printable(path), self.route_name, self.status_sent or "-",
                  self.bytes_sent, time.monotonic() - self.started)
+
+
+def fill_key(target: Target, tag_kind: str | None) -> tuple:
+    """What one upstream fetch fills: concurrent requests of the same key share it."""
+    return (target.route.upstream, target.repository, target.kind, target.reference, tag_kind)
 
 
 def cacheable(response: UpstreamResponse, manifest: bool) -> bool:

@@ -40,6 +40,13 @@ def cache_root(proxy):
     return proxy.server.cache.root
 
 
+def settled(proxy):
+    """Clients get their last byte once it is verified; the fsync, rename and
+    index entries follow in the fill's thread.  Tests that look at the cache
+    files directly wait for that (a request for the same object waits itself)."""
+    wait_until(lambda: not proxy.server.cache._fills, what="fills stored")
+
+
 def pull(client, repo, tag, accept=ACCEPT_ALL):
     """What a client does: the manifest by tag, then every blob it names, each hashed."""
     status, headers, body = client.request("GET", f"/v2/{repo}/manifests/{tag}", accept)
@@ -49,6 +56,7 @@ def pull(client, repo, tag, accept=ACCEPT_ALL):
     for digest in digests:
         status, _, blob = client.request("GET", f"/v2/{repo}/blobs/{digest}")
         assert status == 200 and "sha256:" + hashlib.sha256(blob).hexdigest() == digest
+    settled(client.proxy)
     return headers, digests
 
 
@@ -163,8 +171,10 @@ def test_cache_keys_keep_registries_apart(start_proxy):
 
 # Tags and Accept ###########################################################
 
-def rewind_tag_checks(root, seconds):
-    for path in files_under(os.path.join(root, "repos")):
+def rewind_tag_checks(proxy, seconds):
+    """Make every tag entry `seconds` older, as if MANIFEST_TTL had passed."""
+    settled(proxy)
+    for path in files_under(os.path.join(cache_root(proxy), "repos")):
         if path.endswith(".json") and "_tags" in path:
             entry = json.load(open(path))
             entry["checked"] -= seconds
@@ -180,12 +190,12 @@ def test_tag_is_served_from_cache_within_ttl_and_revalidated_by_head_after(proxy
     status, headers, body = client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     assert body == old["manifest"] and headers["X-Cache"] == "HIT"
     assert fake.count(server="registry") == 0
-    rewind_tag_checks(cache_root(proxy), proxy.server.config.manifest_ttl + 1)
+    rewind_tag_checks(proxy, proxy.server.config.manifest_ttl + 1)
     status, headers, body = client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     assert status == 200 and body == new["manifest"] and headers["X-Cache"] == "MISS"
     assert fake.count(method="HEAD", path_contains="/manifests/3") == 1
     assert fake.count(method="GET", path_contains="/manifests/3") == 1
-    rewind_tag_checks(cache_root(proxy), proxy.server.config.manifest_ttl + 1)
+    rewind_tag_checks(proxy, proxy.server.config.manifest_ttl + 1)
     fake.reset_counters()
     status, headers, body = client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     assert body == new["manifest"] and headers["X-Cache"] == "HIT"
@@ -311,7 +321,7 @@ def test_upstream_down_cached_image_still_pulls_and_uncached_gives_502(start_pro
     proxy = start_proxy("--upstream", f"docker={fake.url}")
     pull(RegistryClient(proxy), "library/alpine", "3")
     fake.close()
-    rewind_tag_checks(cache_root(proxy), proxy.server.config.manifest_ttl + 1)
+    rewind_tag_checks(proxy, proxy.server.config.manifest_ttl + 1)
     client = RegistryClient(proxy)
     status, headers, _ = proxy.request("GET", "/v2/")
     assert status == 401 and "/v2/auth" in headers["WWW-Authenticate"]
@@ -328,7 +338,8 @@ def test_upstream_errors_serve_the_cached_tag_as_stale(proxy, fake, status):
     image = fake.add_image("library/alpine", "3", [b"x"])
     client = RegistryClient(proxy)
     client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
-    rewind_tag_checks(cache_root(proxy), proxy.server.config.manifest_ttl + 1)
+    settled(proxy)
+    rewind_tag_checks(proxy, proxy.server.config.manifest_ttl + 1)
     fake.fault("registry", "/manifests/3", "status", status=status)
     answer_status, headers, body = client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     assert answer_status == 200 and headers["X-Cache"] == "STALE" and body == image["manifest"]
@@ -339,7 +350,8 @@ def test_upstream_timeout_serves_stale_and_uncached_gives_504(start_proxy, fake)
     fake.add_image("library/alpine", "3", [b"x"])
     client = RegistryClient(proxy)
     client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
-    rewind_tag_checks(cache_root(proxy), proxy.server.config.manifest_ttl + 1)
+    settled(proxy)
+    rewind_tag_checks(proxy, proxy.server.config.manifest_ttl + 1)
     fake.fault("registry", "/manifests/", "stall", count=2)
     status, headers, _ = client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     assert status == 200 and headers["X-Cache"] == "STALE"
@@ -407,6 +419,7 @@ def test_evicted_manifest_drops_its_tag_entry(proxy, fake):
     image = fake.add_image("library/alpine", "3", [b"x"])
     client = RegistryClient(proxy)
     client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
+    settled(proxy)
     cache = proxy.server.cache
     os.unlink(dockerproxy.object_path(cache.root, image["digest"]))
     assert cache.sweep()["tags_dropped"] == 1
@@ -417,6 +430,7 @@ def test_objects_unused_longer_than_max_age_are_removed(start_proxy, fake):
     proxy = start_proxy("--upstream", f"docker={fake.url}", "--cache-max-age", "1d")
     digest = fake.add_blob("library/alpine", b"old")
     RegistryClient(proxy).request("GET", f"/v2/library/alpine/blobs/{digest}")
+    settled(proxy)
     path = dockerproxy.object_path(cache_root(proxy), digest)
     two_days_ago = os.stat(path).st_mtime - 2 * 86400
     os.utime(path, (two_days_ago, two_days_ago))
@@ -567,4 +581,6 @@ def test_relayed_head_answers_return_their_upstream_connection_to_the_pool(start
         for _ in range(3):
             status, headers, _ = proxy.request("HEAD", f"/v2/library/alpine/blobs/{digest}")
             assert status == 200 and headers["Content-Length"] == "1000"
-            assert sum(len(connections) for connections in idle.values()) == 1
+            # the answer goes out before the handler releases the connection: poll
+            wait_until(lambda: sum(len(connections) for connections in idle.values()) == 1,
+                       timeout=5, what="the connection back in the pool")
