@@ -2101,6 +2101,16 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             return self.send_cached(target, query, entry["digest"], entry["media_type"])
         self.revalidate_tag(target, query, entry, kind)
 
+    def head_tag_upstream(self, target: Target, query: str) -> UpstreamResponse | None:
+        """A HEAD of the tag upstream; None when upstream failed and the cache answered."""
+        try:
+            return self.server.upstreams.fetch(
+                "HEAD", self.upstream_url(target, query), self.upstream_headers(target))
+        except (UpstreamUnavailable, UpstreamTimeout) as err:
+            if self.serve_stale(target, query, err.message):
+                return None
+            raise
+
     def head_tag(self, target: Target, query: str, kind: str) -> None:
         """An uncached tag's HEAD: asked upstream with a HEAD, stale from the cache if that fails.
 
@@ -2109,13 +2119,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         entry it could never resolve the tag from the cache when upstream is
         down.  The entry serves nothing until that manifest is cached itself.
         """
-        try:
-            response = self.server.upstreams.fetch(
-                "HEAD", self.upstream_url(target, query), self.upstream_headers(target))
-        except (UpstreamUnavailable, UpstreamTimeout) as err:
-            if self.serve_stale(target, query, err.message):
-                return
-            raise
+        response = self.head_tag_upstream(target, query)
+        if response is None:
+            return
         digest = response.headers.get("docker-content-digest", "")
         media_type = response.headers.get("content-type", "")
         if response.status == 200 and DIGEST.match(digest) and media_type:
@@ -2128,13 +2134,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
 
     def revalidate_tag(self, target: Target, query: str, entry: dict, kind: str) -> None:
         """HEAD upstream (not counted by Docker Hub's pull limit): same digest, serve ours."""
-        try:
-            response = self.server.upstreams.fetch(
-                "HEAD", self.upstream_url(target, query), self.upstream_headers(target))
-        except (UpstreamUnavailable, UpstreamTimeout) as err:
-            if self.serve_stale(target, query, err.message):
-                return
-            raise
+        response = self.head_tag_upstream(target, query)
+        if response is None:
+            return
         if response.status == 200:
             response.read_small()
             response.release()

@@ -2,6 +2,7 @@
 
 import http.client
 import os
+import subprocess
 import sys
 import threading
 
@@ -43,6 +44,27 @@ def proxy_config(tmp_path, *argv, **environ):
     base = ["--host", "127.0.0.1", "--port", "0", "--cache-dir", str(tmp_path / "cache"),
             "--env-file", os.devnull]
     return dockerproxy.load_config(base + list(argv), environ)
+
+
+def start_proxy_process(upstream_url, cache_dir, port, preexec_fn=None):
+    """dockerproxy.py as a real process with its docker route on `upstream_url`:
+    (Popen with stderr piped, RunningProxy once /healthz answers)."""
+    from realregistry import wait_until
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--host", "127.0.0.1", "--port", str(port),
+         "--env-file", os.devnull, "--upstream", f"docker={upstream_url}", "--cache-dir", str(cache_dir)],
+        stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
+    running = RunningProxy.__new__(RunningProxy)
+    running.port, running.host, running.url = port, f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"
+
+    def answers():
+        try:
+            return running.request("GET", "/healthz")[0] == 200
+        except OSError:
+            assert process.poll() is None, process.stderr.read()
+            return False
+    wait_until(answers, what="proxy process start")
+    return process, running
 
 
 @pytest.fixture

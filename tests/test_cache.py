@@ -15,7 +15,7 @@ import urllib.parse
 import pytest
 
 import dockerproxy
-from conftest import ROOT, RegistryClient, RunningProxy
+from conftest import ROOT, RegistryClient, RunningProxy, start_proxy_process
 from fakeregistry import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST, FakeRegistry
 from realregistry import free_port, wait_until
 
@@ -439,22 +439,8 @@ def test_objects_unused_longer_than_max_age_are_removed(start_proxy, fake):
 
 # Real processes ############################################################
 
-def start_process(fake, cache_dir, port, preexec_fn=None, *extra):
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--host", "127.0.0.1", "--port", str(port),
-         "--env-file", os.devnull, "--upstream", f"docker={fake.url}", "--cache-dir", cache_dir, *extra],
-        stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
-    running = RunningProxy.__new__(RunningProxy)
-    running.port, running.host = port, f"127.0.0.1:{port}"
-
-    def answers():
-        try:
-            return running.request("GET", "/healthz")[0] == 200
-        except OSError:
-            assert process.poll() is None, process.stderr.read()
-            return False
-    wait_until(answers, what="proxy process start")
-    return process, running
+def start_process(fake, cache_dir, port, preexec_fn=None):
+    return start_proxy_process(fake.url, cache_dir, port, preexec_fn)
 
 
 def test_sigkill_mid_fill_leaves_no_bad_entry_and_restart_cleans_up(fake, tmp_path):

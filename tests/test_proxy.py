@@ -15,7 +15,7 @@ import urllib.parse
 import pytest
 
 import dockerproxy
-from conftest import ROOT, RegistryClient
+from conftest import ROOT, RegistryClient, start_proxy_process
 from fakeregistry import DOCKER_MANIFEST, FakeRegistry
 from realregistry import free_port, wait_until
 
@@ -517,21 +517,8 @@ def test_streaming_a_blob_much_larger_than_the_chunk_keeps_memory_flat(fake, tmp
     size = 256 * 1024 * 1024  # 1024 times CHUNK_SIZE
     large = fake.add_pattern_blob("library/big", size, seed=7)
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--host", "127.0.0.1", "--port", str(port),
-         "--env-file", os.devnull, "--upstream", f"docker={fake.url}", "--cache-dir", str(tmp_path / "c")],
-        stderr=subprocess.DEVNULL)
+    process, running = start_proxy_process(fake.url, tmp_path / "c", port)
     try:
-        from conftest import RunningProxy
-        running = RunningProxy.__new__(RunningProxy)
-        running.port, running.host = port, f"127.0.0.1:{port}"
-
-        def answers():
-            try:
-                return running.request("GET", "/healthz")[0] == 200
-            except OSError:
-                return False
-        wait_until(answers, what="proxy start")
         client = RegistryClient(running)
         assert client.request("GET", f"/v2/library/big/blobs/{small}")[0] == 200
         baseline = peak_rss_kib(process.pid)
