@@ -718,3 +718,20 @@ def test_podman_pulls_a_basic_auth_private_repository_only_with_credentials(
     podman.pull("ghcr.io/private/app:latest")
     check_podman_image(podman, "ghcr.io/private/app:latest", image)
     without_valid_credentials("cached")
+
+
+def test_skopeo_pulls_over_https_trusting_the_proxy_certificate(interop_proxy, registry, tmp_path, trap):
+    """TLS_CERT/TLS_KEY: a certificate made now with openssl, verified by skopeo (no --tls-verify=false)."""
+    need(openssl=OPENSSL)
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    cert, key = certs / "proxy.crt", tmp_path / "proxy.key"
+    run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)])
+    proxy = interop_proxy("--upstream", f"docker={registry.url}", "--tls-cert", str(cert), "--tls-key", str(key))
+    reference = f"docker://{proxy.host}/library/hello:latest"
+    skopeo("copy", "--src-cert-dir", str(certs), "--src-tls-verify=true", reference, f"dir:{tmp_path / 'out'}",
+           env=trap.environ())
+    check_dir_copy(tmp_path / "out", registry.images["hello"])
+    untrusted = run([SKOPEO, "inspect", "--tls-verify=true", reference], env=trap.environ(), check=False)
+    assert untrusted.returncode != 0 and "certificate" in untrusted.stderr

@@ -435,3 +435,14 @@ def test_referenced_digests_of_manifests_and_indexes():
     assert dockerproxy.referenced_digests(manifest) == [a, b]
     assert dockerproxy.referenced_digests(index) == [c]  # never the subject: anyone may name it
     assert dockerproxy.referenced_digests(b"not json") == [] and dockerproxy.referenced_digests(b"[1]") == []
+
+
+def test_readme_daemon_json_snippet_is_valid_json_naming_the_proxy():
+    """docker cannot run here (no engine); at least its README snippet must be what dockerd parses."""
+    import re as regex
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    blocks = regex.findall(r"```json\n(.*?)```", readme, regex.S)
+    assert blocks
+    for block in blocks:
+        daemon = json.loads(block)
+        assert daemon["registry-mirrors"] == ["http://proxy.example:8080"]
