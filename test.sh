@@ -47,7 +47,7 @@ ensure_pytest "$PYTHON"
 ensure_packages
 
 say "pytest on $("$PYTHON" --version 2>&1)"
-"$PYTHON" -m pytest -q -p no:cacheprovider tests
+"$PYTHON" -m pytest -q -rs -p no:cacheprovider tests
 
 # The oldest supported Python pyenv has, so a 3.9+ construct cannot slip in.
 oldest=""
@@ -60,7 +60,7 @@ done
 if [ -n "$oldest" ] && [ "$("$oldest" --version 2>&1)" != "$("$PYTHON" --version 2>&1)" ]; then
   ensure_pytest "$oldest"
   say "pytest on $("$oldest" --version 2>&1) (oldest supported found)"
-  "$oldest" -m pytest -q -p no:cacheprovider tests
+  "$oldest" -m pytest -q -rs -p no:cacheprovider tests
 fi
 
 say "smoke checks against a real dockerproxy.py process"
