@@ -1264,6 +1264,7 @@ class Cache:
         remove_abandoned_temps(root)
         self._lock = threading.Lock()
         self._fills = {}
+        self._storing = {}            # digest -> verified fill being fsynced and renamed
         self._readers = {}            # path -> clients reading it: never evicted
         self._touched = Recent(TOUCH_INTERVAL)  # paths whose mtime was bumped lately
         self._disk_warned = False
@@ -1319,11 +1320,14 @@ class Cache:
         return os.path.exists(link_path(self.root, upstream, repository, digest))
 
     def link(self, upstream: str, repository: str, digests) -> None:
-        for digest in digests:
-            path = link_path(self.root, upstream, repository, digest)
-            if not os.path.exists(path):
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                open(path, "ab").close()
+        try:
+            for digest in digests:
+                path = link_path(self.root, upstream, repository, digest)
+                if not os.path.exists(path):
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    open(path, "ab").close()
+        except OSError as err:  # without a link the next hit asks upstream: slower, not wrong
+            self.warn_disk(err)
 
     def public_age(self, upstream: str, repository: str) -> float | None:
         """Seconds since anonymous access to the repository last succeeded upstream."""
@@ -1334,9 +1338,12 @@ class Cache:
 
     def mark_public(self, upstream: str, repository: str) -> None:
         path = public_marker_path(self.root, upstream, repository)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "ab"):
-            os.utime(path)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "ab"):
+                os.utime(path)
+        except OSError as err:
+            self.warn_disk(err)
 
     # Tag index ---------------------------------------------------------------
 
@@ -1348,7 +1355,9 @@ class Cache:
             return None
         if not isinstance(entry, dict) or not DIGEST.match(str(entry.get("digest"))):
             return None
-        return entry if self.media_type(entry["digest"]) else None
+        # The type stored with the manifest's bytes, not the one a HEAD claimed.
+        entry["media_type"] = self.media_type(entry["digest"])
+        return entry if entry["media_type"] else None
 
     def tag_entries(self, upstream: str, repository: str, tag: str) -> list:
         directory = os.path.dirname(tag_path(self.root, upstream, repository, tag, "x"))
@@ -1362,7 +1371,10 @@ class Cache:
     def write_tag(self, upstream: str, repository: str, tag: str, kind: str,
                   digest: str, media_type: str) -> None:
         entry = {"digest": digest, "media_type": media_type, "checked": time.time()}
-        write_atomic(tag_path(self.root, upstream, repository, tag, kind), json.dumps(entry).encode())
+        try:
+            write_atomic(tag_path(self.root, upstream, repository, tag, kind), json.dumps(entry).encode())
+        except OSError as err:  # the tag is asked upstream again next time
+            self.warn_disk(err)
 
     def drop_tag(self, upstream: str, repository: str, tag: str) -> None:
         directory = os.path.dirname(tag_path(self.root, upstream, repository, tag, "x"))
@@ -1383,6 +1395,12 @@ class Cache:
         """If `key` was just verified and is being stored, wait until it is stored."""
         fill = self._fills.get(key)
         if fill is not None and fill.verified:
+            fill.wait_finished(timeout)
+
+    def settle_digest(self, digest: str, timeout: float) -> None:
+        """If `digest` (from any repository or tag) is being stored, wait until it is."""
+        fill = self._storing.get(digest)
+        if fill is not None:
             fill.wait_finished(timeout)
 
     def end_fill(self, fill: Fill, state: str) -> None:
@@ -1427,26 +1445,43 @@ class Cache:
 
     def run_fill(self, fill: Fill, response, fd: int, digest: str | None,
                  media_type: str | None, on_commit) -> None:
-        state = Fill.FAILED
+        state, actual = Fill.FAILED, ""
         try:
             actual = self.copy_verified(fill, response, fd, digest, media_type)
+            response.release()
+            self.release_verified(fill, actual, on_commit)
+            os.ftruncate(fd, fill.written)
+            os.fsync(fd)
             self.commit(fill, actual, media_type)
             state = Fill.DONE
-        except Exception as err:  # any failure: nothing is cached, followers are cut short
+            self._disk_warned = False
+        except Exception as err:  # nothing is cached; clients not yet verified are cut short
             log.warning("cache fill of %s failed: %s", digest or "manifest", printable(str(err)))
             remove_quietly(fill.temp_path)
+            response.close()
         finally:
             os.close(fd)
-        if state == Fill.DONE:
-            response.release()
-            self._disk_warned = False
-            try:
-                on_commit(actual)
-            except Exception:  # bookkeeping only: the object itself is good
-                log.exception("cache bookkeeping for %s failed", actual)
-        else:
-            response.close()
-        self.end_fill(fill, state)
+            with self._lock:
+                self._storing.pop(actual, None)
+            self.end_fill(fill, state)
+
+    def release_verified(self, fill: Fill, digest: str, on_commit) -> None:
+        """Verified: note who may see it, then let clients have their last byte.
+
+        The fsync and rename that follow take a while on a busy disk; a request
+        for this digest meanwhile waits for them in settle_digest().  The
+        bookkeeping goes first, so what a client may ask next is in place
+        (it names an object that exists only after the rename, so it is inert until then).
+        """
+        try:
+            on_commit(digest, fill.temp_path)
+        except Exception:  # bookkeeping only: the object itself is good
+            log.exception("cache bookkeeping for %s failed", digest)
+        with self._lock:
+            self._storing[digest] = fill
+        with fill.cond:
+            fill.verified = True
+            fill.cond.notify_all()
 
     def copy_verified(self, fill: Fill, response, fd: int, digest: str | None,
                       media_type: str | None) -> str:
@@ -1472,11 +1507,6 @@ class Cache:
             raise ValueError(f"upstream sent {fill.written} of {fill.length} bytes")
         if digest and actual != digest:
             raise ValueError(f"upstream sent bytes of {actual}, not {digest}")
-        with fill.cond:  # clients may have their last byte; storing it is ours to finish
-            fill.verified = True
-            fill.cond.notify_all()
-        os.ftruncate(fd, fill.written)
-        os.fsync(fd)
         return actual
 
     def commit(self, fill: Fill, digest: str, media_type: str | None) -> None:
@@ -1935,6 +1965,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """
         route = self.server.routes.for_base(self.client_host(), ns)
         self.route_name = route.name
+        if self.headers.get("authorization") == f"Bearer {ANONYMOUS_TOKEN}":
+            # Our placeholder: an anonymous upstream, the proxy's own account or an
+            # unreachable upstream stands behind it; upstream would only refuse it.
+            return self.send_small(200, b"{}", "application/json",
+                                   (("Docker-Distribution-Api-Version", "registry/2.0"),))
         try:
             response = self.server.upstreams.fetch(
                 self.command, route.upstream + "/v2/", forwarded_request_headers(self.headers))
@@ -2062,7 +2097,11 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         return None if self.server.anonymous_tokens.fresh(identity) else identity
 
     def settle(self, target: Target, tag_kind: str | None = None) -> None:
-        self.server.cache.settle_fill(fill_key(target, tag_kind), self.server.config.read_timeout)
+        """Wait out the store of an object a client may just have received whole."""
+        cache, timeout = self.server.cache, self.server.config.read_timeout
+        cache.settle_fill(fill_key(target, tag_kind), timeout)
+        if tag_kind is None:
+            cache.settle_digest(target.reference, timeout)
 
     def serve_blob(self, target: Target, query: str) -> None:
         digest = target.reference
@@ -2092,6 +2131,8 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         kind = accept_kind(self.accept())
         self.settle(target, kind)
         entry = self.server.cache.tag_entry(target.route.upstream, target.repository, target.reference, kind)
+        if entry is not None and not accepts(self.accept(), entry["media_type"]):
+            entry = None  # noted from a HEAD that named another type than the stored one
         if entry is None:
             if self.command == "HEAD":
                 return self.head_tag(target, query, kind)
@@ -2111,7 +2152,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 return None
             raise
 
-    def head_tag(self, target: Target, query: str, kind: str) -> None:
+    def head_tag(self, target: Target, query: str, kind: str, response: UpstreamResponse | None = None) -> None:
         """An uncached tag's HEAD: asked upstream with a HEAD, stale from the cache if that fails.
 
         The answer's digest is noted in the tag index: containerd resolves a
@@ -2119,7 +2160,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         entry it could never resolve the tag from the cache when upstream is
         down.  The entry serves nothing until that manifest is cached itself.
         """
-        response = self.head_tag_upstream(target, query)
+        response = response or self.head_tag_upstream(target, query)
         if response is None:
             return
         digest = response.headers.get("docker-content-digest", "")
@@ -2147,7 +2188,7 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                 self.server.remember_access(target, self.client_identity(), [entry["digest"]])
                 return self.send_cached(target, query, entry["digest"], entry["media_type"])
             if self.command == "HEAD":
-                return self.head_tag(target, query, kind)
+                return self.head_tag(target, query, kind, response)  # the answer in hand
             return self.fill_and_follow(target, query, None, manifest=True, tag_kind=kind)
         if is_upstream_failure(response.status) and self.serve_stale(
                 target, query, f"upstream answered {response.status}"):
@@ -2339,7 +2380,9 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         """An upstream answer to the client: our challenge for a 401, else as it came."""
         try:
             challenge = response.headers.get("www-authenticate")
-            if response.status == 401 and challenge:
+            # Only the route's own upstream names the realm: a 401 from a host it
+            # redirected to (a CDN) must never choose where credentials go.
+            if response.status == 401 and challenge and same_origin(response.url, route.upstream):
                 response.read_small()
                 return self.send_challenge(route, challenge, prefix)
             headers = response_headers(response.headers, prefix)
@@ -2550,11 +2593,11 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.grants.add((identity, upstream, repository))
 
     def record_fill(self, target: Target, tag_kind: str | None, media_type: str | None,
-                    identity: str | None, digest: str) -> None:
+                    identity: str | None, digest: str, path: str) -> None:
         """After a verified fill: links, the tag entry, and who may see it."""
         digests = [digest]
         if media_type:
-            with open(object_path(self.cache.root, digest), "rb") as file:
+            with open(path, "rb") as file:
                 digests += referenced_digests(file.read(MAX_MANIFEST_SIZE))
             if tag_kind:
                 self.cache.write_tag(target.route.upstream, target.repository, target.reference,
