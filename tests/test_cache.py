@@ -327,6 +327,7 @@ def test_upstream_down_cached_image_still_pulls_and_uncached_gives_502(start_pro
     assert status == 401 and "/v2/auth" in headers["WWW-Authenticate"]
     headers, digests = pull(client, "library/alpine", "3")
     assert headers["X-Cache"] == "STALE" and headers["Warning"].startswith("110 ")
+    assert digests == [image["config"]] + image["layers"]
     status, _, body = proxy.request("GET", "/v2/auth?service=x&scope=repository:library/alpine:pull")
     assert status == 200 and json.loads(body)["token"] == dockerproxy.ANONYMOUS_TOKEN
     status, _, body = client.request("GET", f"/v2/library/alpine/blobs/{missing}")

@@ -1,5 +1,4 @@
 """Edge cases of the cache and the proxy's own credentials, found in review."""
-import base64
 import http.server
 import json
 import os
@@ -9,7 +8,6 @@ import time
 import pytest
 
 import dockerproxy
-from conftest import RegistryClient
 from fakeregistry import DOCKER_MANIFEST, FakeRegistry
 from realregistry import wait_until
 
@@ -132,7 +130,7 @@ def test_v2_accepts_the_placeholder_token_on_a_route_with_proxy_credentials(star
 
 
 def test_a_failed_fsync_after_verification_still_serves_every_client(start_proxy, monkeypatch):
-    import errno, hashlib
+    import errno
     with FakeRegistry(auth_required=False) as fake:
         data = b"q" * 3_000_000
         digest = fake.add_blob("library/a", data)

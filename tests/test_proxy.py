@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.parse
 
 import pytest
 
@@ -488,7 +487,6 @@ def test_real_process_runs_as_docker_hub_mirror_and_stops_on_sigterm(fake, tmp_p
             except OSError:
                 return False
         wait_until(answers, what="proxy start")
-        proxy = type("P", (), {})()
         from conftest import RunningProxy
         running = RunningProxy.__new__(RunningProxy)
         running.port, running.host, running.url = port, f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"

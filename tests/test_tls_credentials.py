@@ -55,7 +55,7 @@ def test_tls_serves_https_and_the_realm_says_https(start_proxy, fake, certificat
     realm = dockerproxy.parse_challenge(headers["WWW-Authenticate"])[1]["realm"]
     assert realm == f"https://127.0.0.1:{proxy.port}/v2/auth"
     digest = fake.add_blob("library/alpine", b"over tls" * 20000)
-    status, headers, body = tls_request(proxy, cert, "GET", f"/v2/auth?scope=repository:library/alpine:pull")
+    status, headers, body = tls_request(proxy, cert, "GET", "/v2/auth?scope=repository:library/alpine:pull")
     token = json.loads(body)["token"]
     for expected in ("MISS", "HIT"):
         status, headers, body = tls_request(proxy, cert, "GET", f"/v2/library/alpine/blobs/{digest}",
