@@ -60,6 +60,11 @@ Settings (command-line flag > environment > .env file > default):
   MODE=                     "debug": every request goes to TARGET_UPSTREAM
   TARGET_UPSTREAM=          the upstream of MODE=debug
   TRUST_PROXY_HEADERS=false honour X-Forwarded-Proto/X-Forwarded-Host
+  TLS_CERT=, TLS_KEY=       PEM certificate and key: serve HTTPS (TLS 1.2+)
+  REGISTRY_AUTH_FILE=       docker config.json whose auths are the proxy's accounts
+  UPSTREAM_<ROUTE>_USERNAME=, UPSTREAM_<ROUTE>_PASSWORD=
+                            the proxy's own account upstream (environment only),
+                            used when a client brings no credentials
   CONNECT_TIMEOUT=10        seconds to connect to an upstream
   READ_TIMEOUT=60           seconds an upstream may stay silent mid-answer
   DEBUG=false               log upstream requests, redirects, token fetches
