@@ -11,12 +11,6 @@ import pytest
 from fakeregistry import BLOCK_SIZE, DOCKER_MANIFEST, OCI_MANIFEST, FakeRegistry
 
 
-@pytest.fixture
-def fake():
-    with FakeRegistry() as registry:
-        yield registry
-
-
 def open_request(url, method="GET", headers=None, body=None):
     """Send a request; return the connection (for tests that read slowly)."""
     parts = urlsplit(url)
