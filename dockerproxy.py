@@ -1,6 +1,9 @@
 #!/usr/bin/env python3
 """dockerproxy: a pull-through proxy for container registries, in one file.
 
+SPDX-License-Identifier: MIT
+Copyright (c) 2026 the dockerproxy authors; the licence text is in LICENSE.
+
 It answers the registry API (``/v2/``) for docker, containerd, podman and
 Kubernetes and fetches what they ask for from the upstream registries of its
 route table: Docker Hub, ghcr.io, quay.io, gcr.io, registry.k8s.io, nvcr.io,
@@ -37,7 +40,8 @@ Cache layout (CACHE_DIR):
 A cached object is served without asking upstream only to a client that may
 have it: the repository was pulled anonymously, or upstream accepted this
 client's credentials for it, within the last ten minutes.  Anyone else is
-checked with a HEAD upstream first, so private images do not leak.
+checked with a HEAD upstream first, so private images do not leak.  The whole
+rule is one class, Access, in the section of that name.
 
 What it never does:
   * accept a push: PUT, POST, PATCH and DELETE on the registry API get 405;
@@ -104,6 +108,9 @@ __version__ = "0.1.0"
 
 log = logging.getLogger("dockerproxy")
 
+# The Server header, and the User-Agent of token requests a client sent without one.
+SERVER_VERSION = f"dockerproxy/{__version__}"
+
 # Bodies are relayed through one buffer of this size per thread.  256 KiB
 # keeps a socket busy on a fast link while a hundred parallel layer pulls
 # still cost only 25 MiB; nginx's proxy buffers are 4-8 KiB, but Python pays
@@ -160,6 +167,28 @@ MAX_MANIFEST_SIZE = 4 * 1024 * 1024
 # is noticed within ten minutes.
 ACCESS_TTL = 600.0
 
+# Client identities remembered in memory (access grants, anonymous tokens):
+# at most this many keys, about 20 MiB.  When full the memory is cleared:
+# crude but bounded, and the cost is one upstream HEAD per client forgotten.
+MAX_REMEMBERED = 100_000
+
+# A token that a client fetched without credentials is known as anonymous
+# this long: longer than registries let such tokens live (Docker Hub: 300 s).
+ANONYMOUS_TOKEN_TTL = 3600.0
+
+# The proxy's own upstream tokens kept at most (one per repository pulled
+# with its account); beyond this they are dropped and fetched again.
+MAX_PROXY_TOKENS = 10_000
+
+# A token answer without expires_in lasts this long: the default that the
+# docker token specification gives ("defaults to 60 seconds").
+DEFAULT_TOKEN_LIFETIME = 60.0
+
+# A client following another client's fill waits this many READ_TIMEOUTs
+# (plus a second) for more bytes: longer than the fill's own READ_TIMEOUT,
+# so a stalled upstream fails the fill first and every follower hears of it.
+FOLLOWER_PATIENCE_READ_TIMEOUTS = 2
+
 # Eviction frees down to 90% of CACHE_MAX_SIZE, so one sweep makes room for
 # many fills instead of one sweep per fill at the limit.
 EVICTION_LOW_WATER = 0.9
@@ -214,13 +243,14 @@ class RegistryError(Exception):
     """
 
     def __init__(self, status: int, code: str, message: str,
-                 detail: object = None, headers: tuple = ()) -> None:
+                 detail: object = None, headers: tuple = (), close: bool = False) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.detail = detail
         self.headers = tuple(headers)
+        self.close = close          # the connection cannot go on (a request body left unread)
 
     def body(self) -> bytes:
         error = {"code": self.code, "message": self.message, "detail": self.detail}
@@ -250,6 +280,12 @@ class NoRoute(RegistryError):
 
     def body(self) -> bytes:
         return json.dumps(self.routes).encode()
+
+
+def unauthorized(challenge: str) -> RegistryError:
+    """A 401 whose WWW-Authenticate tells the client where to get a token."""
+    return RegistryError(401, "UNAUTHORIZED", "authentication required",
+                         headers=(("WWW-Authenticate", challenge),))
 
 
 class ConfigError(Exception):
@@ -685,7 +721,7 @@ def check_config(config: Config) -> None:
             seen[host] = route.name
 
 
-# Routing (pure: no I/O) ####################################################
+# Routing and dispatch (pure: no I/O) #######################################
 
 @dataclasses.dataclass(frozen=True)
 class Target:
@@ -844,6 +880,67 @@ def library_redirect(target: Target, query: str) -> str | None:
     return f"{location}?{query}" if query else location
 
 
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """What a request asks for, as dispatch() found it."""
+
+    name: str                    # one of the names in ENDPOINTS
+    route: Route | None = None   # the route it is for, once known
+    target: Target | None = None  # a registry object's parsed name and reference
+    query: str = ""              # the client's query string, passed upstream as it came
+    location: str = ""           # where a "redirect" points
+
+
+# Endpoint names, as the access log, and later the metrics, call them.
+ENDPOINTS = ("redirect", "health", "routes", "base", "token",
+             "manifest", "tag", "blob", "tags", "referrers")
+
+# A registry object's kind in its path -> its endpoint (manifests: by digest
+# or by tag, which the cache treats differently).
+OBJECT_ENDPOINTS = {"blobs": "blob", "tags": "tags", "referrers": "referrers"}
+
+
+def dispatch(routes: RouteTable, method: str, path: str, query: str, host: str) -> Endpoint:
+    """(method, path, query, host) -> the endpoint and its parsed target.
+
+    Raises RegistryError for what the proxy does not serve: a push (405), a
+    path that is not a registry endpoint (404), a malformed Host, an
+    unknown registry or a bad name (400, 403, 404).
+    """
+    if method not in ("GET", "HEAD") and not (method == "POST" and path == "/v2/auth"):
+        raise RegistryError(405, "UNSUPPORTED", f"{method} is not supported: this is a pull-only mirror",
+                            headers=(("Allow", "GET, HEAD"),), close=True)
+    if path == "/":
+        return Endpoint("redirect", location="/v2/")
+    if path in ("/healthz", "/health"):
+        return Endpoint("health")
+    if path == "/routes":
+        return Endpoint("routes")
+    if path != "/v2" and not path.startswith("/v2/"):
+        raise RegistryError(404, "UNSUPPORTED", "not a registry endpoint", path)
+    checked_host(host)
+    ns = urllib.parse.parse_qs(query, keep_blank_values=True).get("ns", [None])[0]
+    if path in ("/v2", "/v2/"):
+        return Endpoint("base", routes.for_base(host, ns))
+    if path == "/v2/auth":
+        return Endpoint("token", query=query)  # its route comes from the scopes, maybe in a body
+    target = routes.resolve(host, path, ns)
+    location = library_redirect(target, query)
+    if location:
+        return Endpoint("redirect", target.route, location=location)
+    name = OBJECT_ENDPOINTS.get(target.kind) or ("manifest" if DIGEST.match(target.reference) else "tag")
+    return Endpoint(name, target.route, target, query)
+
+
+def checked_host(host: str) -> str:
+    """A Host header we may echo into a realm, or 400."""
+    if not HOST_HEADER.match(host):
+        raise RegistryError(400, "UNSUPPORTED", "malformed Host header")
+    return host
+
+
+# Protocol helpers (pure: no I/O) ###########################################
+
 def split_scope(scope: str) -> tuple:
     """'repository:127.0.0.1:5000/app:pull' -> ('repository', '127.0.0.1:5000/app', 'pull')."""
     kind, _, rest = scope.partition(":")
@@ -915,6 +1012,42 @@ def render_challenge(scheme: str, params: dict) -> str:
         '{}="{}"'.format(key, value.replace("\\", "\\\\").replace('"', '\\"'))
         for key, value in params.items() if value)
     return f"{scheme.capitalize()} {quoted}"
+
+
+def own_challenge(route: Route, params: dict, prefix: str, base_url: str, implied: Route | None) -> str:
+    """Our Bearer challenge for an upstream's: the same service and scope, our realm.
+
+    base_url is where the client reaches us ("https://mirror.example:5000");
+    implied is the route its requests naming no registry get on that host.
+    """
+    realm = f"{base_url}/v2/auth"
+    if route.registry_hosts and (implied is None or implied.name != route.name):
+        # Routed by ns or path prefix: the token must come from this route too.
+        realm += "?ns=" + urllib.parse.quote(route.registry_hosts[0])
+    ours = {"realm": realm, "service": params.get("service", "")}
+    if params.get("scope"):
+        ours["scope"] = " ".join(client_scope(s, prefix) for s in params["scope"].split(" "))
+    return render_challenge("bearer", ours)
+
+
+def requested_host(headers, trust_proxy_headers: bool, listening: tuple) -> str:
+    """The host (and port) the client addressed; dispatch() checks it before anyone echoes it."""
+    host = headers.get("host", "")
+    if trust_proxy_headers:
+        host = headers.get("x-forwarded-host", host).split(",")[0].strip()
+    if not host:
+        host = f"{listening[0]}:{listening[1]}"
+    return host
+
+
+def requested_scheme(tls: bool, headers, trust_proxy_headers: bool) -> str:
+    """http or https, as the client reached us (a TLS-terminating proxy may say so)."""
+    scheme = "https" if tls else "http"
+    if trust_proxy_headers:
+        forwarded = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+        if forwarded in ("http", "https"):
+            scheme = forwarded
+    return scheme
 
 
 def forwarded_request_headers(headers, same_host: bool = True) -> dict:
@@ -1084,7 +1217,129 @@ def parse_byte_range(header: str, size: int) -> tuple | None:
     return start, end
 
 
-# Cache #####################################################################
+
+
+# Access: who may have cached bytes #########################################
+
+class Clock:
+    """The time every TTL and age is measured against.
+
+    Wall time for what is written down (tag checks, anonymous-pull markers,
+    an object's last use), monotonic time for what lives in memory (grants,
+    tokens), so a step of the system clock cannot stretch a grant.  Tests
+    hand the proxy a clock they move forward instead of editing files.
+    """
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+
+class Recent:
+    """Keys remembered for `ttl` seconds (grants, anonymous tokens), at most MAX_REMEMBERED."""
+
+    def __init__(self, ttl: float, clock: Clock, limit: int = MAX_REMEMBERED) -> None:
+        self.ttl = ttl
+        self.clock = clock
+        self.limit = limit
+        self._seen = {}
+        self._lock = threading.Lock()
+
+    def add(self, key) -> None:
+        with self._lock:
+            if len(self._seen) >= self.limit:
+                self._seen.clear()  # crude, but bounded: the cost is a few re-checks
+            self._seen[key] = self.clock.monotonic()
+
+    def fresh(self, key) -> bool:
+        seen = self._seen.get(key)
+        return seen is not None and self.clock.monotonic() - seen < self.ttl
+
+
+def identity_of(authorization: str) -> str:
+    """Who a client is, for access bookkeeping: a hash, never the credential."""
+    return hashlib.sha256(authorization.encode()).hexdigest()
+
+
+class Access:
+    """The one rule that decides whether cached bytes may go to a client
+    without asking upstream.
+
+    A cached object (blob or manifest) of repository R on upstream U goes to a
+    client from the cache alone only when both hold:
+
+      1. the object is linked to R on U: U served it for R, confirmed it for R
+         with a HEAD, or named it in a manifest that U served for R;
+      2. R on U is open to this client: an anonymous pull of R from U
+         succeeded within ACCESS_TTL (at any age while U is down or failing),
+         or U accepted this client's own credentials for R within ACCESS_TTL.
+
+    Anyone else is sent upstream: a HEAD for a cached object, whose answer
+    decides (and, if it is 200, links the object and opens R to the client),
+    or a fill of its own.  A client joins another client's fill in progress
+    under rule 2 alone, or when it brings the same credentials.
+
+    "Anonymous" is a request without credentials, or with a token that the
+    proxy saw fetched without credentials.  Clients are told apart by a hash
+    of their Authorization header, never by the credential itself.  Links
+    and anonymous-pull markers are AccessRecords (on disk, so every process
+    on the cache shares them); grants to credentials live in memory only.
+    """
+
+    def __init__(self, records: AccessRecords | None, clock: Clock) -> None:
+        self.records = records      # None without a cache: nothing is served from one
+        self.clock = clock
+        self.grants = Recent(ACCESS_TTL, clock)                    # (identity, upstream, repository)
+        self.anonymous_tokens = Recent(ANONYMOUS_TOKEN_TTL, clock)  # identities of such tokens
+
+    def identity(self, authorization: str) -> str | None:
+        """None for an anonymous client, else a hash that tells clients apart."""
+        if not authorization or authorization == f"Bearer {ANONYMOUS_TOKEN}":
+            return None
+        identity = identity_of(authorization)
+        return None if self.anonymous_tokens.fresh(identity) else identity
+
+    def note_anonymous_token(self, token: str) -> None:
+        """A token fetched without credentials: what it may pull, anyone may."""
+        self.anonymous_tokens.add(identity_of(f"Bearer {token}"))
+
+    def repository_open(self, identity: str | None, upstream: str, repository: str,
+                        stale: bool = False) -> bool:
+        """Rule 2: the repository is open to this client (stale: upstream is down)."""
+        if identity is not None and self.grants.fresh((identity, upstream, repository)):
+            return True
+        since = self.records.public_since(upstream, repository) if self.records else None
+        return since is not None and (stale or self.clock.time() - since < ACCESS_TTL)
+
+    def may_serve(self, identity: str | None, upstream: str, repository: str, digest: str,
+                  stale: bool = False) -> bool:
+        """Rules 1 and 2: this client may have `digest` of `repository` from the cache alone."""
+        return (self.records is not None and self.records.is_linked(upstream, repository, digest)
+                and self.repository_open(identity, upstream, repository, stale))
+
+    def may_join(self, identity: str | None, started_by: str | None, upstream: str,
+                 repository: str) -> bool:
+        """This client may follow a fill that `started_by` began."""
+        return identity == started_by or self.repository_open(identity, upstream, repository)
+
+    def record(self, identity: str | None, upstream: str, repository: str, digests: list) -> None:
+        """Upstream let this client have `digests` of `repository`: link them, open the repository."""
+        if self.records is None:
+            return
+        self.records.link(upstream, repository, digests)
+        if identity is None:
+            self.records.mark_public(upstream, repository)
+        else:
+            self.grants.add((identity, upstream, repository))
+
+
+# Storage: blob store, tag index, access records ############################
+#
+# The three seams a second backend (a bucket several instances share) will
+# implement.  These keep them as files under CACHE_DIR, in the layout of the
+# module docstring and the pure path functions above.
 
 _thread_state = threading.local()
 
@@ -1095,31 +1350,6 @@ def thread_buffer() -> memoryview:
     if buffer is None:
         buffer = _thread_state.buffer = memoryview(bytearray(CHUNK_SIZE))
     return buffer
-
-
-class Recent:
-    """Keys remembered for a while (access grants, anonymous tokens), bounded."""
-
-    def __init__(self, ttl: float, limit: int = 100000) -> None:
-        self.ttl = ttl
-        self.limit = limit
-        self._seen = {}
-        self._lock = threading.Lock()
-
-    def add(self, key) -> None:
-        with self._lock:
-            if len(self._seen) >= self.limit:
-                self._seen.clear()  # crude, but bounded: the cost is a few re-checks
-            self._seen[key] = time.monotonic()
-
-    def fresh(self, key) -> bool:
-        seen = self._seen.get(key)
-        return seen is not None and time.monotonic() - seen < self.ttl
-
-
-def identity_of(authorization: str) -> str:
-    """Who a client is, for access bookkeeping: a hash, never the credential."""
-    return hashlib.sha256(authorization.encode()).hexdigest()
 
 
 def create_temp(directory: str, name: str) -> tuple:
@@ -1185,8 +1415,301 @@ def remove_abandoned_temps(root: str) -> int:
     return removed
 
 
+def file_digest(path: str, algorithm: str) -> str:
+    hasher = hashlib.new(algorithm)
+    buffer = thread_buffer()
+    with open(path, "rb", buffering=0) as file:
+        for count in iter(lambda: file.readinto(buffer), 0):
+            hasher.update(buffer[:count])
+    return f"{algorithm}:{hasher.hexdigest()}"
+
+
+class DiskTrouble:
+    """A full or failing disk degrades the cache to pass-through: one warning per episode."""
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def warn(self, err: OSError) -> None:
+        if not self.warned:
+            self.warned = True
+            log.warning("cache cannot write (%s): passing content through uncached", err.strerror or err)
+
+    def cleared(self) -> None:
+        self.warned = False
+
+
+class Spool:
+    """A new object being written: a locked temporary file where it will live."""
+
+    def __init__(self, directory: str, name: str) -> None:
+        self.fd, self.path = create_temp(directory, name)
+
+    def reserve(self, length: int | None) -> None:
+        """Claim the space now: a full disk (or a file size limit) shows here,
+        before any client depends on this file.  Raises OSError."""
+        if not length or not hasattr(os, "posix_fallocate"):
+            return
+        try:
+            os.posix_fallocate(self.fd, 0, length)
+        except OSError as err:
+            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+
+    def write(self, data) -> None:
+        write_all(self.fd, data)
+
+    def read_start(self, limit: int) -> bytes:
+        """The first `limit` bytes written (a manifest, to read what it names)."""
+        return os.pread(self.fd, limit, 0)
+
+    def finish(self, length: int) -> None:
+        """Exactly `length` bytes, on disk before the object takes its name."""
+        os.ftruncate(self.fd, length)
+        os.fsync(self.fd)
+
+    def discard(self) -> None:
+        remove_quietly(self.path)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredObject:
+    """One object of a BlobStore, as eviction and the operator commands see it."""
+
+    digest: str
+    size: int
+    last_used: float
+
+
+class BlobStore:
+    """Content-addressed objects, blobs and manifests alike, named by digest.
+
+    A verified Spool is put under its digest; an object is opened for reading
+    (and counted as being read until closed, so eviction passes it by),
+    deleted, or listed.  A manifest carries its media type.
+    """
+
+    def __init__(self, root: str, clock: Clock) -> None:
+        self.root = root
+        self.clock = clock
+        os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
+        self._lock = threading.Lock()
+        self._readers = {}            # path -> clients reading it: never evicted
+        self._touched = Recent(TOUCH_INTERVAL, clock)  # paths whose last use was bumped lately
+
+    def exists(self, digest: str) -> bool:
+        return os.path.exists(object_path(self.root, digest))
+
+    def media_type(self, digest: str) -> str | None:
+        """The stored media type of a cached manifest, else None."""
+        path = object_path(self.root, digest)
+        try:
+            with open(path + ".type", encoding="utf-8") as file:
+                media_type = file.read().strip()
+        except OSError:
+            return None
+        return media_type if os.path.exists(path) else None
+
+    def open(self, digest: str):
+        """(file, size) of a stored object, counted as being read; None if absent."""
+        path = object_path(self.root, digest)
+        try:
+            file = open(path, "rb")
+        except FileNotFoundError:
+            return None
+        with self._lock:
+            self._readers[path] = self._readers.get(path, 0) + 1
+        self._touch(path)
+        return file, os.fstat(file.fileno()).st_size
+
+    def close(self, file) -> None:
+        """The end of a read that open() (or any other file on the store) began."""
+        with self._lock:
+            count = self._readers.pop(file.name, 1) - 1
+            if count:
+                self._readers[file.name] = count
+        file.close()
+
+    def in_use(self, digest: str) -> bool:
+        with self._lock:
+            return bool(self._readers.get(object_path(self.root, digest)))
+
+    def _touch(self, path: str) -> None:
+        """Bump the mtime that eviction reads as last use, at most once a minute."""
+        if not self._touched.fresh(path):
+            self._touched.add(path)
+            now = self.clock.time()
+            try:
+                os.utime(path, (now, now))
+            except OSError:
+                pass
+
+    def new_spool(self, digest: str | None) -> Spool:
+        """A Spool beside where `digest` will live (a manifest by tag: any shard)."""
+        name = digest.partition(":")[2] if digest else "manifest"
+        return Spool(os.path.dirname(object_path(self.root, digest or "sha256:00")), name)
+
+    def put(self, spool: Spool, digest: str, media_type: str | None) -> bool:
+        """The spool's verified bytes take their name; True if the object is new."""
+        final = object_path(self.root, digest)
+        if media_type:
+            write_atomic(final + ".type", media_type.encode())
+        now = self.clock.time()
+        os.utime(spool.path, (now, now))
+        is_new = not os.path.exists(final)  # another process may have filled it too
+        os.replace(spool.path, final)
+        return is_new
+
+    def delete(self, digest: str) -> None:
+        path = object_path(self.root, digest)
+        remove_quietly(path)
+        remove_quietly(path + ".type")
+
+    def digest_of(self, digest: str) -> str:
+        """The digest of the bytes stored as `digest` (a check that they match)."""
+        return file_digest(object_path(self.root, digest), digest.partition(":")[0])
+
+    def objects(self) -> list:
+        """Every stored object (temporary files aside), with its size and last use."""
+        found = []
+        for directory, _, files in os.walk(os.path.join(self.root, "blobs")):
+            algorithm = os.path.basename(os.path.dirname(directory))
+            for name in files:
+                if name.startswith(TEMP_PREFIX) or name.endswith(".type"):
+                    continue
+                path, digest = os.path.join(directory, name), f"{algorithm}:{name}"
+                if path != object_path(self.root, digest):
+                    continue  # not where this store puts anything: never served
+                try:
+                    stat = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                found.append(StoredObject(digest, stat.st_size, stat.st_mtime))
+        return found
+
+
+class TagIndex:
+    """Which manifest a tag named (per kind of Accept), and when upstream last said so."""
+
+    def __init__(self, root: str, clock: Clock, trouble: DiskTrouble) -> None:
+        self.root = root
+        self.clock = clock
+        self.trouble = trouble
+
+    def get(self, upstream: str, repository: str, tag: str, kind: str) -> dict | None:
+        """{"digest", "media_type", "checked"} as written, None if absent or unreadable."""
+        try:
+            with open(tag_path(self.root, upstream, repository, tag, kind), encoding="utf-8") as file:
+                entry = json.load(file)
+        except (OSError, ValueError):
+            return None
+        if not isinstance(entry, dict) or not DIGEST.match(str(entry.get("digest"))):
+            return None
+        return entry
+
+    def kinds(self, upstream: str, repository: str, tag: str) -> list:
+        """The kinds of Accept the tag has entries for."""
+        directory = os.path.dirname(tag_path(self.root, upstream, repository, tag, "x"))
+        try:
+            return sorted(name[:-5] for name in os.listdir(directory) if name.endswith(".json"))
+        except OSError:
+            return []
+
+    def put(self, upstream: str, repository: str, tag: str, kind: str,
+            digest: str, media_type: str) -> None:
+        entry = {"digest": digest, "media_type": media_type, "checked": self.clock.time()}
+        try:
+            write_atomic(tag_path(self.root, upstream, repository, tag, kind), json.dumps(entry).encode())
+        except OSError as err:  # the tag is asked upstream again next time
+            self.trouble.warn(err)
+
+    def drop(self, upstream: str, repository: str, tag: str) -> None:
+        directory = os.path.dirname(tag_path(self.root, upstream, repository, tag, "x"))
+        shutil.rmtree(directory, ignore_errors=True)
+
+    def entry_files(self) -> list:
+        """Every entry's file (entries being written included)."""
+        found = []
+        for directory, _, files in os.walk(os.path.join(self.root, "repos")):
+            if os.path.basename(os.path.dirname(directory)) == "_tags":
+                found.extend(os.path.join(directory, name) for name in files)
+        return found
+
+    def prune(self, exists) -> int:
+        """Drop the entries whose manifest is no longer stored; how many."""
+        dropped = 0
+        for path in self.entry_files():
+            try:
+                with open(path, encoding="utf-8") as file:
+                    digest = json.load(file)["digest"]
+                present = DIGEST.match(digest) and exists(digest)
+            except (OSError, ValueError, KeyError, TypeError):
+                present = os.path.basename(path).startswith(TEMP_PREFIX)  # being written
+            if not present:
+                remove_quietly(path)
+                dropped += 1
+        return dropped
+
+
+class AccessRecords:
+    """What the Access rule reads from disk: which objects each repository of
+    each upstream holds (links), and when it was last pulled anonymously."""
+
+    def __init__(self, root: str, clock: Clock, trouble: DiskTrouble) -> None:
+        self.root = root
+        self.clock = clock
+        self.trouble = trouble
+
+    def is_linked(self, upstream: str, repository: str, digest: str) -> bool:
+        return os.path.exists(link_path(self.root, upstream, repository, digest))
+
+    def link(self, upstream: str, repository: str, digests) -> None:
+        try:
+            for digest in digests:
+                path = link_path(self.root, upstream, repository, digest)
+                if not os.path.exists(path):
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    open(path, "ab").close()
+        except OSError as err:  # without a link the next hit asks upstream: slower, not wrong
+            self.trouble.warn(err)
+
+    def public_since(self, upstream: str, repository: str) -> float | None:
+        """When an anonymous pull of the repository last succeeded upstream, if ever."""
+        try:
+            return os.stat(public_marker_path(self.root, upstream, repository)).st_mtime
+        except OSError:
+            return None
+
+    def mark_public(self, upstream: str, repository: str) -> None:
+        path = public_marker_path(self.root, upstream, repository)
+        now = self.clock.time()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "ab"):
+                os.utime(path, (now, now))
+        except OSError as err:
+            self.trouble.warn(err)
+
+    def repositories(self) -> int:
+        """How many repositories hold links or tags."""
+        count = 0
+        for _, subdirectories, _ in os.walk(os.path.join(self.root, "repos")):
+            count += "_links" in subdirectories or "_tags" in subdirectories
+        return count
+
+
+# Fills: one upstream download per object, followed by every client #########
+
+def fill_key(target: Target, tag_kind: str | None) -> tuple:
+    """What one upstream fetch fills: concurrent requests of the same key share it."""
+    return (target.route.upstream, target.repository, target.kind, target.reference, tag_kind)
+
+
 class Fill:
-    """One upstream download into a temporary file, followed by every client.
+    """One upstream download into a Spool, followed by every client.
 
     The fill runs in its own thread, so a slow or vanished client neither
     slows nor stops it; clients send what has been written with sendfile.
@@ -1206,10 +1729,10 @@ class Fill:
         self.written = 0
         self.verified = False        # size and digest matched: the last byte may go out
         self.followers = 0           # clients that joined it (for logs and tests)
-        self.temp_path = ""
-        self.final_path = ""
+        self.spool_path = ""         # where the bytes so far are
+        self.stored_digest = ""      # once stored, the name late followers open instead
 
-    def settle(self, state: str) -> None:
+    def set_state(self, state: str) -> None:
         with self.cond:
             self.state = state
             self.cond.notify_all()
@@ -1219,18 +1742,23 @@ class Fill:
             self.cond.wait_for(lambda: self.state != Fill.PENDING, timeout)
             return self.state
 
-    def open_reader(self):
-        """A file object on the bytes so far; None if the fill failed first."""
+    def open_reader(self, store: BlobStore):
+        """A file on the bytes so far (close it with store.close); None if the fill failed first."""
         with self.cond:
             if self.state not in (Fill.STREAMING, Fill.DONE):
                 return None
-            try:
-                # final_path is set under this lock at the rename, so one of the two exists,
-                # unless the fill has just failed and removed its temporary file.
-                file = open(self.final_path or self.temp_path, "rb")
-            except FileNotFoundError:
-                return None
-            self.followers += 1
+            # stored_digest is set under this lock when the spool takes its name,
+            # so one of the two exists, unless the fill has just failed.
+            if self.stored_digest:
+                opened = store.open(self.stored_digest)
+                file = opened[0] if opened else None
+            else:
+                try:
+                    file = open(self.spool_path, "rb")
+                except FileNotFoundError:
+                    file = None
+            if file is not None:
+                self.followers += 1
             return file
 
     def wait_beyond(self, position: int, timeout: float) -> tuple:
@@ -1238,7 +1766,7 @@ class Fill:
 
         The last byte waits for verification, not for the fsync and rename that
         follow it: a request arriving meanwhile waits for those in
-        Cache.settle_fill(), so a client that asks again still finds it cached.
+        Fills.wait_stored(), so a client that asks again still finds it cached.
         """
         def ready():
             return self.verified or self.state == Fill.FAILED or self.available() > position
@@ -1254,243 +1782,109 @@ class Fill:
             self.cond.wait_for(lambda: self.state in (Fill.DONE, Fill.FAILED, Fill.DECLINED), timeout)
 
 
-class Cache:
-    """Content-addressed store of blobs and manifests, a tag index, and fills.
+class Fills:
+    """The downloads into the BlobStore in progress, one per key.
 
-    The layout under CACHE_DIR is in the module docstring; the paths come from
-    the pure functions object_path(), tag_path(), link_path(), public_marker_path().
+    start() copies an upstream answer into a Spool in a thread of its own,
+    hashing as it goes, and puts it in the store once its size and digest
+    are right; nothing else ever reaches the store.
     """
 
-    def __init__(self, root: str, max_size: int, max_age: float) -> None:
-        self.root = root
-        self.max_size = max_size
-        self.max_age = max_age
-        os.makedirs(os.path.join(root, "blobs"), exist_ok=True)
-        remove_abandoned_temps(root)
-        self._lock = threading.Lock()
-        self._fills = {}
-        self._storing = {}            # digest -> verified fill being fsynced and renamed
-        self._readers = {}            # path -> clients reading it: never evicted
-        self._touched = Recent(TOUCH_INTERVAL)  # paths whose mtime was bumped lately
-        self._disk_warned = False
-        self.size = 0
-        self._sweep_now = threading.Event()
+    def __init__(self, store: BlobStore, trouble: DiskTrouble, on_stored) -> None:
+        self.store = store
+        self.trouble = trouble
+        self.on_stored = on_stored    # called with the bytes a new object adds
+        self._changed = threading.Condition()
+        self._running = {}            # key -> Fill
+        self._storing = {}            # digest -> verified Fill being fsynced and renamed
 
-    # Objects -----------------------------------------------------------------
-
-    def media_type(self, digest: str) -> str | None:
-        """The stored media type of a cached manifest, else None."""
-        path = object_path(self.root, digest)
-        try:
-            with open(path + ".type", encoding="utf-8") as file:
-                media_type = file.read().strip()
-        except OSError:
-            return None
-        return media_type if os.path.exists(path) else None
-
-    def has(self, digest: str) -> bool:
-        return os.path.exists(object_path(self.root, digest))
-
-    def open_object(self, digest: str):
-        """(file, size) of a cached object, counted as being read; None if absent."""
-        path = object_path(self.root, digest)
-        try:
-            file = open(path, "rb")
-        except FileNotFoundError:
-            return None
-        with self._lock:
-            self._readers[path] = self._readers.get(path, 0) + 1
-        self.touch(path)
-        return file, os.fstat(file.fileno()).st_size
-
-    def close_object(self, file) -> None:
-        with self._lock:
-            count = self._readers.pop(file.name, 1) - 1
-            if count:
-                self._readers[file.name] = count
-        file.close()
-
-    def touch(self, path: str) -> None:
-        """Bump the mtime that eviction reads as last use, at most once a minute."""
-        if not self._touched.fresh(path):
-            self._touched.add(path)
-            try:
-                os.utime(path)
-            except OSError:
-                pass
-
-    # Repository bookkeeping --------------------------------------------------
-
-    def is_linked(self, upstream: str, repository: str, digest: str) -> bool:
-        return os.path.exists(link_path(self.root, upstream, repository, digest))
-
-    def link(self, upstream: str, repository: str, digests) -> None:
-        try:
-            for digest in digests:
-                path = link_path(self.root, upstream, repository, digest)
-                if not os.path.exists(path):
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    open(path, "ab").close()
-        except OSError as err:  # without a link the next hit asks upstream: slower, not wrong
-            self.warn_disk(err)
-
-    def public_age(self, upstream: str, repository: str) -> float | None:
-        """Seconds since anonymous access to the repository last succeeded upstream."""
-        try:
-            return time.time() - os.stat(public_marker_path(self.root, upstream, repository)).st_mtime
-        except OSError:
-            return None
-
-    def mark_public(self, upstream: str, repository: str) -> None:
-        path = public_marker_path(self.root, upstream, repository)
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "ab"):
-                os.utime(path)
-        except OSError as err:
-            self.warn_disk(err)
-
-    # Tag index ---------------------------------------------------------------
-
-    def tag_entry(self, upstream: str, repository: str, tag: str, kind: str) -> dict | None:
-        try:
-            with open(tag_path(self.root, upstream, repository, tag, kind), encoding="utf-8") as file:
-                entry = json.load(file)
-        except (OSError, ValueError):
-            return None
-        if not isinstance(entry, dict) or not DIGEST.match(str(entry.get("digest"))):
-            return None
-        # The type stored with the manifest's bytes, not the one a HEAD claimed.
-        entry["media_type"] = self.media_type(entry["digest"])
-        return entry if entry["media_type"] else None
-
-    def tag_entries(self, upstream: str, repository: str, tag: str) -> list:
-        directory = os.path.dirname(tag_path(self.root, upstream, repository, tag, "x"))
-        try:
-            kinds = sorted(name[:-5] for name in os.listdir(directory) if name.endswith(".json"))
-        except OSError:
-            return []
-        entries = (self.tag_entry(upstream, repository, tag, kind) for kind in kinds)
-        return [entry for entry in entries if entry]
-
-    def write_tag(self, upstream: str, repository: str, tag: str, kind: str,
-                  digest: str, media_type: str) -> None:
-        entry = {"digest": digest, "media_type": media_type, "checked": time.time()}
-        try:
-            write_atomic(tag_path(self.root, upstream, repository, tag, kind), json.dumps(entry).encode())
-        except OSError as err:  # the tag is asked upstream again next time
-            self.warn_disk(err)
-
-    def drop_tag(self, upstream: str, repository: str, tag: str) -> None:
-        directory = os.path.dirname(tag_path(self.root, upstream, repository, tag, "x"))
-        shutil.rmtree(directory, ignore_errors=True)
-
-    # Fills -------------------------------------------------------------------
-
-    def begin_fill(self, key: tuple, identity: str | None) -> tuple:
+    def begin(self, key: tuple, identity: str | None) -> tuple:
         """(fill, True) for the first request of `key`, (its fill, False) for the others."""
-        with self._lock:
-            fill = self._fills.get(key)
+        with self._changed:
+            fill = self._running.get(key)
             if fill is not None:
                 return fill, False
-            fill = self._fills[key] = Fill(key, identity)
+            fill = self._running[key] = Fill(key, identity)
             return fill, True
 
-    def settle_fill(self, key: tuple, timeout: float) -> None:
+    def end(self, fill: Fill, state: str) -> None:
+        with self._changed:
+            if self._running.get(fill.key) is fill:
+                del self._running[fill.key]
+            self._changed.notify_all()
+        fill.set_state(state)
+
+    def in_flight(self) -> list:
+        with self._changed:
+            return list(self._running.values())
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no fill is running or being stored; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._running and not self._storing, timeout)
+
+    def wait_stored(self, key: tuple, timeout: float) -> None:
         """If `key` was just verified and is being stored, wait until it is stored."""
-        fill = self._fills.get(key)
+        fill = self._running.get(key)
         if fill is not None and fill.verified:
             fill.wait_finished(timeout)
 
-    def settle_digest(self, digest: str, timeout: float) -> None:
+    def wait_digest_stored(self, digest: str, timeout: float) -> None:
         """If `digest` (from any repository or tag) is being stored, wait until it is."""
         fill = self._storing.get(digest)
         if fill is not None:
             fill.wait_finished(timeout)
 
-    def end_fill(self, fill: Fill, state: str) -> None:
-        with self._lock:
-            if self._fills.get(fill.key) is fill:
-                del self._fills[fill.key]
-        fill.settle(state)
-
-    def start_fill(self, fill: Fill, response, digest: str | None, headers: list,
-                   media_type: str | None, on_commit):
-        """Start writing `response` into the cache in a thread of its own.
+    def start(self, fill: Fill, response, digest: str | None, headers: list,
+              media_type: str | None, on_verified):
+        """Start writing `response` into the store in a thread of its own.
 
         Returns the first client's reader, opened before the thread starts so
         that client always sees its own fill through; None when no room could
         be reserved: the caller passes the answer through.
         """
         fill.length = content_length(response.headers)
-        name = digest.partition(":")[2] if digest else "manifest"
-        directory = os.path.dirname(object_path(self.root, digest or "sha256:00"))
+        spool = None
         try:
-            fd, temp_path = create_temp(directory, name)
+            spool = self.store.new_spool(digest)
+            spool.reserve(fill.length)
         except OSError as err:
-            self.warn_disk(err)
+            if spool is not None:
+                spool.close()
+                spool.discard()
+            self.trouble.warn(err)
             return None
-        try:
-            if fill.length and hasattr(os, "posix_fallocate"):
-                # Reserve the space now: a full disk (or a file size limit)
-                # shows here, before any client depends on this file.
-                os.posix_fallocate(fd, 0, fill.length)
-        except OSError as err:
-            if err.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                os.close(fd)
-                remove_quietly(temp_path)
-                self.warn_disk(err)
-                return None
-        fill.temp_path, fill.headers = temp_path, headers
-        fill.settle(Fill.STREAMING)
-        reader = fill.open_reader()
-        threading.Thread(target=self.run_fill, daemon=True, name="fill",
-                         args=(fill, response, fd, digest, media_type, on_commit)).start()
+        fill.spool_path, fill.headers = spool.path, headers
+        fill.set_state(Fill.STREAMING)
+        reader = fill.open_reader(self.store)
+        threading.Thread(target=self._run, daemon=True, name="fill",
+                         args=(fill, response, spool, digest, media_type, on_verified)).start()
         return reader
 
-    def run_fill(self, fill: Fill, response, fd: int, digest: str | None,
-                 media_type: str | None, on_commit) -> None:
+    def _run(self, fill: Fill, response, spool: Spool, digest: str | None,
+             media_type: str | None, on_verified) -> None:
         state, actual = Fill.FAILED, ""
         try:
-            actual = self.copy_verified(fill, response, fd, digest, media_type)
+            actual = self._copy_verified(fill, response, spool, digest, media_type)
             response.release()
-            self.release_verified(fill, actual, on_commit)
-            os.ftruncate(fd, fill.written)
-            os.fsync(fd)
-            self.commit(fill, actual, media_type)
+            self._release_verified(fill, actual, spool, on_verified)
+            spool.finish(fill.written)
+            self._store(fill, spool, actual, media_type)
             state = Fill.DONE
-            self._disk_warned = False
-        except Exception as err:  # nothing is cached; clients not yet verified are cut short
+            self.trouble.cleared()
+        except Exception as err:  # nothing is stored; clients not yet verified are cut short
             log.warning("cache fill of %s failed: %s", digest or "manifest", printable(str(err)))
-            remove_quietly(fill.temp_path)
+            spool.discard()
             response.close()
         finally:
-            os.close(fd)
-            with self._lock:
+            spool.close()
+            with self._changed:
                 self._storing.pop(actual, None)
-            self.end_fill(fill, state)
+            self.end(fill, state)
 
-    def release_verified(self, fill: Fill, digest: str, on_commit) -> None:
-        """Verified: note who may see it, then let clients have their last byte.
-
-        The fsync and rename that follow take a while on a busy disk; a request
-        for this digest meanwhile waits for them in settle_digest().  The
-        bookkeeping goes first, so what a client may ask next is in place
-        (it names an object that exists only after the rename, so it is inert until then).
-        """
-        try:
-            on_commit(digest, fill.temp_path)
-        except Exception:  # bookkeeping only: the object itself is good
-            log.exception("cache bookkeeping for %s failed", digest)
-        with self._lock:
-            self._storing[digest] = fill
-        with fill.cond:
-            fill.verified = True
-            fill.cond.notify_all()
-
-    def copy_verified(self, fill: Fill, response, fd: int, digest: str | None,
-                      media_type: str | None) -> str:
-        """Upstream bytes to the file, hashed as they pass; their digest if all is well."""
+    def _copy_verified(self, fill: Fill, response, spool: Spool, digest: str | None,
+                       media_type: str | None) -> str:
+        """Upstream bytes to the spool, hashed as they pass; their digest if all is well."""
         algorithm = digest.partition(":")[0] if digest else "sha256"
         hasher = hashlib.new(algorithm)
         buffer = thread_buffer()
@@ -1500,7 +1894,7 @@ class Cache:
             if not count:
                 break
             chunk = buffer[:count]
-            write_all(fd, chunk)
+            spool.write(chunk)
             hasher.update(chunk)
             with fill.cond:
                 fill.written += count
@@ -1514,25 +1908,76 @@ class Cache:
             raise ValueError(f"upstream sent bytes of {actual}, not {digest}")
         return actual
 
-    def commit(self, fill: Fill, digest: str, media_type: str | None) -> None:
-        """The verified bytes take their final name (the media type first)."""
-        final = object_path(self.root, digest)
-        if media_type:
-            write_atomic(final + ".type", media_type.encode())
-        already_cached = os.path.exists(final)  # another process filled it too
+    def _release_verified(self, fill: Fill, digest: str, spool: Spool, on_verified) -> None:
+        """Verified: note who may see it, then let clients have their last byte.
+
+        The fsync and rename that follow take a while on a busy disk; a request
+        for this digest meanwhile waits for them in wait_digest_stored().  The
+        bookkeeping goes first, so what a client may ask next is in place
+        (it names an object that exists only after the rename, so it is inert until then).
+        """
+        try:
+            on_verified(digest, spool)
+        except Exception:  # bookkeeping only: the object itself is good
+            log.exception("cache bookkeeping for %s failed", digest)
+        with self._changed:
+            self._storing[digest] = fill
         with fill.cond:
-            os.replace(fill.temp_path, final)
-            fill.final_path = final
-        with self._lock:
-            self.size += 0 if already_cached else fill.written
+            fill.verified = True
+            fill.cond.notify_all()
+
+    def _store(self, fill: Fill, spool: Spool, digest: str, media_type: str | None) -> None:
+        """The verified bytes take their name; followers open that from now on."""
+        with fill.cond:
+            is_new = self.store.put(spool, digest, media_type)
+            fill.stored_digest = digest
+        self.on_stored(fill.written if is_new else 0)
+
+
+# Cache: the stores, the fills, eviction, the operator commands #############
+
+class Cache:
+    """The disk cache: a BlobStore, a TagIndex, AccessRecords and the Fills into
+    them, kept under CACHE_MAX_SIZE and CACHE_MAX_AGE by an evictor thread."""
+
+    def __init__(self, root: str, max_size: int, max_age: float, clock: Clock | None = None) -> None:
+        self.root = root
+        self.max_size = max_size
+        self.max_age = max_age
+        self.clock = clock = clock or Clock()
+        trouble = DiskTrouble()
+        self.store = BlobStore(root, clock)
+        remove_abandoned_temps(root)
+        self.tags = TagIndex(root, clock, trouble)
+        self.records = AccessRecords(root, clock, trouble)
+        self.fills = Fills(self.store, trouble, self.stored)
+        self.size = 0
+        self._size_lock = threading.Lock()
+        self._sweep_now = threading.Event()
+
+    def tag(self, upstream: str, repository: str, tag: str, kind: str) -> dict | None:
+        """A tag's entry, with the media type stored with the manifest's bytes
+        (not the one a HEAD claimed); None unless that manifest is stored."""
+        entry = self.tags.get(upstream, repository, tag, kind)
+        if entry is None:
+            return None
+        entry["media_type"] = self.store.media_type(entry["digest"])
+        return entry if entry["media_type"] else None
+
+    def tag_entries(self, upstream: str, repository: str, tag: str) -> list:
+        entries = (self.tag(upstream, repository, tag, kind) for kind in self.tags.kinds(upstream, repository, tag))
+        return [entry for entry in entries if entry]
+
+    def stored(self, added: int) -> None:
+        """A fill stored `added` new bytes: over CACHE_MAX_SIZE, wake the evictor."""
+        with self._size_lock:
+            self.size += added
         if self.max_size and self.size > self.max_size:
             self._sweep_now.set()
 
-    def warn_disk(self, err: OSError) -> None:
-        """A full disk degrades to pass-through: one warning per episode."""
-        if not self._disk_warned:
-            self._disk_warned = True
-            log.warning("cache cannot write (%s): passing content through uncached", err.strerror or err)
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Wait until no fill is running or being stored (tests, shutdown)."""
+        return self.fills.wait_idle(timeout)
 
     # Eviction ----------------------------------------------------------------
 
@@ -1548,107 +1993,54 @@ class Cache:
             self._sweep_now.wait(SWEEP_INTERVAL)
             self._sweep_now.clear()
 
-    def objects(self) -> list:
-        """(mtime, size, path) of every stored object, temporary files aside."""
-        found = []
-        for directory, _, files in os.walk(os.path.join(self.root, "blobs")):
-            for name in files:
-                if name.startswith(TEMP_PREFIX) or name.endswith(".type"):
-                    continue
-                path = os.path.join(directory, name)
-                try:
-                    stat = os.stat(path)
-                except FileNotFoundError:
-                    continue
-                found.append((stat.st_mtime, stat.st_size, path))
-        return found
-
-    def is_being_read(self, path: str) -> bool:
-        with self._lock:
-            return bool(self._readers.get(path))
-
     def sweep(self) -> dict:
         """Remove objects unused for CACHE_MAX_AGE, then, over CACHE_MAX_SIZE, the
         least recently used down to the low-water mark; never one being read."""
-        objects = sorted(self.objects())  # least recently used first
-        total = sum(size for _, size, _ in objects)
+        objects = sorted(self.store.objects(), key=lambda stored: stored.last_used)
+        total = sum(stored.size for stored in objects)
         low_water = self.max_size * EVICTION_LOW_WATER if self.max_size and total > self.max_size else None
-        now, removed, freed = time.time(), 0, 0
-        for mtime, size, path in objects:
-            expired = self.max_age and now - mtime > self.max_age
+        now, removed, freed = self.clock.time(), 0, 0
+        for stored in objects:  # least recently used first
+            expired = self.max_age and now - stored.last_used > self.max_age
             if not expired and (low_water is None or total <= low_water):
                 break  # everything after is younger
-            if self.is_being_read(path):
+            if self.store.in_use(stored.digest):
                 continue
-            remove_quietly(path)
-            remove_quietly(path + ".type")
-            total, removed, freed = total - size, removed + 1, freed + size
-        with self._lock:
+            self.store.delete(stored.digest)
+            total, removed, freed = total - stored.size, removed + 1, freed + stored.size
+        with self._size_lock:
             self.size = total
-        dropped = self.drop_dangling_tags()
+        dropped = self.tags.prune(self.store.exists)
         if removed:
             log.info("cache evicted %d objects (%d bytes) and %d tag entries; %d bytes remain",
                      removed, freed, dropped, total)
         return {"removed": removed, "freed_bytes": freed, "tags_dropped": dropped, "size_bytes": total}
-
-    def drop_dangling_tags(self) -> int:
-        dropped = 0
-        for directory, _, files in os.walk(os.path.join(self.root, "repos")):
-            if os.path.basename(os.path.dirname(directory)) != "_tags":
-                continue
-            for name in files:
-                path = os.path.join(directory, name)
-                try:
-                    with open(path, encoding="utf-8") as file:
-                        digest = json.load(file)["digest"]
-                    present = DIGEST.match(digest) and os.path.exists(object_path(self.root, digest))
-                except (OSError, ValueError, KeyError, TypeError):
-                    present = name.startswith(TEMP_PREFIX)
-                if not present:
-                    remove_quietly(path)
-                    dropped += 1
-        return dropped
 
     # Operator commands -------------------------------------------------------
 
     def verify(self) -> dict:
         """Re-hash every object; remove those whose bytes do not match their name."""
         checked = bad = 0
-        for _, size, path in self.objects():
-            algorithm = os.path.basename(os.path.dirname(os.path.dirname(path)))
-            expected = f"{algorithm}:{os.path.basename(path)}"
+        for stored in self.store.objects():
             checked += 1
-            if DIGEST.match(expected) and file_digest(path, algorithm) == expected:
+            if DIGEST.match(stored.digest) and self.store.digest_of(stored.digest) == stored.digest:
                 continue
-            log.warning("cache verify: %s does not match its digest: removed", printable(path))
-            remove_quietly(path)
-            remove_quietly(path + ".type")
+            log.warning("cache verify: %s does not match its digest: removed",
+                        printable(object_path(self.root, stored.digest)))
+            self.store.delete(stored.digest)
             bad += 1
         temps = remove_abandoned_temps(self.root)
         return {"checked": checked, "bad_removed": bad, "temporary_files_removed": temps,
-                "tags_dropped": self.drop_dangling_tags()}
+                "tags_dropped": self.tags.prune(self.store.exists)}
 
     def stats(self) -> dict:
-        objects = self.objects()
-        manifests = sum(1 for _, _, path in objects if os.path.exists(path + ".type"))
-        tags = repositories = 0
-        for directory, subdirectories, files in os.walk(os.path.join(self.root, "repos")):
-            repositories += "_links" in subdirectories or "_tags" in subdirectories
-            if os.path.basename(os.path.dirname(directory)) == "_tags":
-                tags += sum(1 for name in files if name.endswith(".json"))
+        objects = self.store.objects()
+        manifests = sum(1 for stored in objects if self.store.media_type(stored.digest) is not None)
+        tags = sum(1 for path in self.tags.entry_files() if path.endswith(".json"))
         return {"objects": len(objects), "manifests": manifests, "blobs": len(objects) - manifests,
-                "size_bytes": sum(size for _, size, _ in objects), "max_size_bytes": self.max_size,
-                "max_age_seconds": self.max_age, "tag_entries": tags, "repositories": repositories}
-
-
-def file_digest(path: str, algorithm: str) -> str:
-    hasher = hashlib.new(algorithm)
-    buffer = thread_buffer()
-    with open(path, "rb", buffering=0) as file:
-        for count in iter(lambda: file.readinto(buffer), 0):
-            hasher.update(buffer[:count])
-    return f"{algorithm}:{hasher.hexdigest()}"
-
+                "size_bytes": sum(stored.size for stored in objects), "max_size_bytes": self.max_size,
+                "max_age_seconds": self.max_age, "tag_entries": tags,
+                "repositories": self.records.repositories()}
 
 # Upstream client ###########################################################
 
@@ -1673,6 +2065,12 @@ class UpstreamResponse:
             self.close()
             raise UpstreamUnavailable(f"upstream answer larger than {limit} bytes")
         return data
+
+    def consume(self) -> bytes:
+        """A small body read to its end, and the connection given back."""
+        body = self.read_small()
+        self.release()
+        return body
 
     def release(self) -> None:
         """Reuse the connection if the answer was read to its end, else close it."""
@@ -1720,6 +2118,11 @@ class Upstreams:
         with self._lock:
             idle = self._idle.get(key)
             return idle.pop() if idle else None
+
+    def idle_count(self) -> int:
+        """Connections waiting in the pool for their next request."""
+        with self._lock:
+            return sum(len(idle) for idle in self._idle.values())
 
     def put_back(self, connection) -> None:
         with self._lock:
@@ -1772,8 +2175,7 @@ class Upstreams:
             location = response.headers.get("location")
             if response.status not in REDIRECT_STATUSES or not location:
                 return response
-            response.read_small()
-            response.release()
+            response.consume()
             next_url = checked_redirect(url, location)
             if not same_origin(url, next_url):
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
@@ -1787,20 +2189,21 @@ class Upstreams:
 class Challenges:
     """Each route's upstream realm and service, remembered for CHALLENGE_TTL."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
         self._known = {}
         self._lock = threading.Lock()
 
     def remember(self, route: Route, header: str) -> tuple:
         scheme, params = parse_challenge(header)
         with self._lock:
-            self._known[route.name] = (time.monotonic() + CHALLENGE_TTL, scheme, params)
+            self._known[route.name] = (self.clock.monotonic() + CHALLENGE_TTL, scheme, params)
         return scheme, params
 
     def get(self, route: Route, any_age: bool = False) -> tuple | None:
         with self._lock:
             known = self._known.get(route.name)
-        if known and (any_age or known[0] > time.monotonic()):
+        if known and (any_age or known[0] > self.clock.monotonic()):
             return known[1], known[2]
         return None
 
@@ -1812,20 +2215,22 @@ class ProxyTokens:
     is (route, repository); each is kept until TOKEN_RENEW_MARGIN before it expires.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
         self._tokens = {}
         self._lock = threading.Lock()
 
     def get(self, route: Route, repository: str) -> str | None:
         with self._lock:
             token, renew_at = self._tokens.get((route.name, repository), (None, 0.0))
-        return token if time.monotonic() < renew_at else None
+        return token if self.clock.monotonic() < renew_at else None
 
     def put(self, route: Route, repository: str, token: str, expires_in: float) -> None:
         with self._lock:
-            if len(self._tokens) > 10000:
-                self._tokens.clear()
-            self._tokens[(route.name, repository)] = (token, time.monotonic() + expires_in - TOKEN_RENEW_MARGIN)
+            if len(self._tokens) >= MAX_PROXY_TOKENS:
+                self._tokens.clear()  # bounded; each is fetched again when next needed
+            renew_at = self.clock.monotonic() + expires_in - TOKEN_RENEW_MARGIN
+            self._tokens[(route.name, repository)] = (token, renew_at)
 
 
 def checked_realm(route: Route, params: dict) -> tuple:
@@ -1841,210 +2246,193 @@ def realm_url(realm: str, fields: list) -> str:
     return realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(fields)
 
 
-# HTTP handler ##############################################################
+class UpstreamAuth:
+    """Where each route's upstream sends clients for tokens, and the proxy's
+    own tokens for routes that have an account (UPSTREAM_<ROUTE>_USERNAME or
+    REGISTRY_AUTH_FILE)."""
 
-class ProxyHandler(http.server.BaseHTTPRequestHandler):
-    """One client connection: reads requests, answers each, logs one line each."""
+    def __init__(self, upstreams: Upstreams, clock: Clock) -> None:
+        self.upstreams = upstreams
+        self.challenges = Challenges(clock)
+        self.tokens = ProxyTokens(clock)
 
-    protocol_version = "HTTP/1.1"
-    server_version = f"dockerproxy/{__version__}"
-    timeout = CLIENT_IDLE_TIMEOUT
+    def challenge(self, route: Route) -> tuple | None:
+        """The route's (scheme, params), asked of its /v2/ once an hour; None: no auth."""
+        known = self.challenges.get(route)
+        if known:
+            return known if known[0] else None
+        response = self.upstreams.fetch("GET", route.upstream + "/v2/", {})
+        response.consume()
+        header = response.headers.get("www-authenticate", "") if response.status == 401 else ""
+        scheme, params = self.challenges.remember(route, header)  # "" remembers "no auth"
+        return (scheme, params) if scheme else None
 
-    def setup(self) -> None:
-        super().setup()
-        # Headers and small bodies go out in separate writes; without this,
-        # Nagle holds the second write until the first is acknowledged.
-        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
-            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def authorization(self, route: Route, repository: str) -> str | None:
+        """An Authorization header for the proxy's own account on `route`, if it has one."""
+        challenge = self.challenge(route) if route.credentials else None
+        if challenge is None:
+            return None
+        if challenge[0] != "bearer":
+            return route.credentials.basic()
+        token = self.tokens.get(route, repository)
+        if token:
+            return token
+        token, expires_in = self.fetch_token(route, challenge[1], repository)
+        if token is None:
+            return None
+        log.debug("proxy token for %s on route %s, %d s", repository, route.name, expires_in)
+        self.tokens.put(route, repository, f"Bearer {token}", expires_in)
+        return f"Bearer {token}"
 
-    # Dispatch ----------------------------------------------------------------
-
-    def do_GET(self) -> None:
-        self.handle_request()
-
-    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
-
-    def reset_request_state(self) -> None:
-        self.started = time.monotonic()
-        self.route_name = "-"
-        self.response_started = False
-        self.status_sent = 0
-        self.bytes_sent = 0
-
-    def handle_request(self) -> None:
-        self.reset_request_state()
+    def fetch_token(self, route: Route, params: dict, repository: str) -> tuple:
+        """(token, lifetime) from the route's realm with the proxy's account; (None, 0) if refused."""
+        realm, service = checked_realm(route, params)
+        url = realm_url(realm, [("service", service), ("scope", f"repository:{repository}:pull")])
+        response = self.upstreams.fetch("GET", url, {"authorization": route.credentials.basic()})
+        body = response.consume()
         try:
-            self.dispatch()
-        except RegistryError as err:
-            self.send_registry_error(err)
-        except (ConnectionError, socket.timeout):
-            self.close_connection = True  # the client went away
-        except Exception:
-            log.exception("internal error on %s %s", self.command, printable(self.path))
-            self.send_registry_error(RegistryError(500, "UNKNOWN", "internal error"))
-        finally:
-            self.log_access()
+            answer = json.loads(body) if response.status == 200 else {}
+            token = answer.get("token") or answer.get("access_token")
+            expires_in = float(answer.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
+        except (ValueError, AttributeError, TypeError):
+            token = None
+        if not isinstance(token, str) or not token:
+            log.warning("route %s: the proxy's credentials got no token (%d)", route.name, response.status)
+            return None, 0.0
+        return token, expires_in
 
-    def dispatch(self) -> None:
-        url = urllib.parse.urlsplit(self.path)
-        query = urllib.parse.parse_qs(url.query, keep_blank_values=True)
-        ns = query.get("ns", [None])[0]
-        if self.command not in ("GET", "HEAD") and not (
-                self.command == "POST" and url.path == "/v2/auth"):
-            self.close_connection = True  # the request body is left unread
-            raise RegistryError(405, "UNSUPPORTED",
-                                f"{self.command} is not supported: this is a pull-only mirror",
-                                headers=(("Allow", "GET, HEAD"),))
-        if url.path == "/":
-            return self.send_small(301, b"", headers=(("Location", "/v2/"),))
-        if url.path in ("/healthz", "/health"):
-            return self.send_json(200, {"status": "ok"})
-        if url.path == "/routes":
-            return self.send_json(200, self.server.routes.describe())
-        if url.path in ("/v2", "/v2/"):
-            return self.serve_base(ns)
-        if url.path == "/v2/auth":
-            return self.serve_token(query)
-        if not url.path.startswith("/v2/"):
-            raise RegistryError(404, "UNSUPPORTED", "not a registry endpoint", url.path)
-        target = self.server.routes.resolve(self.client_host(), url.path, ns)
-        self.route_name = target.route.name
-        location = library_redirect(target, url.query)
-        if location:
-            return self.send_small(301, b"", headers=(("Location", location),))
-        self.serve_registry(target, url.query)
 
-    # Client view -------------------------------------------------------------
+# Serving: the endpoints ####################################################
+#
+# Each endpoint is a part that reads a ClientRequest, uses the proxy's shared
+# parts, and sends its answer through the handler (or raises RegistryError,
+# which the handler renders).  /v2/ and /v2/auth first, then the registry
+# objects: passed through, or through the cache (blobs, manifests by digest,
+# tags).
 
-    def client_host(self) -> str:
-        """The host (and port) the client addressed, checked before we echo it."""
-        host = self.headers.get("host", "")
-        if self.server.config.trust_proxy_headers:
-            host = self.headers.get("x-forwarded-host", host).split(",")[0].strip()
-        if not host:
-            address, port = self.server.server_address[:2]
-            host = f"{address}:{port}"
-        if not HOST_HEADER.match(host):
-            raise RegistryError(400, "UNSUPPORTED", "malformed Host header")
-        return host
+@dataclasses.dataclass(frozen=True)
+class ClientRequest:
+    """What the serving parts know of a client's request; the handler parses it."""
 
-    def client_scheme(self) -> str:
-        scheme = "https" if isinstance(self.connection, ssl.SSLSocket) else "http"
-        if self.server.config.trust_proxy_headers:
-            forwarded = self.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
-            if forwarded in ("http", "https"):
-                scheme = forwarded
-        return scheme
+    method: str
+    headers: object           # the request's headers (an http.client.HTTPMessage)
+    host: str                 # the host the client addressed, checked by dispatch()
+    scheme: str               # "http" or "https", as the client reached us
+    implied: Route | None     # the route of a request on this host that names no registry
+    form: dict                # the form of a POST to /v2/auth, else empty
+
+    @property
+    def authorization(self) -> str:
+        return self.headers.get("authorization", "")
+
+    @property
+    def accept(self) -> str:
+        return ", ".join(self.headers.get_all("accept") or [])
 
     def own_challenge(self, route: Route, params: dict, prefix: str = "") -> str:
-        """Our Bearer challenge for an upstream's: same service and scope, our realm."""
-        realm = f"{self.client_scheme()}://{self.client_host()}/v2/auth"
-        implied = self.server.routes.implied(self.client_host())
-        if route.registry_hosts and (implied is None or implied.name != route.name):
-            # Routed by ns or path prefix: the token must come from this route too.
-            realm += "?ns=" + urllib.parse.quote(route.registry_hosts[0])
-        ours = {"realm": realm, "service": params.get("service", "")}
-        if params.get("scope"):
-            ours["scope"] = " ".join(client_scope(s, prefix) for s in params["scope"].split(" "))
-        return render_challenge("bearer", ours)
+        """Our Bearer challenge, with a realm this client reaches."""
+        return own_challenge(route, params, prefix, f"{self.scheme}://{self.host}", self.implied)
 
-    def send_challenge(self, route: Route, header: str, prefix: str = "") -> None:
-        scheme, params = self.server.challenges.remember(route, header)
-        if scheme == "bearer":
-            header = self.own_challenge(route, params, prefix)
-        # Basic: passed on; the client's credentials then go to the same host.
-        self.send_registry_error(RegistryError(
-            401, "UNAUTHORIZED", "authentication required", headers=(("WWW-Authenticate", header),)))
 
-    # Endpoints ---------------------------------------------------------------
+class Part:
+    """A serving part: the proxy's shared parts, one request, and the handler,
+    which it uses only to send answers."""
 
-    def serve_base(self, ns: str | None) -> None:
-        """/v2/: the upstream decides whether a token is needed, we answer with our realm.
+    def __init__(self, proxy: Proxy, request: ClientRequest, answer: Answers, endpoint: Endpoint) -> None:
+        self.proxy = proxy
+        self.request = request
+        self.answer = answer
+        self.endpoint = endpoint
 
-        A client without credentials always gets our challenge, even when this
-        route's upstream needs none: skopeo and podman take the challenge of
-        this one ping for every registry behind the proxy, so an anonymous
-        default route must not leave them unable to answer ghcr.io's.  The
-        same challenge answers when the upstream is unreachable, so clients
-        still reach the cache through /v2/auth.
-        """
-        route = self.server.routes.for_base(self.client_host(), ns)
-        self.route_name = route.name
-        if self.headers.get("authorization") == f"Bearer {ANONYMOUS_TOKEN}":
+
+class BaseEndpoint(Part):
+    """/v2/: the upstream decides whether a token is needed, we answer with our realm.
+
+    A client without credentials always gets our challenge, even when this
+    route's upstream needs none: skopeo and podman take the challenge of
+    this one ping for every registry behind the proxy, so an anonymous
+    default route must not leave them unable to answer ghcr.io's.  The
+    same challenge answers when the upstream is unreachable, so clients
+    still reach the cache through /v2/auth.
+    """
+
+    def serve(self) -> None:
+        route = self.endpoint.route
+        if self.request.authorization == f"Bearer {ANONYMOUS_TOKEN}":
             # Our placeholder: an anonymous upstream, the proxy's own account or an
             # unreachable upstream stands behind it; upstream would only refuse it.
-            return self.send_small(200, b"{}", "application/json",
-                                   (("Docker-Distribution-Api-Version", "registry/2.0"),))
+            return self.answer.send_small(200, b"{}", "application/json",
+                                          (("Docker-Distribution-Api-Version", "registry/2.0"),))
         try:
-            response = self.server.upstreams.fetch(
-                self.command, route.upstream + "/v2/", forwarded_request_headers(self.headers))
+            response = self.proxy.upstreams.fetch(
+                self.request.method, route.upstream + "/v2/", forwarded_request_headers(self.request.headers))
         except (UpstreamUnavailable, UpstreamTimeout) as err:
             log.warning("route %s: %s; answering /v2/ from memory", route.name, err.message)
-            return self.send_own_challenge(route)
-        if response.status == 200 and not self.headers.get("authorization"):
-            response.read_small()
-            response.release()
-            return self.send_own_challenge(route)
-        self.relay(response, route)
+            raise self.unauthorized(route) from None
+        if response.status == 200 and not self.request.authorization:
+            response.consume()
+            raise self.unauthorized(route)
+        self.answer.relay(response, route)
 
-    def send_own_challenge(self, route: Route) -> None:
-        known = self.server.challenges.get(route, any_age=True)
+    def unauthorized(self, route: Route) -> RegistryError:
+        """Our 401, with the upstream's service as last seen (any age), else the route's name."""
+        known = self.proxy.auth.challenges.get(route, any_age=True)
         params = known[1] if known and known[0] == "bearer" else {"service": route.name}
-        self.send_registry_error(RegistryError(
-            401, "UNAUTHORIZED", "authentication required",
-            headers=(("WWW-Authenticate", self.own_challenge(route, params)),)))
+        return unauthorized(self.request.own_challenge(route, params))
 
-    def serve_token(self, query: dict) -> None:
-        """/v2/auth: a token from the realm of the route the image comes from."""
-        form = self.read_form() if self.command == "POST" else {}
+
+class TokenEndpoint(Part):
+    """/v2/auth: a token from the realm of the route the image comes from."""
+
+    def serve(self) -> None:
+        query = urllib.parse.parse_qs(self.endpoint.query, keep_blank_values=True)
+        form = self.request.form
         # OAuth2 joins scopes with spaces; docker repeats the parameter.  Take both.
         scopes = " ".join(form.get("scope", []) if form else query.get("scope", [])).split()
-        ns = query.get("ns", [None])[0]
-        route = self.server.routes.for_token(self.client_host(), ns, scopes)
-        self.route_name = route.name
+        route = self.proxy.routes.for_token(self.request.host, query.get("ns", [None])[0], scopes)
+        self.answer.log_route(route)
         scopes = list(dict.fromkeys(rewrite_scope(scope, route) for scope in scopes))
         # A POST carries a password or a refresh token: credentials either way.
-        with_credentials = self.command == "POST" or bool(self.headers.get("authorization"))
+        with_credentials = self.request.method == "POST" or bool(self.request.authorization)
         if route.credentials and not with_credentials:
             # The proxy's account is used by the proxy, upstream; a token of it
             # must never reach a client, who could use it anywhere, for anything.
             return self.send_anonymous_token()
         try:
-            challenge = self.server.upstream_challenge(route)
+            challenge = self.proxy.auth.challenge(route)
             if challenge is None or challenge[0] != "bearer":
                 return self.send_anonymous_token()
-            response = self.fetch_token(route, challenge[1], scopes, form, query)
+            response = self.fetch_token(route, challenge[1], scopes, query)
         except (UpstreamUnavailable, UpstreamTimeout) as err:
             # Offline: cached public content needs no upstream token.
             log.warning("route %s: token service unavailable (%s); anonymous token", route.name, err.message)
             return self.send_anonymous_token()
-        body = response.read_small()
-        response.release()
+        body = response.consume()
         if response.status == 200 and not with_credentials:
-            self.remember_anonymous_token(body)  # what it may pull, anyone may
-        self.send_small(response.status, body, headers=response_headers(response.headers))
+            self.note_anonymous_token(body)
+        self.answer.send_small(response.status, body, headers=response_headers(response.headers))
 
-    def fetch_token(self, route: Route, params: dict, scopes: list, form: dict, query: dict) -> UpstreamResponse:
+    def fetch_token(self, route: Route, params: dict, scopes: list, query: dict) -> UpstreamResponse:
         realm, service = checked_realm(route, params)
-        headers = {"user-agent": self.headers.get("user-agent", self.server_version)}
-        if self.headers.get("authorization"):
-            headers["authorization"] = self.headers["authorization"]
-        if self.command == "POST":
-            form.update({"service": [service], "scope": [" ".join(scopes)]})
+        headers = {"user-agent": self.request.headers.get("user-agent", SERVER_VERSION)}
+        if self.request.authorization:
+            headers["authorization"] = self.request.authorization
+        if self.request.method == "POST":
+            form = {**self.request.form, "service": [service], "scope": [" ".join(scopes)]}
             body = urllib.parse.urlencode(form, doseq=True).encode()
             headers["content-type"] = "application/x-www-form-urlencoded"
-            response = self.server.upstreams.fetch("POST", realm, headers, body)
+            response = self.proxy.upstreams.fetch("POST", realm, headers, body)
         else:
             fields = [("service", service)] + [("scope", scope) for scope in scopes]
             fields += [(k, v) for k, values in query.items() if k not in ("service", "scope", "ns") for v in values]
-            response = self.server.upstreams.fetch("GET", realm_url(realm, fields), headers)
+            response = self.proxy.upstreams.fetch("GET", realm_url(realm, fields), headers)
         log.debug("token %s for %s -> %d", redacted_url(realm), " ".join(scopes), response.status)
         return response
 
     def send_anonymous_token(self) -> None:
-        self.send_json(200, {"token": ANONYMOUS_TOKEN, "access_token": ANONYMOUS_TOKEN})
+        self.answer.send_json(200, {"token": ANONYMOUS_TOKEN, "access_token": ANONYMOUS_TOKEN})
 
-    def remember_anonymous_token(self, body: bytes) -> None:
+    def note_anonymous_token(self, body: bytes) -> None:
         """Requests with a token fetched without credentials count as anonymous."""
         try:
             answer = json.loads(body)
@@ -2052,112 +2440,260 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         except (ValueError, AttributeError):
             return
         if isinstance(token, str) and token:
-            self.server.anonymous_tokens.add(identity_of(f"Bearer {token}"))
+            self.proxy.access.note_anonymous_token(token)
 
-    def read_form(self) -> dict:
-        length = self.headers.get("content-length", "")
-        if not length.isdigit() or int(length) > MAX_SMALL_BODY:
-            self.close_connection = True
-            raise RegistryError(400, "UNSUPPORTED", "token request body missing or too large")
-        body = self.rfile.read(int(length)).decode("utf-8", "replace")
-        return urllib.parse.parse_qs(body, keep_blank_values=True)
 
-    # Registry objects, through the cache -------------------------------------
+class PassThrough(Part):
+    """A registry object asked of its route's upstream and relayed uncached:
+    tag lists, referrers, and everything when there is no cache."""
 
-    def serve_registry(self, target: Target, query: str) -> None:
-        if self.server.cache is None or target.kind not in ("blobs", "manifests"):
-            return self.pass_through(target, query)
-        if target.kind == "blobs":
-            return self.serve_blob(target, query)
-        if DIGEST.match(target.reference):
-            return self.serve_manifest_by_digest(target, query)
-        self.serve_tag(target, query)
+    def __init__(self, proxy: Proxy, request: ClientRequest, answer: Answers, endpoint: Endpoint) -> None:
+        super().__init__(proxy, request, answer, endpoint)
+        self.target = endpoint.target
+        self.route = endpoint.target.route
 
-    def upstream_url(self, target: Target, query: str) -> str:
-        return target.route.upstream + target.upstream_path + (f"?{query}" if query else "")
+    def serve(self) -> None:
+        self.pass_through()
 
-    def pass_through(self, target: Target, query: str) -> None:
-        response = self.server.upstreams.fetch(
-            self.command, self.upstream_url(target, query), self.upstream_headers(target))
-        self.relay(response, target.route, target.prefix, x_cache="MISS")
+    def pass_through(self) -> None:
+        self.relay(self.fetch(self.request.method))
 
-    def accept(self) -> str:
-        return ", ".join(self.headers.get_all("accept") or [])
+    def fetch(self, method: str) -> UpstreamResponse:
+        return self.proxy.upstreams.fetch(method, self.upstream_url(), self.upstream_headers())
 
-    def upstream_headers(self, target: Target) -> dict:
+    def upstream_url(self) -> str:
+        query = self.endpoint.query
+        return self.route.upstream + self.target.upstream_path + (f"?{query}" if query else "")
+
+    def upstream_headers(self) -> dict:
         """The client's headers, with the proxy's own account if the client brings none."""
-        headers = forwarded_request_headers(self.headers)
-        if "authorization" not in headers and target.route.credentials:
-            authorization = self.server.proxy_authorization(target.route, target.repository)
+        headers = forwarded_request_headers(self.request.headers)
+        if "authorization" not in headers and self.route.credentials:
+            authorization = self.proxy.auth.authorization(self.route, self.target.repository)
             if authorization:
                 headers["authorization"] = authorization
         return headers
 
-    def client_identity(self) -> str | None:
-        """None for an anonymous client (no credentials, or a token fetched without)."""
-        authorization = self.headers.get("authorization", "")
-        if not authorization or authorization == f"Bearer {ANONYMOUS_TOKEN}":
-            return None
-        identity = identity_of(authorization)
-        return None if self.server.anonymous_tokens.fresh(identity) else identity
+    def relay(self, response: UpstreamResponse) -> None:
+        self.answer.relay(response, self.route, self.target.prefix, x_cache="MISS")
 
-    def settle(self, target: Target, tag_kind: str | None = None) -> None:
+
+def cacheable(response: UpstreamResponse, manifest: bool) -> bool:
+    length = content_length(response.headers)
+    if manifest:
+        return bool(response.headers.get("content-type")) and not (length and length > MAX_MANIFEST_SIZE)
+    return True
+
+
+class CachedObject(PassThrough):
+    """A blob or manifest through the cache: sent from it when Access allows,
+    checked upstream with a HEAD when not, filled from upstream on a miss.
+    BlobEndpoint, ManifestEndpoint and TagEndpoint decide which."""
+
+    def __init__(self, proxy: Proxy, request: ClientRequest, answer: Answers, endpoint: Endpoint) -> None:
+        super().__init__(proxy, request, answer, endpoint)
+        self.cache = proxy.cache
+        self.access = proxy.access
+        self.identity = proxy.access.identity(request.authorization)
+
+    def may_serve(self, digest: str, stale: bool = False) -> bool:
+        return self.access.may_serve(self.identity, self.route.upstream, self.target.repository, digest, stale)
+
+    def wait_until_stored(self, tag_kind: str | None = None) -> None:
         """Wait out the store of an object a client may just have received whole."""
-        cache, timeout = self.server.cache, self.server.config.read_timeout
-        cache.settle_fill(fill_key(target, tag_kind), timeout)
+        fills, timeout = self.cache.fills, self.proxy.config.read_timeout
+        fills.wait_stored(fill_key(self.target, tag_kind), timeout)
         if tag_kind is None:
-            cache.settle_digest(target.reference, timeout)
+            fills.wait_digest_stored(self.target.reference, timeout)
 
-    def serve_blob(self, target: Target, query: str) -> None:
-        digest = target.reference
-        self.settle(target)
-        if self.server.cache.has(digest):
-            if self.cache_access(target, digest, query):
-                self.send_cached(target, query, digest, BLOB_TYPE)
-        elif self.command == "HEAD" or self.headers.get("range"):
-            self.pass_through(target, query)  # a HEAD never costs a download
+    def try_serve_stale(self, reason: str) -> bool:
+        """Answer from the cache when upstream fails; only a tag can (TagEndpoint)."""
+        return False
+
+    def relay_unless_stale(self, response: UpstreamResponse) -> None:
+        """An upstream answer to the client, unless it is a failure the cache answers instead."""
+        if is_upstream_failure(response.status) and self.try_serve_stale(f"upstream answered {response.status}"):
+            return response.close()
+        self.relay(response)
+
+    def allow_or_relay_refusal(self, digest: str) -> bool:
+        """For a cached digest: True if Access allows it, else if a HEAD upstream does.
+
+        A refusal is relayed (our challenge for a 401) and False returned: an
+        object first fetched with one user's credentials never reaches a client
+        upstream would refuse.
+        """
+        if self.may_serve(digest):
+            return True
+        try:
+            response = self.fetch("HEAD")
+        except (UpstreamUnavailable, UpstreamTimeout):
+            if self.may_serve(digest, stale=True):
+                return True
+            raise
+        if response.status == 200:
+            response.consume()
+            self.access.record(self.identity, self.route.upstream, self.target.repository, [digest])
+            return True
+        if is_upstream_failure(response.status) and self.may_serve(digest, stale=True):
+            response.close()
+            return True
+        self.relay(response)
+        return False
+
+    def send_cached(self, digest: str, media_type: str, x_cache: str = "HIT") -> None:
+        """A cached object: no upstream request, sendfile for the body, Range for blobs."""
+        opened = self.cache.store.open(digest)
+        if opened is None:  # evicted since we looked
+            return self.pass_through()
+        file, size = opened
+        try:
+            byte_range = None
+            if self.target.kind == "blobs":
+                byte_range = parse_byte_range(self.request.headers.get("range", ""), size)
+            start, end = byte_range or (0, size - 1)
+            headers = [("Content-Type", media_type), ("Docker-Content-Digest", digest),
+                       ("ETag", f'"{digest}"'), ("Accept-Ranges", "bytes"), ("X-Cache", x_cache)]
+            if byte_range:
+                headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
+            if x_cache == "STALE":
+                headers.append(("Warning", '110 dockerproxy "Response is Stale"'))
+            self.answer.send_file(206 if byte_range else 200, headers, file, start, end - start + 1)
+        finally:
+            self.cache.store.close(file)
+
+    def fill_and_follow(self, digest: str | None, manifest: bool, tag_kind: str | None = None) -> None:
+        """A miss: one upstream GET per object, however many clients ask at once."""
+        fill, leader = self.cache.fills.begin(fill_key(self.target, tag_kind), self.identity)
+        if not leader:
+            return self.join_fill(fill)
+        try:
+            self.lead_fill(fill, digest, manifest, tag_kind)
+        except BaseException:
+            if fill.state == Fill.PENDING:  # a started fill ends in its own thread
+                self.cache.fills.end(fill, Fill.DECLINED)
+            raise
+
+    def lead_fill(self, fill: Fill, digest: str | None, manifest: bool, tag_kind: str | None) -> None:
+        fills = self.cache.fills
+        try:
+            response = self.fetch("GET")
+        except RegistryError as err:
+            fills.end(fill, Fill.DECLINED)
+            if self.try_serve_stale(err.message):
+                return
+            raise
+        if response.status != 200 or not cacheable(response, manifest):
+            fills.end(fill, Fill.DECLINED)
+            return self.relay_unless_stale(response)
+        media_type = response.headers.get("content-type", BLOB_TYPE) if manifest else None
+        if digest is None and DIGEST.match(response.headers.get("docker-content-digest", "")):
+            digest = response.headers["docker-content-digest"]
+        record = functools.partial(self.record_fill, tag_kind, media_type)
+        headers = response_headers(response.headers, self.target.prefix) + [("X-Cache", "MISS")]
+        reader = fills.start(fill, response, digest, headers, media_type, record)
+        if reader is None:
+            fills.end(fill, Fill.DECLINED)
+            return self.relay(response)
+        self.follow(fill, reader)
+
+    def join_fill(self, fill: Fill) -> None:
+        """Follow another client's fill if Access lets this client, else fetch alone."""
+        config = self.proxy.config
+        state = fill.wait_started(config.connect_timeout + config.read_timeout)
+        allowed = self.access.may_join(self.identity, fill.identity, self.route.upstream, self.target.repository)
+        if state in (Fill.STREAMING, Fill.DONE) and allowed and self.follow(fill):
+            return
+        self.pass_through()
+
+    def follow(self, fill: Fill, reader=None) -> bool:
+        """Send a fill's bytes as they land; False if it failed before we began."""
+        reader = reader or fill.open_reader(self.cache.store)
+        if reader is None:
+            return False
+        patience = FOLLOWER_PATIENCE_READ_TIMEOUTS * self.proxy.config.read_timeout + 1
+        try:
+            self.answer.send_fill(fill, reader, patience)
+        finally:
+            self.cache.store.close(reader)
+        return True
+
+    def record_fill(self, tag_kind: str | None, media_type: str | None, digest: str, spool: Spool) -> None:
+        """After a verified fill (in its thread): links, the tag entry, and who may see it."""
+        digests = [digest]
+        upstream, repository = self.route.upstream, self.target.repository
+        if media_type:
+            digests += referenced_digests(spool.read_start(MAX_MANIFEST_SIZE))
+            if tag_kind:
+                self.cache.tags.put(upstream, repository, self.target.reference, tag_kind, digest, media_type)
+        self.access.record(self.identity, upstream, repository, digests)
+
+
+class BlobEndpoint(CachedObject):
+    """/v2/<name>/blobs/<digest>: cached, checked, or filled; a HEAD never costs a download."""
+
+    def serve(self) -> None:
+        digest = self.target.reference
+        self.wait_until_stored()
+        if self.cache.store.exists(digest):
+            if self.allow_or_relay_refusal(digest):
+                self.send_cached(digest, BLOB_TYPE)
+        elif self.request.method == "HEAD" or self.request.headers.get("range"):
+            self.pass_through()
         else:
-            self.fill_and_follow(target, query, digest, manifest=False)
+            self.fill_and_follow(digest, manifest=False)
 
-    def serve_manifest_by_digest(self, target: Target, query: str) -> None:
-        digest = target.reference
-        self.settle(target)
-        media_type = self.server.cache.media_type(digest)
-        if media_type and accepts(self.accept(), media_type):
-            if self.cache_access(target, digest, query):
-                self.send_cached(target, query, digest, media_type)
-        elif self.command == "HEAD":
-            self.pass_through(target, query)
+
+class ManifestEndpoint(CachedObject):
+    """/v2/<name>/manifests/<digest>: immutable, so cached like a blob, if the client accepts its type."""
+
+    def serve(self) -> None:
+        digest = self.target.reference
+        self.wait_until_stored()
+        media_type = self.cache.store.media_type(digest)
+        if media_type and accepts(self.request.accept, media_type):
+            if self.allow_or_relay_refusal(digest):
+                self.send_cached(digest, media_type)
+        elif self.request.method == "HEAD":
+            self.pass_through()
         else:
-            self.fill_and_follow(target, query, digest, manifest=True)
+            self.fill_and_follow(digest, manifest=True)
 
-    def serve_tag(self, target: Target, query: str) -> None:
-        """A tag: from the index within MANIFEST_TTL, then revalidated by a HEAD."""
-        kind = accept_kind(self.accept())
-        self.settle(target, kind)
-        entry = self.server.cache.tag_entry(target.route.upstream, target.repository, target.reference, kind)
-        if entry is not None and not accepts(self.accept(), entry["media_type"]):
+
+class TagEndpoint(CachedObject):
+    """/v2/<name>/manifests/<tag>: from the tag index within MANIFEST_TTL, then
+    revalidated by a HEAD (which Docker Hub does not count as a pull); stale
+    from the cache when upstream is down, failing or rate-limiting."""
+
+    def __init__(self, proxy: Proxy, request: ClientRequest, answer: Answers, endpoint: Endpoint) -> None:
+        super().__init__(proxy, request, answer, endpoint)
+        self.kind = accept_kind(request.accept)
+
+    def serve(self) -> None:
+        upstream, repository, tag = self.route.upstream, self.target.repository, self.target.reference
+        self.wait_until_stored(self.kind)
+        entry = self.cache.tag(upstream, repository, tag, self.kind)
+        if entry is not None and not accepts(self.request.accept, entry["media_type"]):
             entry = None  # noted from a HEAD that named another type than the stored one
         if entry is None:
-            if self.command == "HEAD":
-                return self.head_tag(target, query, kind)
-            return self.fill_and_follow(target, query, None, manifest=True, tag_kind=kind)
-        fresh = time.time() - entry.get("checked", 0) < self.server.config.manifest_ttl
-        if fresh and self.access_known(target, entry["digest"]):
-            return self.send_cached(target, query, entry["digest"], entry["media_type"])
-        self.revalidate_tag(target, query, entry, kind)
+            if self.request.method == "HEAD":
+                return self.head_uncached()
+            return self.fill_and_follow(None, manifest=True, tag_kind=self.kind)
+        fresh = self.proxy.clock.time() - entry.get("checked", 0) < self.proxy.config.manifest_ttl
+        if fresh and self.may_serve(entry["digest"]):
+            return self.send_cached(entry["digest"], entry["media_type"])
+        self.revalidate(entry)
 
-    def head_tag_upstream(self, target: Target, query: str) -> UpstreamResponse | None:
+    def head_upstream(self) -> UpstreamResponse | None:
         """A HEAD of the tag upstream; None when upstream failed and the cache answered."""
         try:
-            return self.server.upstreams.fetch(
-                "HEAD", self.upstream_url(target, query), self.upstream_headers(target))
+            return self.fetch("HEAD")
         except (UpstreamUnavailable, UpstreamTimeout) as err:
-            if self.serve_stale(target, query, err.message):
+            if self.try_serve_stale(err.message):
                 return None
             raise
 
-    def head_tag(self, target: Target, query: str, kind: str, response: UpstreamResponse | None = None) -> None:
+    def head_uncached(self, response: UpstreamResponse | None = None) -> None:
         """An uncached tag's HEAD: asked upstream with a HEAD, stale from the cache if that fails.
 
         The answer's digest is noted in the tag index: containerd resolves a
@@ -2165,184 +2701,121 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         entry it could never resolve the tag from the cache when upstream is
         down.  The entry serves nothing until that manifest is cached itself.
         """
-        response = response or self.head_tag_upstream(target, query)
+        response = response or self.head_upstream()
         if response is None:
             return
         digest = response.headers.get("docker-content-digest", "")
         media_type = response.headers.get("content-type", "")
         if response.status == 200 and DIGEST.match(digest) and media_type:
-            self.server.cache.write_tag(target.route.upstream, target.repository, target.reference,
-                                        kind, digest, media_type)
-        elif is_upstream_failure(response.status) and self.serve_stale(
-                target, query, f"upstream answered {response.status}"):
-            return response.close()
-        self.relay(response, target.route, target.prefix, x_cache="MISS")
+            self.cache.tags.put(self.route.upstream, self.target.repository, self.target.reference,
+                                self.kind, digest, media_type)
+        self.relay_unless_stale(response)
 
-    def revalidate_tag(self, target: Target, query: str, entry: dict, kind: str) -> None:
-        """HEAD upstream (not counted by Docker Hub's pull limit): same digest, serve ours."""
-        response = self.head_tag_upstream(target, query)
+    def revalidate(self, entry: dict) -> None:
+        """HEAD upstream: the same digest, serve ours; another, fetch it; a failure, stale."""
+        response = self.head_upstream()
         if response is None:
             return
+        upstream, repository = self.route.upstream, self.target.repository
         if response.status == 200:
-            response.read_small()
-            response.release()
+            response.consume()
             if response.headers.get("docker-content-digest") == entry["digest"]:
-                cache = self.server.cache
-                cache.write_tag(target.route.upstream, target.repository, target.reference,
-                                kind, entry["digest"], entry["media_type"])
-                self.server.remember_access(target, self.client_identity(), [entry["digest"]])
-                return self.send_cached(target, query, entry["digest"], entry["media_type"])
-            if self.command == "HEAD":
-                return self.head_tag(target, query, kind, response)  # the answer in hand
-            return self.fill_and_follow(target, query, None, manifest=True, tag_kind=kind)
-        if is_upstream_failure(response.status) and self.serve_stale(
-                target, query, f"upstream answered {response.status}"):
-            return response.close()
+                self.cache.tags.put(upstream, repository, self.target.reference,
+                                    self.kind, entry["digest"], entry["media_type"])
+                self.access.record(self.identity, upstream, repository, [entry["digest"]])
+                return self.send_cached(entry["digest"], entry["media_type"])
+            if self.request.method == "HEAD":
+                return self.head_uncached(response)  # the answer in hand
+            return self.fill_and_follow(None, manifest=True, tag_kind=self.kind)
         if response.status == 404:
-            self.server.cache.drop_tag(target.route.upstream, target.repository, target.reference)
-        self.relay(response, target.route, target.prefix, x_cache="MISS")
+            self.cache.tags.drop(upstream, repository, self.target.reference)
+        self.relay_unless_stale(response)
 
-    def serve_stale(self, target: Target, query: str, reason: str) -> bool:
+    def try_serve_stale(self, reason: str) -> bool:
         """Upstream down, 5xx or 429: a cached manifest of the tag, marked stale, if any."""
-        cache, accept = self.server.cache, self.accept()
-        for entry in cache.tag_entries(target.route.upstream, target.repository, target.reference):
-            if accepts(accept, entry["media_type"]) and self.access_known(target, entry["digest"], stale=True):
-                log.warning("route %s: %s; serving %s:%s from cache (stale)", target.route.name,
-                            reason, target.repository, target.reference)
-                self.send_cached(target, query, entry["digest"], entry["media_type"], "STALE")
+        upstream, repository, tag = self.route.upstream, self.target.repository, self.target.reference
+        for entry in self.cache.tag_entries(upstream, repository, tag):
+            if accepts(self.request.accept, entry["media_type"]) and self.may_serve(entry["digest"], stale=True):
+                log.warning("route %s: %s; serving %s:%s from cache (stale)",
+                            self.route.name, reason, repository, tag)
+                self.send_cached(entry["digest"], entry["media_type"], "STALE")
                 return True
         return False
 
-    def access_known(self, target: Target, digest: str, stale: bool = False) -> bool:
-        """Whether this client may have `digest` of this repository without asking upstream.
 
-        Yes if the object was seen in the repository and either the repository
-        was pulled anonymously within ACCESS_TTL (any time ago, when upstream is
-        down) or upstream accepted this client's credentials for it within ACCESS_TTL.
-        """
-        cache, upstream, repository = self.server.cache, target.route.upstream, target.repository
-        if not cache.is_linked(upstream, repository, digest):
-            return False
-        identity = self.client_identity()
-        if identity is not None and self.server.grants.fresh((identity, upstream, repository)):
-            return True
-        age = cache.public_age(upstream, repository)
-        return age is not None and (stale or age < ACCESS_TTL)
+# What serves each endpoint of dispatch(); the cached parts pass through
+# when there is no cache.  redirect, health and routes the handler answers.
+SERVING_PARTS = {
+    "base": BaseEndpoint, "token": TokenEndpoint, "blob": BlobEndpoint,
+    "manifest": ManifestEndpoint, "tag": TagEndpoint, "tags": PassThrough, "referrers": PassThrough,
+}
 
-    def cache_access(self, target: Target, digest: str, query: str) -> bool:
-        """For a cached digest: allowed from what we know, else from a HEAD upstream.
 
-        A refusal is relayed (our challenge for a 401) and False returned: an
-        object first fetched with one user's credentials never reaches a client
-        upstream would refuse.
-        """
-        if self.access_known(target, digest):
-            return True
-        try:
-            response = self.server.upstreams.fetch(
-                "HEAD", self.upstream_url(target, query), self.upstream_headers(target))
-        except (UpstreamUnavailable, UpstreamTimeout):
-            if self.access_known(target, digest, stale=True):
-                return True
-            raise
-        if response.status == 200:
-            response.read_small()
-            response.release()
-            self.server.remember_access(target, self.client_identity(), [digest])
-            return True
-        if is_upstream_failure(response.status) and self.access_known(target, digest, stale=True):
-            response.close()
-            return True
-        self.relay(response, target.route, target.prefix, x_cache="MISS")
-        return False
+def serving_part(name: str, cache: Cache | None) -> type:
+    part = SERVING_PARTS[name]
+    return PassThrough if cache is None and issubclass(part, CachedObject) else part
 
-    def fill_and_follow(self, target: Target, query: str, digest: str | None,
-                        manifest: bool, tag_kind: str | None = None) -> None:
-        """A miss: one upstream GET per object, however many clients ask at once."""
-        cache, identity = self.server.cache, self.client_identity()
-        key = fill_key(target, tag_kind)
-        fill, leader = cache.begin_fill(key, identity)
-        if not leader:
-            return self.follow_other(fill, target, query)
-        try:
-            self.lead_fill(fill, target, query, digest, manifest, tag_kind, identity)
-        except BaseException:
-            if fill.state == Fill.PENDING:  # a started fill ends in its own thread
-                cache.end_fill(fill, Fill.DECLINED)
-            raise
 
-    def lead_fill(self, fill: Fill, target: Target, query: str, digest: str | None,
-                  manifest: bool, tag_kind: str | None, identity: str | None) -> None:
-        cache = self.server.cache
-        try:
-            response = self.server.upstreams.fetch(
-                "GET", self.upstream_url(target, query), self.upstream_headers(target))
-        except RegistryError as err:
-            cache.end_fill(fill, Fill.DECLINED)
-            if tag_kind and self.serve_stale(target, query, err.message):
-                return
-            raise
-        if response.status != 200 or not cacheable(response, manifest):
-            cache.end_fill(fill, Fill.DECLINED)
-            if tag_kind and is_upstream_failure(response.status) and self.serve_stale(
-                    target, query, f"upstream answered {response.status}"):
-                return response.close()
-            return self.relay(response, target.route, target.prefix, x_cache="MISS")
-        media_type = response.headers.get("content-type", BLOB_TYPE) if manifest else None
-        if digest is None and DIGEST.match(response.headers.get("docker-content-digest", "")):
-            digest = response.headers["docker-content-digest"]
-        record = functools.partial(self.server.record_fill, target, tag_kind, media_type, identity)
-        headers = response_headers(response.headers, target.prefix) + [("X-Cache", "MISS")]
-        reader = cache.start_fill(fill, response, digest, headers, media_type, record)
-        if reader is None:
-            cache.end_fill(fill, Fill.DECLINED)
-            return self.relay(response, target.route, target.prefix, x_cache="MISS")
-        self.follow(fill, reader)
+# HTTP handler ##############################################################
 
-    def follow_other(self, fill: Fill, target: Target, query: str) -> None:
-        """Join another client's fill if this client may see it, else fetch alone."""
-        config = self.server.config
-        state = fill.wait_started(config.connect_timeout + config.read_timeout)
-        identity = self.client_identity()
-        upstream, repository = target.route.upstream, target.repository
-        public_age = self.server.cache.public_age(upstream, repository)
-        allowed = (fill.identity == identity or (public_age is not None and public_age < ACCESS_TTL)
-                   or (identity is not None and self.server.grants.fresh((identity, upstream, repository))))
-        if state in (Fill.STREAMING, Fill.DONE) and allowed and self.follow(fill):
-            return
-        self.pass_through(target, query)
+class Answers:
+    """The answers a handler sends: small ones in one write, files with
+    sendfile, upstream answers relayed, fills as they grow, errors.
 
-    def follow(self, fill: Fill, reader=None) -> bool:
-        """Send a fill's bytes as they land in its file; False if it failed before we began."""
-        reader = reader or fill.open_reader()
-        if reader is None:
-            return False
-        with reader:
-            self.start_response(200, fill.headers)
-            chunked = fill.length is None and self.request_version == "HTTP/1.1"
-            if fill.length is not None:
-                self.send_header("Content-Length", str(fill.length))
-            elif chunked:
-                self.send_header("Transfer-Encoding", "chunked")
-            else:
-                self.close_connection = True
+    A mixin of ProxyHandler, in socketserver's style: it writes through the
+    request handler's send_response, wfile and connection, and it is all
+    that the serving parts use of the handler.
+    """
+
+    def start_response(self, status: int, headers) -> None:
+        self.send_response(status)
+        for name, value in headers:
+            self.send_header(name, value)
+        self.response_started = True
+        self.status_sent = status
+
+    def send_small(self, status: int, body: bytes, content_type: str = "",
+                   headers=(), content_length: int | None = None) -> None:
+        """A whole answer in one write (no Nagle wait between headers and body)."""
+        self.start_response(status, headers)
+        if content_type:
+            self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body) if content_length is None else content_length))
+        if self.command != "HEAD" and body and self.request_version != "HTTP/0.9":
+            self._headers_buffer.extend((b"\r\n", body))
+            self.bytes_sent += len(body)
+            self.flush_headers()
+        else:
             self.end_headers()
-            # Longer than the fill's own READ_TIMEOUT: a stalled upstream fails the fill first.
-            patience = 2 * self.server.config.read_timeout + 1
-            position = 0
-            while True:
-                available, done, failed = fill.wait_beyond(position, patience)
-                if failed or (available == position and not done):
-                    self.close_connection = True  # short of the length: the client sees a failure
-                    return True
-                if available > position:
-                    self.send_file_part(reader, position, available - position, chunked)
-                    position = available
-                if done and position == available:
-                    break
-            if chunked:
-                self.wfile.write(b"0\r\n\r\n")
-        return True
+
+    def send_json(self, status: int, document: object) -> None:
+        self.send_small(status, json.dumps(document, indent=1).encode(), "application/json")
+
+    def send_registry_error(self, err: RegistryError) -> None:
+        if err.close:
+            self.close_connection = True
+        if self.response_started:
+            self.close_connection = True  # too late for a status: cut the body short
+            return
+        self.send_small(err.status, err.body(), "application/json", err.headers)
+
+    def send_challenge(self, route: Route, header: str, prefix: str = "") -> None:
+        """An upstream's 401 as ours: a Bearer realm becomes our /v2/auth."""
+        scheme, params = self.proxy.auth.challenges.remember(route, header)
+        if scheme == "bearer":
+            header = self.client.own_challenge(route, params, prefix)
+        # Basic: passed on; the client's credentials then go to the same host.
+        self.send_registry_error(unauthorized(header))
+
+    def send_file(self, status: int, headers: list, file, start: int, count: int) -> None:
+        """`count` bytes of `file` from `start`: small ones in one write, others with sendfile."""
+        if self.command == "HEAD" or count <= SMALL_ANSWER:
+            body = b"" if self.command == "HEAD" else os.pread(file.fileno(), count, start)
+            return self.send_small(status, body, headers=headers, content_length=count)
+        self.start_response(status, headers)
+        self.send_header("Content-Length", str(count))
+        self.end_headers()
+        self.send_file_part(file, start, count)
 
     def send_file_part(self, file, offset: int, count: int, chunked: bool = False) -> None:
         if chunked:
@@ -2352,34 +2825,30 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"\r\n")
         self.bytes_sent += count
 
-    def send_cached(self, target: Target, query: str, digest: str, media_type: str,
-                    x_cache: str = "HIT") -> None:
-        """A cached object: no upstream request, sendfile for the body, Range for blobs."""
-        opened = self.server.cache.open_object(digest)
-        if opened is None:  # evicted since we looked
-            return self.pass_through(target, query)
-        file, size = opened
-        try:
-            byte_range = parse_byte_range(self.headers.get("range", ""), size) if target.kind == "blobs" else None
-            start, end = byte_range or (0, size - 1)
-            headers = [("Content-Type", media_type), ("Docker-Content-Digest", digest),
-                       ("ETag", f'"{digest}"'), ("Accept-Ranges", "bytes"), ("X-Cache", x_cache)]
-            if byte_range:
-                headers.append(("Content-Range", f"bytes {start}-{end}/{size}"))
-            if x_cache == "STALE":
-                headers.append(("Warning", '110 dockerproxy "Response is Stale"'))
-            status, count = (206 if byte_range else 200), end - start + 1
-            if self.command == "HEAD" or count <= SMALL_ANSWER:
-                body = b"" if self.command == "HEAD" else os.pread(file.fileno(), count, start)
-                return self.send_small(status, body, headers=headers, content_length=count)
-            self.start_response(status, headers)
-            self.send_header("Content-Length", str(count))
-            self.end_headers()
-            self.send_file_part(file, start, count)
-        finally:
-            self.server.cache.close_object(file)
-
-    # Answers -----------------------------------------------------------------
+    def send_fill(self, fill: Fill, reader, patience: float) -> None:
+        """A fill's bytes as they land in `reader`'s file; cut short if it fails or stalls."""
+        self.start_response(200, fill.headers)
+        chunked = fill.length is None and self.request_version == "HTTP/1.1"
+        if fill.length is not None:
+            self.send_header("Content-Length", str(fill.length))
+        elif chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+        self.end_headers()
+        position = 0
+        while True:
+            available, done, failed = fill.wait_beyond(position, patience)
+            if failed or (available == position and not done):
+                self.close_connection = True  # short of the length: the client sees a failure
+                return
+            if available > position:
+                self.send_file_part(reader, position, available - position, chunked)
+                position = available
+            if done and position == available:
+                break
+        if chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
     def relay(self, response: UpstreamResponse, route: Route, prefix: str = "", x_cache: str = "") -> None:
         """An upstream answer to the client: our challenge for a 401, else as it came."""
@@ -2453,35 +2922,75 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
         if chunked:
             self.wfile.write(b"\r\n")
 
-    def start_response(self, status: int, headers) -> None:
-        self.send_response(status)
-        for name, value in headers:
-            self.send_header(name, value)
-        self.response_started = True
-        self.status_sent = status
 
-    def send_small(self, status: int, body: bytes, content_type: str = "",
-                   headers=(), content_length: int | None = None) -> None:
-        """A whole answer in one write (no Nagle wait between headers and body)."""
-        self.start_response(status, headers)
-        if content_type:
-            self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body) if content_length is None else content_length))
-        if self.command != "HEAD" and body and self.request_version != "HTTP/0.9":
-            self._headers_buffer.extend((b"\r\n", body))
-            self.bytes_sent += len(body)
-            self.flush_headers()
-        else:
-            self.end_headers()
+class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
+    """One client connection: parses each request, dispatches it to a serving
+    part, renders a RegistryError raised from any depth, logs one line."""
 
-    def send_json(self, status: int, document: object) -> None:
-        self.send_small(status, json.dumps(document, indent=1).encode(), "application/json")
+    protocol_version = "HTTP/1.1"
+    server_version = SERVER_VERSION
+    timeout = CLIENT_IDLE_TIMEOUT
 
-    def send_registry_error(self, err: RegistryError) -> None:
-        if self.response_started:
-            self.close_connection = True  # too late for a status: cut the body short
-            return
-        self.send_small(err.status, err.body(), "application/json", err.headers)
+    def setup(self) -> None:
+        super().setup()
+        self.proxy = self.server.proxy
+        # Headers and small bodies go out in separate writes; without this,
+        # Nagle holds the second write until the first is acknowledged.
+        if self.connection.family in (socket.AF_INET, socket.AF_INET6):
+            self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def do_GET(self) -> None:
+        self.handle_request()
+
+    do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    def reset_request_state(self) -> None:
+        self.started = time.monotonic()
+        self.route_name = "-"
+        self.response_started = False
+        self.status_sent = 0
+        self.bytes_sent = 0
+        self.client = None
+
+    def handle_request(self) -> None:
+        self.reset_request_state()
+        try:
+            self.serve_request()
+        except RegistryError as err:
+            self.send_registry_error(err)
+        except (ConnectionError, socket.timeout):
+            self.close_connection = True  # the client went away
+        except Exception:
+            log.exception("internal error on %s %s", self.command, printable(self.path))
+            self.send_registry_error(RegistryError(500, "UNKNOWN", "internal error"))
+        finally:
+            self.log_access()
+
+    def serve_request(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        trust = self.proxy.config.trust_proxy_headers
+        host = requested_host(self.headers, trust, self.server.server_address)
+        endpoint = dispatch(self.proxy.routes, self.command, url.path, url.query, host)
+        self.log_route(endpoint.route)
+        if endpoint.name == "redirect":
+            return self.send_small(301, b"", headers=(("Location", endpoint.location),))
+        if endpoint.name == "health":
+            return self.send_json(200, {"status": "ok"})
+        if endpoint.name == "routes":
+            return self.send_json(200, self.proxy.routes.describe())
+        scheme = requested_scheme(isinstance(self.connection, ssl.SSLSocket), self.headers, trust)
+        form = self.read_form() if self.command == "POST" else {}
+        self.client = ClientRequest(self.command, self.headers, host, scheme,
+                                    self.proxy.routes.implied(host), form)
+        serving_part(endpoint.name, self.proxy.cache)(self.proxy, self.client, self, endpoint).serve()
+
+    def read_form(self) -> dict:
+        """The OAuth2 form of a POST to /v2/auth."""
+        length = self.headers.get("content-length", "")
+        if not length.isdigit() or int(length) > MAX_SMALL_BODY:
+            raise RegistryError(400, "UNSUPPORTED", "token request body missing or too large", close=True)
+        body = self.rfile.read(int(length)).decode("utf-8", "replace")
+        return urllib.parse.parse_qs(body, keep_blank_values=True)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, huge headers) in registry form."""
@@ -2495,6 +3004,10 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
             self.log_access()
 
     # Logging -----------------------------------------------------------------
+
+    def log_route(self, route: Route | None) -> None:
+        """The route the access line names, once known."""
+        self.route_name = route.name if route else "-"
 
     def log_request(self, code: object = "-", size: object = "-") -> None:
         """Replaced by log_access(), which knows the route and byte count."""
@@ -2511,103 +3024,43 @@ class ProxyHandler(http.server.BaseHTTPRequestHandler):
                  self.bytes_sent, time.monotonic() - self.started)
 
 
-def fill_key(target: Target, tag_kind: str | None) -> tuple:
-    """What one upstream fetch fills: concurrent requests of the same key share it."""
-    return (target.route.upstream, target.repository, target.kind, target.reference, tag_kind)
-
-
-def cacheable(response: UpstreamResponse, manifest: bool) -> bool:
-    length = content_length(response.headers)
-    if manifest:
-        return bool(response.headers.get("content-type")) and not (length and length > MAX_MANIFEST_SIZE)
-    return True
-
-
 # Server and main ###########################################################
 
+class Proxy:
+    """The parts every request shares: settings, routes, the upstream client
+    and its auth, the Access rule and the cache (None without CACHE_DIR)."""
+
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or Clock()
+        self.routes = RouteTable(config)
+        self.upstreams = Upstreams(config.connect_timeout, config.read_timeout)
+        self.auth = UpstreamAuth(self.upstreams, self.clock)
+        self.cache = None
+        if config.cache_dir:
+            self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age, self.clock)
+        self.access = Access(self.cache.records if self.cache else None, self.clock)
+
+    def start(self) -> None:
+        """The background work: the cache's evictor."""
+        if self.cache is not None:
+            self.cache.start_evictor()
+
+
 class ProxyServer(http.server.ThreadingHTTPServer):
-    """The listening socket, the route table and the shared upstream client."""
+    """The listening socket (TLS when configured); a thread per connection."""
 
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, config: Config, handler=ProxyHandler) -> None:
+    def __init__(self, config: Config, handler=None, proxy: Proxy | None = None) -> None:
         self.config = config
-        self.routes = RouteTable(config)
-        self.upstreams = Upstreams(config.connect_timeout, config.read_timeout)
-        self.challenges = Challenges()
-        self.tokens = ProxyTokens()
+        self.proxy = proxy or Proxy(config)
         self.tls = server_tls_context(config) if config.tls_cert else None
-        self.grants = Recent(ACCESS_TTL)            # (client, upstream, repository) upstream accepted
-        self.anonymous_tokens = Recent(3600.0)     # identities of tokens fetched without credentials
-        self.cache = None
-        if config.cache_dir:
-            self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age)
-            self.cache.start_evictor()
         if ":" in config.host:
             self.address_family = socket.AF_INET6
-        super().__init__((config.host, config.port), handler)
-
-    def upstream_challenge(self, route: Route) -> tuple | None:
-        """The route's realm and service, asked of its /v2/ once an hour; None: no auth."""
-        known = self.challenges.get(route)
-        if known:
-            return known if known[0] else None
-        response = self.upstreams.fetch("GET", route.upstream + "/v2/", {})
-        response.read_small()
-        response.release()
-        header = response.headers.get("www-authenticate", "") if response.status == 401 else ""
-        scheme, params = self.challenges.remember(route, header)  # "" remembers "no auth"
-        return (scheme, params) if scheme else None
-
-    def proxy_authorization(self, route: Route, repository: str) -> str | None:
-        """An Authorization header for the proxy's own account on `route`, if it has one."""
-        challenge = self.upstream_challenge(route) if route.credentials else None
-        if challenge is None:
-            return None
-        if challenge[0] != "bearer":
-            return route.credentials.basic()
-        token = self.tokens.get(route, repository)
-        if token:
-            return token
-        realm, service = checked_realm(route, challenge[1])
-        url = realm_url(realm, [("service", service), ("scope", f"repository:{repository}:pull")])
-        response = self.upstreams.fetch("GET", url, {"authorization": route.credentials.basic()})
-        body = response.read_small()
-        response.release()
-        try:
-            answer = json.loads(body) if response.status == 200 else {}
-            token = answer.get("token") or answer.get("access_token")
-            expires_in = float(answer.get("expires_in") or 60)
-        except (ValueError, AttributeError, TypeError):
-            token = None
-        if not isinstance(token, str) or not token:
-            log.warning("route %s: the proxy's credentials got no token (%d)", route.name, response.status)
-            return None
-        log.debug("proxy token for %s on route %s, %d s", repository, route.name, expires_in)
-        self.tokens.put(route, repository, f"Bearer {token}", expires_in)
-        return f"Bearer {token}"
-
-    def remember_access(self, target: Target, identity: str | None, digests: list) -> None:
-        """Upstream let this client have `digests` of the repository: note it."""
-        upstream, repository = target.route.upstream, target.repository
-        self.cache.link(upstream, repository, digests)
-        if identity is None:
-            self.cache.mark_public(upstream, repository)
-        else:
-            self.grants.add((identity, upstream, repository))
-
-    def record_fill(self, target: Target, tag_kind: str | None, media_type: str | None,
-                    identity: str | None, digest: str, path: str) -> None:
-        """After a verified fill: links, the tag entry, and who may see it."""
-        digests = [digest]
-        if media_type:
-            with open(path, "rb") as file:
-                digests += referenced_digests(file.read(MAX_MANIFEST_SIZE))
-            if tag_kind:
-                self.cache.write_tag(target.route.upstream, target.repository, target.reference,
-                                     tag_kind, digest, media_type)
-        self.remember_access(target, identity, digests)
+        super().__init__((config.host, config.port), handler or ProxyHandler)
+        self.proxy.start()
 
     def finish_request(self, request, client_address) -> None:
         """With TLS, the handshake runs here, in the connection's own thread,
@@ -2640,37 +3093,23 @@ def cache_command(action: str, config: Config) -> int:
     if not config.cache_dir:
         print("dockerproxy.py: error: CACHE_DIR is empty: there is no cache", file=sys.stderr)
         return 2
-    cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age)
+    try:
+        cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age)
+    except OSError as err:
+        return cannot_use(err, config)
     report = {"verify": cache.verify, "stats": cache.stats, "prune": cache.sweep}[action]()
     for key, value in report.items():
         print(f"{key}: {value}")
     return 1 if report.get("bad_removed") else 0
 
 
-def main(argv: list | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    action = None
-    if argv[:1] == ["cache"]:
-        if len(argv) < 2 or argv[1] not in CACHE_COMMANDS:
-            print(f"usage: dockerproxy.py cache {{{','.join(CACHE_COMMANDS)}}} [settings]", file=sys.stderr)
-            return 2
-        action, argv = argv[1], argv[2:]
+def serve(config: Config) -> int:
+    """Listen and serve until SIGTERM (docker stop, systemd) or Ctrl-C."""
     try:
-        config = load_config(argv, os.environ)
-    except ConfigError as err:
-        print(f"dockerproxy.py: error: {err}", file=sys.stderr)
-        return 2
-    configure_logging(config.debug)
-    try:
-        if action:
-            return cache_command(action, config)
         server = ProxyServer(config)
     except OSError as err:
-        where = f"CACHE_DIR {err.filename}" if err.filename else f"{config.host}:{config.port}"
-        print(f"dockerproxy.py: cannot use {where}: {err.strerror or err}", file=sys.stderr)
-        return 1
-    # docker stop and systemd send SIGTERM: leave the serve loop cleanly.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        return cannot_use(err, config)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave the serve loop cleanly
     host, port = server.server_address[:2]
     log.info("dockerproxy %s listening on %s:%d (%s), default route %s", __version__, host, port,
              "https" if server.tls else "http", config.default_route or "(none)")
@@ -2681,6 +3120,31 @@ def main(argv: list | None = None) -> int:
     finally:
         server.server_close()
     return 0
+
+
+def cannot_use(err: OSError, config: Config) -> int:
+    where = f"CACHE_DIR {err.filename}" if err.filename else f"{config.host}:{config.port}"
+    print(f"dockerproxy.py: cannot use {where}: {err.strerror or err}", file=sys.stderr)
+    return 1
+
+
+def main(argv: list | None = None, environ: dict | None = None) -> int:
+    """The command line: serve, or run a cache command.  argv and environ
+    default to the process's own; tests pass theirs."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    action = None
+    if argv[:1] == ["cache"]:
+        if len(argv) < 2 or argv[1] not in CACHE_COMMANDS:
+            print(f"usage: dockerproxy.py cache {{{','.join(CACHE_COMMANDS)}}} [settings]", file=sys.stderr)
+            return 2
+        action, argv = argv[1], argv[2:]
+    try:
+        config = load_config(argv, os.environ if environ is None else environ)
+    except ConfigError as err:
+        print(f"dockerproxy.py: error: {err}", file=sys.stderr)
+        return 2
+    configure_logging(config.debug)
+    return cache_command(action, config) if action else serve(config)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -16,6 +17,22 @@ import dockerproxy  # noqa: E402
 from fakeregistry import FakeRegistry  # noqa: E402
 
 
+class MovableClock(dockerproxy.Clock):
+    """A clock the tests move forward: TTLs pass without waiting or editing files."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def time(self):
+        return time.time() + self.offset
+
+    def monotonic(self):
+        return time.monotonic() + self.offset
+
+    def advance(self, seconds):
+        self.offset += seconds
+
+
 class RunningProxy:
     """A ProxyServer serving in a thread, and a small client for it."""
 
@@ -24,6 +41,22 @@ class RunningProxy:
         self.port = server.server_address[1]
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
+
+    @property
+    def config(self):
+        return self.server.proxy.config
+
+    @property
+    def cache(self):
+        return self.server.proxy.cache
+
+    @property
+    def clock(self):
+        return self.server.proxy.clock
+
+    @property
+    def upstreams(self):
+        return self.server.proxy.upstreams
 
     def request(self, method, path, headers=None, body=None, host=None):
         """One request on a new connection: (status, headers, body bytes)."""
@@ -79,7 +112,8 @@ def start_proxy(tmp_path):
     servers = []
 
     def start(*argv, **environ):
-        server = dockerproxy.ProxyServer(proxy_config(tmp_path, *argv, **environ))
+        config = proxy_config(tmp_path, *argv, **environ)
+        server = dockerproxy.ProxyServer(config, proxy=dockerproxy.Proxy(config, MovableClock()))
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return RunningProxy(server)

@@ -37,14 +37,14 @@ def temp_files(root):
 
 
 def cache_root(proxy):
-    return proxy.server.cache.root
+    return proxy.cache.root
 
 
 def settled(proxy):
     """Clients get their last byte once it is verified; the fsync, rename and
     index entries follow in the fill's thread.  Tests that look at the cache
     files directly wait for that (a request for the same object waits itself)."""
-    wait_until(lambda: not proxy.server.cache._fills, what="fills stored")
+    assert proxy.cache.wait_idle(), "fills stored"
 
 
 def pull(client, repo, tag, accept=ACCEPT_ALL):
@@ -145,7 +145,7 @@ def test_head_of_an_uncached_blob_asks_upstream_with_head_not_get(proxy, fake):
     assert fake.count(server="cdn") == 0
     heads = [r for r in fake.requests if r["method"] == "HEAD" and "/blobs/" in r["path"] and r.get("status") != 401]
     assert len(heads) == 1
-    assert not proxy.server.cache.has(digest)
+    assert not proxy.cache.store.exists(digest)
 
 
 def test_manifest_head_then_get_serves_the_whole_body(proxy, fake):
@@ -172,13 +172,9 @@ def test_cache_keys_keep_registries_apart(start_proxy):
 # Tags and Accept ###########################################################
 
 def rewind_tag_checks(proxy, seconds):
-    """Make every tag entry `seconds` older, as if MANIFEST_TTL had passed."""
+    """Move the proxy's clock `seconds` on, as if MANIFEST_TTL had passed."""
     settled(proxy)
-    for path in files_under(os.path.join(cache_root(proxy), "repos")):
-        if path.endswith(".json") and "_tags" in path:
-            entry = json.load(open(path))
-            entry["checked"] -= seconds
-            json.dump(entry, open(path, "w"))
+    proxy.clock.advance(seconds)
 
 
 def test_tag_is_served_from_cache_within_ttl_and_revalidated_by_head_after(proxy, fake):
@@ -190,12 +186,12 @@ def test_tag_is_served_from_cache_within_ttl_and_revalidated_by_head_after(proxy
     status, headers, body = client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     assert body == old["manifest"] and headers["X-Cache"] == "HIT"
     assert fake.count(server="registry") == 0
-    rewind_tag_checks(proxy, proxy.server.config.manifest_ttl + 1)
+    rewind_tag_checks(proxy, proxy.config.manifest_ttl + 1)
     status, headers, body = client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     assert status == 200 and body == new["manifest"] and headers["X-Cache"] == "MISS"
     assert fake.count(method="HEAD", path_contains="/manifests/3") == 1
     assert fake.count(method="GET", path_contains="/manifests/3") == 1
-    rewind_tag_checks(proxy, proxy.server.config.manifest_ttl + 1)
+    rewind_tag_checks(proxy, proxy.config.manifest_ttl + 1)
     fake.reset_counters()
     status, headers, body = client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     assert body == new["manifest"] and headers["X-Cache"] == "HIT"
@@ -246,7 +242,7 @@ def test_eight_concurrent_cold_gets_make_one_upstream_get(proxy, fake):
     assert fake.wait_stalled(1)
 
     def all_following():
-        fills = list(proxy.server.cache._fills.values())
+        fills = proxy.cache.fills.in_flight()
         return len(fills) == 1 and fills[0].followers == 8
     wait_until(all_following, what="8 clients on one fill")
     fake.release.set()
@@ -269,7 +265,7 @@ def test_fill_completes_for_the_cache_when_its_first_client_disconnects(proxy, f
     assert fake.wait_stalled(1)
     first.close()
     fake.release.set()
-    wait_until(lambda: proxy.server.cache.has(digest), what="fill committed")
+    wait_until(lambda: proxy.cache.store.exists(digest), what="fill committed")
     fake.reset_counters()
     status, headers, body = client.request("GET", f"/v2/library/alpine/blobs/{digest}")
     assert status == 200 and headers["X-Cache"] == "HIT"
@@ -284,8 +280,8 @@ def test_a_bad_upstream_body_caches_nothing_and_the_client_sees_a_failed_transfe
     fake.fault("cdn", digest, **fault)
     with pytest.raises(http.client.IncompleteRead):
         client.request("GET", f"/v2/library/alpine/blobs/{digest}")
-    wait_until(lambda: not proxy.server.cache._fills, what="fill ended")
-    assert not proxy.server.cache.has(digest)
+    assert proxy.cache.wait_idle(), "fill ended"
+    assert not proxy.cache.store.exists(digest)
     assert temp_files(cache_root(proxy)) == []
     status, _, body = client.request("GET", f"/v2/library/alpine/blobs/{digest}")  # the retry works
     assert status == 200 and "sha256:" + hashlib.sha256(body).hexdigest() == digest
@@ -321,7 +317,7 @@ def test_upstream_down_cached_image_still_pulls_and_uncached_gives_502(start_pro
     proxy = start_proxy("--upstream", f"docker={fake.url}")
     pull(RegistryClient(proxy), "library/alpine", "3")
     fake.close()
-    rewind_tag_checks(proxy, proxy.server.config.manifest_ttl + 1)
+    rewind_tag_checks(proxy, proxy.config.manifest_ttl + 1)
     client = RegistryClient(proxy)
     status, headers, _ = proxy.request("GET", "/v2/")
     assert status == 401 and "/v2/auth" in headers["WWW-Authenticate"]
@@ -340,7 +336,7 @@ def test_upstream_errors_serve_the_cached_tag_as_stale(proxy, fake, status):
     client = RegistryClient(proxy)
     client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     settled(proxy)
-    rewind_tag_checks(proxy, proxy.server.config.manifest_ttl + 1)
+    rewind_tag_checks(proxy, proxy.config.manifest_ttl + 1)
     fake.fault("registry", "/manifests/3", "status", status=status)
     answer_status, headers, body = client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     assert answer_status == 200 and headers["X-Cache"] == "STALE" and body == image["manifest"]
@@ -352,7 +348,7 @@ def test_upstream_timeout_serves_stale_and_uncached_gives_504(start_proxy, fake)
     client = RegistryClient(proxy)
     client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     settled(proxy)
-    rewind_tag_checks(proxy, proxy.server.config.manifest_ttl + 1)
+    rewind_tag_checks(proxy, proxy.config.manifest_ttl + 1)
     fake.fault("registry", "/manifests/", "stall", count=2)
     status, headers, _ = client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     assert status == 200 and headers["X-Cache"] == "STALE"
@@ -369,7 +365,7 @@ def test_private_content_is_never_served_from_cache_to_a_refused_client(start_pr
         proxy = start_proxy("--upstream", f"docker={fake.url}")
         pull(RegistryClient(proxy, "alice", "s3cret"), "alice/private", "1")
         layer = image["layers"][0]
-        assert proxy.server.cache.has(layer)
+        assert proxy.cache.store.exists(layer)
         anonymous = RegistryClient(proxy)
         for path in [f"/v2/alice/private/blobs/{layer}", f"/v2/alice/private/manifests/{image['digest']}",
                      "/v2/alice/private/manifests/1"]:
@@ -398,14 +394,13 @@ def test_public_content_is_served_with_no_upstream_request_even_for_another_clie
 def test_eviction_keeps_the_cache_under_its_limit_but_not_a_blob_being_served(start_proxy, fake):
     limit = 24 * 1024 * 1024
     proxy = start_proxy("--upstream", f"docker={fake.url}", "--cache-max-size", "24M")
-    cache, client = proxy.server.cache, RegistryClient(proxy)
+    cache, client = proxy.cache, RegistryClient(proxy)
     served = fake.add_pattern_blob("library/alpine", 16 * 1024 * 1024, seed=10)
     assert client.request("GET", f"/v2/library/alpine/blobs/{served}")[0] == 200
     held = HeldClient(proxy, f"/v2/library/alpine/blobs/{served}", {"Authorization": f"Bearer {client.token}"})
     served_path = dockerproxy.object_path(cache.root, served)
-    wait_until(lambda: cache.is_being_read(served_path), what="blob being served")
-    a_day_ago = os.stat(served_path).st_mtime - 86400
-    os.utime(served_path, (a_day_ago, a_day_ago))  # the least recently used of all
+    wait_until(lambda: cache.store.in_use(served), what="blob being served")
+    proxy.clock.advance(86400)  # what is filled now was used a day after it: it is the least recent
     for seed in range(4):
         digest = fake.add_pattern_blob("library/alpine", 4 * 1024 * 1024, seed=20 + seed)
         assert client.request("GET", f"/v2/library/alpine/blobs/{digest}")[0] == 200
@@ -421,7 +416,7 @@ def test_evicted_manifest_drops_its_tag_entry(proxy, fake):
     client = RegistryClient(proxy)
     client.request("GET", "/v2/library/alpine/manifests/3", ACCEPT_ALL)
     settled(proxy)
-    cache = proxy.server.cache
+    cache = proxy.cache
     os.unlink(dockerproxy.object_path(cache.root, image["digest"]))
     assert cache.sweep()["tags_dropped"] == 1
     assert cache.stats()["tag_entries"] == 0
@@ -433,9 +428,9 @@ def test_objects_unused_longer_than_max_age_are_removed(start_proxy, fake):
     RegistryClient(proxy).request("GET", f"/v2/library/alpine/blobs/{digest}")
     settled(proxy)
     path = dockerproxy.object_path(cache_root(proxy), digest)
-    two_days_ago = os.stat(path).st_mtime - 2 * 86400
-    os.utime(path, (two_days_ago, two_days_ago))
-    assert proxy.server.cache.sweep()["removed"] == 1 and not os.path.exists(path)
+    assert proxy.cache.sweep()["removed"] == 0
+    proxy.clock.advance(2 * 86400)
+    assert proxy.cache.sweep()["removed"] == 1 and not os.path.exists(path)
 
 
 # Real processes ############################################################
@@ -526,7 +521,7 @@ def test_empty_cache_dir_turns_the_cache_off(start_proxy, fake, tmp_path, monkey
         status, headers, _ = client.request("GET", f"/v2/library/alpine/blobs/{digest}")
         assert status == 200 and headers["X-Cache"] == "MISS"
     assert blob_gets(fake, digest) == 2
-    assert proxy.server.cache is None and os.listdir(tmp_path) == []
+    assert proxy.cache is None and os.listdir(tmp_path) == []
 
 
 def test_a_token_from_a_refresh_token_is_not_anonymous(start_proxy):
@@ -557,17 +552,16 @@ def test_an_unusable_redirect_ends_the_fill_so_later_requests_do_not_wait(start_
         for _ in range(2):
             status, _, body = client.request("GET", f"/v2/library/alpine/blobs/{digest}")
             assert status == 502 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
-        assert proxy.server.cache._fills == {}
+        assert proxy.cache.fills.in_flight() == []
 
 
 def test_relayed_head_answers_return_their_upstream_connection_to_the_pool(start_proxy):
     with FakeRegistry(auth_required=False) as fake:
         digest = fake.add_blob("library/alpine", b"z" * 1000)
         proxy = start_proxy("--upstream", f"docker={fake.url}")
-        idle = proxy.server.upstreams._idle
         for _ in range(3):
             status, headers, _ = proxy.request("HEAD", f"/v2/library/alpine/blobs/{digest}")
             assert status == 200 and headers["Content-Length"] == "1000"
             # the answer goes out before the handler releases the connection: poll
-            wait_until(lambda: sum(len(connections) for connections in idle.values()) == 1,
+            wait_until(lambda: proxy.upstreams.idle_count() == 1,
                        timeout=5, what="the connection back in the pool")

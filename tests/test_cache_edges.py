@@ -84,7 +84,7 @@ def test_a_client_asking_on_right_after_its_last_byte_costs_no_upstream_request(
         status, _, body = proxy.request("GET", "/v2/library/a/manifests/1", ACCEPT)
         layer = json.loads(body)["layers"][0]["digest"]
         assert proxy.request("GET", f"/v2/library/a/blobs/{layer}")[0] == 200
-        wait_until(lambda: not proxy.server.cache._fills, what="settled")
+        assert proxy.cache.wait_idle(), "settled"
         fake.reset_counters()
         # b's manifest by tag, then (as soon as it is complete) the same manifest by digest and the shared layer
         status, _, body = proxy.request("GET", "/v2/library/b/manifests/1", ACCEPT)
@@ -112,7 +112,7 @@ def test_a_tag_is_served_with_the_stored_type_not_the_one_a_head_claimed(start_p
         proxy = start_proxy("--upstream", f"docker={fake.url}")
         assert proxy.request("HEAD", "/v2/library/a/manifests/1", ACCEPT)[0] == 200      # containerd resolve
         assert proxy.request("GET", f"/v2/library/a/manifests/{image['digest']}", ACCEPT)[0] == 200
-        wait_until(lambda: not proxy.server.cache._fills, what="settled")
+        assert proxy.cache.wait_idle(), "settled"
         status, headers, body = proxy.request("GET", "/v2/library/a/manifests/1", ACCEPT)  # docker
         assert status == 200 and headers["X-Cache"] == "HIT"
         assert headers["Content-Type"] == DOCKER_MANIFEST, headers["Content-Type"]
@@ -153,10 +153,10 @@ def test_a_failed_fsync_after_verification_still_serves_every_client(start_proxy
         assert all(s == 200 and b == data for s, _, b in results)
         status, headers, body = proxy.request("GET", f"/v2/library/a/blobs/{digest}")
         assert status == 200 and body == data, status
-        wait_until(lambda: not proxy.server.cache._fills, what="settled")
+        assert proxy.cache.wait_idle(), "settled"
         status, headers, body = proxy.request("GET", f"/v2/library/a/blobs/{digest}")
         assert status == 200 and headers["X-Cache"] == "HIT"
-        root = proxy.server.cache.root
+        root = proxy.cache.root
         assert not [f for d, _, fs in os.walk(root) for f in fs if f.startswith(".tmp-")]
 
 
