@@ -1,0 +1,140 @@
+"""The Access rule, table-tested without sockets: who may have cached bytes without asking upstream."""
+
+import pytest
+
+import dockerproxy
+from conftest import MovableClock
+from dockerproxy import ACCESS_TTL, ANONYMOUS_TOKEN, ANONYMOUS_TOKEN_TTL
+
+UPSTREAM = "https://registry-1.docker.io"
+OTHER_UPSTREAM = "https://ghcr.io"
+REPOSITORY = "team/app"
+DIGEST = "sha256:" + "a" * 64
+ALICE, BOB = "Bearer alice-token", "Bearer bob-token"
+PLACEHOLDER = f"Bearer {ANONYMOUS_TOKEN}"
+OLD = ACCESS_TTL + 1
+
+
+@pytest.fixture
+def clock():
+    return MovableClock()
+
+
+@pytest.fixture
+def access(tmp_path, clock):
+    records = dockerproxy.AccessRecords(str(tmp_path), clock, dockerproxy.DiskTrouble())
+    return dockerproxy.Access(records, clock)
+
+
+def happened(clock, events):
+    """Run (seconds ago, action) events oldest first, then bring the clock to the present."""
+    start = max((ago for ago, _ in events), default=0)
+    now = 0  # seconds since the oldest event
+    for ago, action in sorted(events, key=lambda event: -event[0]):
+        clock.advance(start - ago - now)
+        now = start - ago
+        action()
+    clock.advance(start - now)
+
+
+# linked, anonymous pull (seconds ago), grant (authorization, seconds ago), client, stale, allowed
+MAY_SERVE = [
+    # rule 1: an object not linked to the repository is never served from the cache alone
+    (False, 0, None, None, False, False),
+    (False, 0, (ALICE, 0), ALICE, False, False),
+    (False, 0, None, None, True, False),
+    # rule 2, anonymous pulls: anyone, within ACCESS_TTL, at any age while upstream is down
+    (True, 0, None, None, False, True),
+    (True, 0, None, ALICE, False, True),
+    (True, 0, None, PLACEHOLDER, False, True),
+    (True, OLD, None, None, False, False),
+    (True, OLD, None, ALICE, False, False),
+    (True, OLD, None, None, True, True),
+    (True, None, None, None, True, False),
+    # rule 2, grants: only the credentials upstream accepted, only within ACCESS_TTL
+    (True, None, (ALICE, 0), ALICE, False, True),
+    (True, None, (ALICE, 0), BOB, False, False),
+    (True, None, (ALICE, 0), None, False, False),
+    (True, None, (ALICE, 0), PLACEHOLDER, False, False),
+    (True, None, (ALICE, OLD), ALICE, False, False),
+    (True, None, (ALICE, OLD), ALICE, True, False),
+]
+
+
+@pytest.mark.parametrize("linked, anonymous_ago, grant, client, stale, allowed", MAY_SERVE)
+def test_may_serve(access, clock, linked, anonymous_ago, grant, client, stale, allowed):
+    events = []
+    if linked:
+        events.append((OLD * 2, lambda: access.records.link(UPSTREAM, REPOSITORY, [DIGEST])))
+    if anonymous_ago is not None:
+        events.append((anonymous_ago, lambda: access.record(None, UPSTREAM, REPOSITORY, [])))
+    if grant is not None:
+        authorization, ago = grant
+        events.append((ago, lambda: access.record(access.identity(authorization), UPSTREAM, REPOSITORY, [])))
+    happened(clock, events)
+    identity = access.identity(client or "")
+    assert access.may_serve(identity, UPSTREAM, REPOSITORY, DIGEST, stale) is allowed
+
+
+def test_records_are_per_upstream_and_per_repository(access):
+    alice = access.identity(ALICE)
+    access.record(alice, UPSTREAM, REPOSITORY, [DIGEST])
+    access.record(None, UPSTREAM, "library/alpine", [DIGEST])
+    assert access.may_serve(alice, UPSTREAM, REPOSITORY, DIGEST)
+    assert not access.may_serve(alice, OTHER_UPSTREAM, REPOSITORY, DIGEST)
+    assert not access.may_serve(None, UPSTREAM, REPOSITORY, DIGEST)        # public elsewhere proves nothing here
+    assert access.may_serve(None, UPSTREAM, "library/alpine", DIGEST)
+    assert not access.may_serve(None, OTHER_UPSTREAM, "library/alpine", DIGEST)
+
+
+def test_a_token_fetched_without_credentials_counts_as_anonymous_for_its_lifetime(access, clock):
+    assert access.identity("Bearer t0ken") is not None
+    access.note_anonymous_token("t0ken")
+    assert access.identity("Bearer t0ken") is None
+    assert access.identity("Bearer other") is not None
+    clock.advance(ANONYMOUS_TOKEN_TTL + 1)
+    assert access.identity("Bearer t0ken") is not None
+
+
+def test_identities_are_hashes_never_the_credential(access):
+    identity = access.identity(ALICE)
+    assert "alice-token" not in identity and identity == access.identity(ALICE) != access.identity(BOB)
+
+
+# started by, client, repository state, may join
+MAY_JOIN = [
+    (ALICE, ALICE, None, True),         # the same credentials follow their own fill
+    (None, None, None, True),           # anonymous follows anonymous
+    (ALICE, BOB, None, False),          # never another's private fill
+    (ALICE, None, None, False),
+    (None, ALICE, None, False),         # an anonymous fill of a repository not known public
+    (ALICE, BOB, "public", True),       # a public repository: anyone
+    (ALICE, BOB, "granted to client", True),
+    (ALICE, BOB, "public long ago", False),
+]
+
+
+@pytest.mark.parametrize("started_by, client, state, allowed", MAY_JOIN)
+def test_may_join_a_fill(access, clock, started_by, client, state, allowed):
+    if state == "public":
+        access.record(None, UPSTREAM, REPOSITORY, [])
+    elif state == "granted to client":
+        access.record(access.identity(client), UPSTREAM, REPOSITORY, [])
+    elif state == "public long ago":
+        access.record(None, UPSTREAM, REPOSITORY, [])
+        clock.advance(OLD)
+    starter = access.identity(started_by) if started_by else None
+    identity = access.identity(client) if client else None
+    assert access.may_join(identity, starter, UPSTREAM, REPOSITORY) is allowed
+
+
+def test_without_a_cache_nothing_is_served_from_one(clock):
+    access = dockerproxy.Access(None, clock)
+    access.record(None, UPSTREAM, REPOSITORY, [DIGEST])
+    assert not access.may_serve(None, UPSTREAM, REPOSITORY, DIGEST, stale=True)
+
+
+def test_the_rule_is_stated_where_it_is_implemented():
+    rule = dockerproxy.Access.__doc__
+    for words in ("linked", "ACCESS_TTL", "anonymous", "credentials", "HEAD", "fill"):
+        assert words in rule

@@ -1,0 +1,199 @@
+"""The storage seams (BlobStore, TagIndex, AccessRecords) and Fills, without sockets.
+
+Each seam is tested through its operations only, so a second backend can be
+run through the same tests by adding it to the `backend` fixture.
+"""
+
+import hashlib
+import io
+import threading
+
+import pytest
+
+import dockerproxy
+from conftest import MovableClock
+
+UPSTREAM = "https://registry-1.docker.io"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+
+
+def digest_of(data):
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(params=["disk"])
+def backend(request, tmp_path):
+    """(blob store, tag index, access records, clock) of one backend."""
+    clock, trouble = MovableClock(), dockerproxy.DiskTrouble()
+    root = str(tmp_path / "cache")
+    return (dockerproxy.BlobStore(root, clock), dockerproxy.TagIndex(root, clock, trouble),
+            dockerproxy.AccessRecords(root, clock, trouble), clock)
+
+
+def put(store, data, media_type=None):
+    digest = digest_of(data)
+    spool = store.new_spool(digest)
+    spool.write(data)
+    spool.finish(len(data))
+    is_new = store.put(spool, digest, media_type)
+    spool.close()
+    return digest, is_new
+
+
+# Blob store ################################################################
+
+def test_a_put_object_is_there_by_digest_with_its_media_type(backend):
+    store = backend[0]
+    blob, is_new = put(store, b"layer bytes")
+    manifest, _ = put(store, b'{"schemaVersion":2}', DOCKER_MANIFEST)
+    assert is_new and store.exists(blob) and store.media_type(blob) is None
+    assert store.media_type(manifest) == DOCKER_MANIFEST
+    file, size = store.open(blob)
+    assert (file.read(), size) == (b"layer bytes", 11)
+    store.close(file)
+    assert store.digest_of(blob) == blob
+    assert put(store, b"layer bytes")[1] is False  # the same bytes again: nothing new
+
+
+def test_objects_lists_what_is_stored_with_size_and_last_use(backend):
+    store, _, _, clock = backend
+    first, _ = put(store, b"first")
+    clock.advance(100)
+    second, _ = put(store, b"second!")
+    listed = {stored.digest: stored for stored in store.objects()}
+    assert set(listed) == {first, second}
+    assert listed[second].size == 7 and listed[second].last_used - listed[first].last_used >= 99
+
+
+def test_an_object_being_read_is_in_use_until_closed(backend):
+    store = backend[0]
+    digest, _ = put(store, b"data")
+    assert not store.in_use(digest)
+    file, _ = store.open(digest)
+    assert store.in_use(digest)
+    store.close(file)
+    assert not store.in_use(digest)
+
+
+def test_deleted_and_absent_objects(backend):
+    store = backend[0]
+    digest, _ = put(store, b"{}", DOCKER_MANIFEST)
+    store.delete(digest)
+    assert not store.exists(digest) and store.open(digest) is None and store.media_type(digest) is None
+    store.delete(digest)  # twice is fine
+    assert store.objects() == []
+
+
+def test_a_discarded_spool_leaves_nothing(backend):
+    store = backend[0]
+    spool = store.new_spool(digest_of(b"x"))
+    spool.write(b"partial")
+    spool.discard()
+    spool.close()
+    assert store.objects() == [] and dockerproxy.remove_abandoned_temps(store.root) == 0
+
+
+# Tag index #################################################################
+
+def test_a_tag_entry_per_accept_kind_and_when_it_was_checked(backend):
+    _, tags, _, clock = backend
+    digest = digest_of(b"m")
+    tags.put(UPSTREAM, "library/a", "1", "docker-manifest", digest, DOCKER_MANIFEST)
+    clock.advance(30)
+    tags.put(UPSTREAM, "library/a", "1", "oci-index", digest, "application/vnd.oci.image.index.v1+json")
+    assert tags.kinds(UPSTREAM, "library/a", "1") == ["docker-manifest", "oci-index"]
+    entry = tags.get(UPSTREAM, "library/a", "1", "docker-manifest")
+    assert entry["digest"] == digest and clock.time() - entry["checked"] >= 30
+    assert tags.get("https://ghcr.io", "library/a", "1", "docker-manifest") is None
+    tags.drop(UPSTREAM, "library/a", "1")
+    assert tags.kinds(UPSTREAM, "library/a", "1") == []
+
+
+def test_prune_drops_entries_whose_manifest_is_gone(backend):
+    store, tags, _, _ = backend
+    kept, _ = put(store, b"kept", DOCKER_MANIFEST)
+    tags.put(UPSTREAM, "library/a", "kept", "any", kept, DOCKER_MANIFEST)
+    tags.put(UPSTREAM, "library/a", "gone", "any", digest_of(b"gone"), DOCKER_MANIFEST)
+    assert tags.prune(store.exists) == 1
+    assert tags.get(UPSTREAM, "library/a", "kept", "any") and not tags.get(UPSTREAM, "library/a", "gone", "any")
+
+
+# Access records ############################################################
+
+def test_links_and_anonymous_pull_markers_per_upstream_and_repository(backend):
+    _, _, records, clock = backend
+    digest = digest_of(b"layer")
+    records.link(UPSTREAM, "library/a", [digest])
+    assert records.is_linked(UPSTREAM, "library/a", digest)
+    assert not records.is_linked(UPSTREAM, "library/b", digest)
+    assert not records.is_linked("https://ghcr.io", "library/a", digest)
+    assert records.public_since(UPSTREAM, "library/a") is None
+    records.mark_public(UPSTREAM, "library/a")
+    marked = records.public_since(UPSTREAM, "library/a")
+    clock.advance(50)
+    records.mark_public(UPSTREAM, "library/a")
+    assert records.public_since(UPSTREAM, "library/a") - marked >= 50
+    assert records.repositories() == 1
+
+
+# Fills #####################################################################
+
+class Answer:
+    """An upstream answer as a fill reads it."""
+
+    def __init__(self, body, length=None):
+        self.body = io.BytesIO(body)
+        self.headers = {"content-length": str(len(body) if length is None else length)}
+        self.closed = False
+
+    def readinto(self, buffer):
+        return self.body.readinto(buffer)
+
+    def release(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+def fill(store, data, digest, length=None):
+    """Run one fill to its end: (its state, what the verified callback saw)."""
+    stored = []
+    fills = dockerproxy.Fills(store, dockerproxy.DiskTrouble(), stored.append)
+    seen = []
+    job, leader = fills.begin(("key",), None)
+    assert leader and fills.begin(("key",), "other")[0] is job
+    reader = fills.start(job, Answer(data, length), digest, [], None, lambda d, spool: seen.append(d))
+    assert fills.wait_idle(30) and fills.in_flight() == []
+    store.close(reader)
+    return job.state, seen, stored
+
+
+def test_a_verified_fill_is_stored_and_counted(backend):
+    store = backend[0]
+    data = b"x" * 100000
+    state, seen, stored = fill(store, data, digest_of(data))
+    assert state == dockerproxy.Fill.DONE and seen == [digest_of(data)] and stored == [100000]
+    assert store.exists(digest_of(data))
+
+
+@pytest.mark.parametrize("body, digest, length", [
+    (b"tampered", digest_of(b"original"), None),      # wrong bytes
+    (b"short", digest_of(b"short"), 10),              # fewer bytes than announced
+])
+def test_a_bad_fill_stores_nothing(backend, body, digest, length):
+    store = backend[0]
+    state, seen, stored = fill(store, body, digest, length)
+    assert state == dockerproxy.Fill.FAILED and seen == [] and stored == []
+    assert store.objects() == [] and dockerproxy.remove_abandoned_temps(store.root) == 0
+
+
+def test_wait_idle_waits_for_a_running_fill(backend):
+    store = backend[0]
+    fills = dockerproxy.Fills(store, dockerproxy.DiskTrouble(), lambda added: None)
+    job, _ = fills.begin(("key",), None)
+    assert fills.wait_idle(0.01) is False
+    ended = threading.Thread(target=fills.end, args=(job, dockerproxy.Fill.DECLINED))
+    ended.start()
+    assert fills.wait_idle(30)
+    ended.join()
