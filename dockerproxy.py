@@ -38,10 +38,11 @@ Cache layout (CACHE_DIR):
                                   mtime: when an anonymous pull last succeeded
   .tmp-*                          being written; renamed once verified
 A cached object is served without asking upstream only to a client that may
-have it: the repository was pulled anonymously, or upstream accepted this
-client's credentials for it, within the last ten minutes.  Anyone else is
-checked with a HEAD upstream first, so private images do not leak.  The whole
-rule is one class, Access, in the section of that name.
+have it: upstream served the object for that repository, and the repository
+was pulled anonymously (at any age while upstream is down), or upstream
+accepted this client's credentials for it, within the last ten minutes.
+Anyone else is checked with a HEAD upstream first, so private images do not
+leak.  The whole rule is one class, Access, in the section of that name.
 
 What it never does:
   * accept a push: PUT, POST, PATCH and DELETE on the registry API get 405;
