@@ -32,6 +32,7 @@ ensure_packages() {
   command -v podman >/dev/null || missing+=(podman)
   { command -v containerd >/dev/null && command -v ctr >/dev/null; } || missing+=(containerd)
   command -v nginx >/dev/null || missing+=(nginx-light)  # bench/run's static-file ceiling
+  command -v systemd-analyze >/dev/null || missing+=(systemd)  # verifies the README's unit
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing ${missing[*]} with apt-get"

@@ -33,12 +33,35 @@ class MovableClock(dockerproxy.Clock):
         self.offset += seconds
 
 
-class RunningProxy:
-    """A ProxyServer serving in a thread, and a small client for it."""
+def http_request(url, method="GET", headers=None, body=None, host=None, timeout=30, context=None):
+    """One request on a new connection, no redirect followed: (status, headers, body bytes).
 
-    def __init__(self, server):
+    `url` is absolute, http or https (`context`: the SSLContext); everything after
+    its host:port is sent as it is, unnormalised, for the tests of odd paths.
+    `host` replaces the Host header, as a client that names a registry host does."""
+    scheme, _, rest = url.partition("://")
+    address, _, target = rest.partition("/")
+    if scheme == "https":
+        connection = http.client.HTTPSConnection(address, timeout=timeout, context=context)
+    else:
+        connection = http.client.HTTPConnection(address, timeout=timeout)
+    try:
+        headers = dict(headers or {})
+        if host:
+            headers["Host"] = host
+        connection.request(method, "/" + target, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        connection.close()
+
+
+class RunningProxy:
+    """A client for a proxy: a ProxyServer serving in a thread, or a process on `port`."""
+
+    def __init__(self, server=None, port=None):
         self.server = server
-        self.port = server.server_address[1]
+        self.port = server.server_address[1] if server else port
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
 
@@ -58,18 +81,9 @@ class RunningProxy:
     def upstreams(self):
         return self.server.proxy.upstreams
 
-    def request(self, method, path, headers=None, body=None, host=None):
+    def request(self, method, path, headers=None, body=None, host=None, timeout=30):
         """One request on a new connection: (status, headers, body bytes)."""
-        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            headers = dict(headers or {})
-            if host:
-                headers["Host"] = host
-            connection.request(method, path, body=body, headers=headers)
-            response = connection.getresponse()
-            return response.status, response.headers, response.read()
-        finally:
-            connection.close()
+        return http_request(self.url + path, method, headers, body, host, timeout)
 
 
 def proxy_config(tmp_path, *argv, **environ):
@@ -87,8 +101,7 @@ def start_proxy_process(upstream_url, cache_dir, port, preexec_fn=None):
         [sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--host", "127.0.0.1", "--port", str(port),
          "--env-file", os.devnull, "--upstream", f"docker={upstream_url}", "--cache-dir", str(cache_dir)],
         stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
-    running = RunningProxy.__new__(RunningProxy)
-    running.port, running.host, running.url = port, f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"
+    running = RunningProxy(port=port)
 
     def answers():
         try:
@@ -98,6 +111,29 @@ def start_proxy_process(upstream_url, cache_dir, port, preexec_fn=None):
             return False
     wait_until(answers, what="proxy process start")
     return process, running
+
+
+@pytest.fixture
+def run_main(tmp_path, monkeypatch, capsys):
+    """run_main(argv, environ) -> (status, stdout, stderr) of dockerproxy.main() in this process.
+
+    Only for runs that end before serving (a bad setting, --help): if the settings
+    are good the test fails there, before any logging set-up or server. It runs
+    in an empty working directory, so no ./.env is read unless the test writes one."""
+    def past_configuration(debug):
+        raise AssertionError("main() accepted the settings and would serve")
+    monkeypatch.setattr(dockerproxy, "configure_logging", past_configuration)
+    monkeypatch.chdir(tmp_path)
+
+    def run(argv, environ):
+        capsys.readouterr()
+        try:
+            status = dockerproxy.main(list(argv), dict(environ))
+        except SystemExit as exit:  # argparse: --help, --version, a usage error
+            status = exit.code
+        out, err = capsys.readouterr()
+        return status, out, err
+    return run
 
 
 @pytest.fixture
@@ -114,7 +150,8 @@ def start_proxy(tmp_path):
     def start(*argv, **environ):
         config = proxy_config(tmp_path, *argv, **environ)
         server = dockerproxy.ProxyServer(config, proxy=dockerproxy.Proxy(config, MovableClock()))
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        # a short poll interval: shutdown() waits up to one, 0.5 s by default
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         servers.append(server)
         return RunningProxy(server)
 

@@ -66,7 +66,8 @@ class LoopbackServer:
         self.port = self.httpd.server_address[1]
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"http://{self.host}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        # a short poll interval: stop() waits up to one in shutdown(), 0.5 s by default
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def stop(self):
         if self.httpd is not None:

@@ -8,26 +8,18 @@ from urllib.parse import urlencode, urljoin, urlsplit
 
 import pytest
 
+from conftest import http_request
 from fakeregistry import BLOCK_SIZE, DOCKER_MANIFEST, OCI_MANIFEST, FakeRegistry
 
 
 def open_request(url, method="GET", headers=None, body=None):
-    """Send a request; return the connection (for tests that read slowly)."""
+    """Send a request; return the connection, for the tests that read the answer slowly
+    (conftest.http_request sends one and reads all of the answer)."""
     parts = urlsplit(url)
     connection = http.client.HTTPConnection(parts.netloc, timeout=10)
     target = parts.path + ("?" + parts.query if parts.query else "")
     connection.request(method, target, body=body, headers=headers or {})
     return connection
-
-
-def call(url, method="GET", headers=None, body=None):
-    """One request, no redirect following: (status, headers, body)."""
-    connection = open_request(url, method, headers, body)
-    try:
-        response = connection.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        connection.close()
 
 
 def basic(user, password):
@@ -36,7 +28,7 @@ def basic(user, password):
 
 def get_token(fake, *scopes, headers=None):
     query = urlencode([("service", fake.service)] + [("scope", scope) for scope in scopes])
-    status, _, body = call(fake.realm + "?" + query, headers=headers)
+    status, _, body = http_request(fake.realm + "?" + query, headers=headers)
     assert status == 200, body
     return json.loads(body)["token"]
 
@@ -57,11 +49,11 @@ def sha256(data):
 
 
 def test_v2_challenge_then_token(fake):
-    status, headers, body = call(fake.url + "/v2/")
+    status, headers, body = http_request(fake.url + "/v2/")
     assert status == 401
     assert headers["WWW-Authenticate"] == 'Bearer realm="%s",service="fake.registry.test"' % fake.realm
     assert json.loads(body)["errors"][0]["code"] == "UNAUTHORIZED"
-    status, headers, body = call(fake.url + "/v2/", headers=bearer(get_token(fake)))
+    status, headers, body = http_request(fake.url + "/v2/", headers=bearer(get_token(fake)))
     assert (status, body) == (200, b"{}")
     assert headers["Docker-Distribution-Api-Version"] == "registry/2.0"
 
@@ -72,15 +64,15 @@ def test_token_with_two_scopes_grants_both(fake):
     token = get_token(fake, "repository:library/alpine:pull", "repository:owner/team/app:pull,push")
     assert fake.token_requests[-1]["scopes"] == ["repository:library/alpine:pull", "repository:owner/team/app:pull,push"]
     assert fake.granted_scopes(token) == {"repository:library/alpine:pull", "repository:owner/team/app:pull"}
-    assert call(fake.url + "/v2/library/alpine/manifests/3", headers=bearer(token))[2] == first["manifest"]
-    assert call(fake.url + "/v2/owner/team/app/manifests/v1", headers=bearer(token))[2] == second["manifest"]
-    assert call(fake.url + "/v2/other/manifests/v1", headers=bearer(token))[0] == 401
+    assert http_request(fake.url + "/v2/library/alpine/manifests/3", headers=bearer(token))[2] == first["manifest"]
+    assert http_request(fake.url + "/v2/owner/team/app/manifests/v1", headers=bearer(token))[2] == second["manifest"]
+    assert http_request(fake.url + "/v2/other/manifests/v1", headers=bearer(token))[0] == 401
 
 
 def test_challenge_order_and_extra(fake):
     fake.challenge_order = ["scope", "realm", "service"]
     fake.challenge_extra = {"error": "insufficient_scope"}
-    status, headers, _ = call(fake.url + "/v2/library/alpine/manifests/latest")
+    status, headers, _ = http_request(fake.url + "/v2/library/alpine/manifests/latest")
     assert status == 401
     assert headers["WWW-Authenticate"] == (
         'Bearer scope="repository:library/alpine:pull",realm="%s",service="fake.registry.test",'
@@ -89,7 +81,7 @@ def test_challenge_order_and_extra(fake):
 
 
 def test_wrong_service_is_rejected(fake):
-    status, _, _ = call(fake.realm + "?service=other&scope=repository:x:pull")
+    status, _, _ = http_request(fake.realm + "?service=other&scope=repository:x:pull")
     assert status == 400
 
 
@@ -98,13 +90,13 @@ def test_private_repo_needs_credentials(fake):
     fake.add_private_repo("alice/private")
     image = fake.add_image("alice/private", "latest", [b"p"])
     url = fake.url + "/v2/alice/private/manifests/latest"
-    assert call(url, headers=pull_headers(fake, "alice/private"))[0] == 401
+    assert http_request(url, headers=pull_headers(fake, "alice/private"))[0] == 401
 
-    status, _, body = call(fake.realm + "?service=fake.registry.test", headers=basic("alice", "wrong"))
+    status, _, body = http_request(fake.realm + "?service=fake.registry.test", headers=basic("alice", "wrong"))
     assert (status, json.loads(body)) == (401, {"details": "incorrect username or password"})
 
     token = get_token(fake, "repository:alice/private:pull", headers=basic("alice", "secret"))
-    assert call(url, headers=bearer(token))[2] == image["manifest"]
+    assert http_request(url, headers=bearer(token))[2] == image["manifest"]
     assert fake.token_requests[-1]["username"] == "alice"
 
 
@@ -115,7 +107,7 @@ def test_post_password_and_refresh_grants(fake):
     form = {"grant_type": "password", "username": "bob", "password": "pw", "service": fake.service,
             "scope": "repository:bob/app:pull repository:library/busybox:pull", "client_id": "dockerproxy"}
     content_type = {"Content-Type": "application/x-www-form-urlencoded"}
-    status, _, body = call(fake.realm, "POST", content_type, urlencode(form))
+    status, _, body = http_request(fake.realm, "POST", content_type, urlencode(form))
     answer = json.loads(body)
     assert status == 200 and answer["refresh_token"] and answer["expires_in"] == 300
     assert fake.granted_scopes(answer["access_token"]) == {"repository:bob/app:pull", "repository:library/busybox:pull"}
@@ -123,19 +115,19 @@ def test_post_password_and_refresh_grants(fake):
 
     refresh = {"grant_type": "refresh_token", "refresh_token": answer["refresh_token"], "service": fake.service,
                "scope": "repository:bob/app:pull"}
-    status, _, body = call(fake.realm, "POST", content_type, urlencode(refresh))
+    status, _, body = http_request(fake.realm, "POST", content_type, urlencode(refresh))
     token = json.loads(body)["token"]
-    assert call(fake.url + "/v2/bob/app/manifests/1", headers=bearer(token))[0] == 200
+    assert http_request(fake.url + "/v2/bob/app/manifests/1", headers=bearer(token))[0] == 200
 
     fake.expire_tokens()
-    assert call(fake.url + "/v2/bob/app/manifests/1", headers=bearer(token))[0] == 401
+    assert http_request(fake.url + "/v2/bob/app/manifests/1", headers=bearer(token))[0] == 401
 
 
 def test_anonymous_registry():
     with FakeRegistry(auth_required=False) as fake:
         image = fake.add_image("library/alpine", "latest", [b"layer"])
-        assert call(fake.url + "/v2/")[0] == 200
-        assert call(fake.url + "/v2/library/alpine/manifests/latest")[2] == image["manifest"]
+        assert http_request(fake.url + "/v2/")[0] == 200
+        assert http_request(fake.url + "/v2/library/alpine/manifests/latest")[2] == image["manifest"]
 
 
 # --- manifests and tags ----------------------------------------------------
@@ -149,7 +141,7 @@ def test_accept_selects_media_type(fake):
 
     def fetch(accept, method="GET"):
         extra = {"Accept": accept} if accept else {}
-        return call(url, method, dict(headers, **extra))
+        return http_request(url, method, dict(headers, **extra))
 
     assert fetch(None)[2] == docker["manifest"]
     assert fetch("*/*")[2] == docker["manifest"]
@@ -162,7 +154,8 @@ def test_accept_selects_media_type(fake):
     assert response_headers["Content-Type"] == DOCKER_MANIFEST
     status, _, body = fetch("application/vnd.docker.distribution.manifest.v1+json")
     assert (status, json.loads(body)["errors"][0]["code"]) == (404, "MANIFEST_UNKNOWN")
-    assert call(fake.url + "/v2/library/alpine/manifests/" + oci["digest"], headers=headers)[2] == oci["manifest"]
+    by_digest = http_request(fake.url + "/v2/library/alpine/manifests/" + oci["digest"], headers=headers)
+    assert by_digest[2] == oci["manifest"]
 
     moved = fake.add_image("library/alpine", "latest", [b"new"])
     assert fetch(DOCKER_MANIFEST)[2] == moved["manifest"]
@@ -173,7 +166,8 @@ def test_accept_selects_media_type(fake):
 def test_index(fake):
     image = fake.add_image("library/alpine", None, [b"l"])
     digest = fake.add_index("library/alpine", "multi", [image])
-    status, headers, body = call(fake.url + "/v2/library/alpine/manifests/multi", headers=pull_headers(fake, "library/alpine"))
+    status, headers, body = http_request(fake.url + "/v2/library/alpine/manifests/multi",
+                                         headers=pull_headers(fake, "library/alpine"))
     assert status == 200 and headers["Docker-Content-Digest"] == digest == sha256(body)
     assert json.loads(body)["manifests"][0]["digest"] == image["digest"]
 
@@ -182,17 +176,17 @@ def test_tags_list_pagination(fake):
     for tag in ["c", "a", "d", "b"]:
         fake.add_image("owner/team/app", tag, [b"x"])
     headers = pull_headers(fake, "owner/team/app")
-    status, response_headers, body = call(fake.url + "/v2/owner/team/app/tags/list?n=2", headers=headers)
+    status, response_headers, body = http_request(fake.url + "/v2/owner/team/app/tags/list?n=2", headers=headers)
     assert json.loads(body) == {"name": "owner/team/app", "tags": ["a", "b"]}
     assert response_headers["Link"] == '</v2/owner/team/app/tags/list?last=b&n=2>; rel="next"'
-    status, response_headers, body = call(fake.url + "/v2/owner/team/app/tags/list?last=b&n=2", headers=headers)
+    status, response_headers, body = http_request(fake.url + "/v2/owner/team/app/tags/list?last=b&n=2", headers=headers)
     assert json.loads(body)["tags"] == ["c", "d"] and "Link" not in response_headers
 
 
 def test_other_methods_are_405_and_counted(fake):
-    status, _, _ = call(fake.url + "/v2/library/alpine/blobs/uploads/", "POST", body=b"")
+    status, _, _ = http_request(fake.url + "/v2/library/alpine/blobs/uploads/", "POST", body=b"")
     assert status == 405
-    assert call(fake.url + "/v2/library/alpine/manifests/latest", "PUT", body=b"{}")[0] == 405
+    assert http_request(fake.url + "/v2/library/alpine/manifests/latest", "PUT", body=b"{}")[0] == 405
     assert len(fake.disallowed_requests) == 2
     assert fake.count(server="registry", method="PUT") == 1
 
@@ -203,34 +197,35 @@ def test_other_methods_are_405_and_counted(fake):
 def test_blob_redirects_to_cdn_which_rejects_authorization(fake):
     digest = fake.add_blob("library/alpine", b"hello blob")
     headers = pull_headers(fake, "library/alpine")
-    status, response_headers, body = call(fake.url + "/v2/library/alpine/blobs/" + digest, headers=headers)
+    status, response_headers, body = http_request(fake.url + "/v2/library/alpine/blobs/" + digest, headers=headers)
     location = response_headers["Location"]
     assert (status, body) == (307, b"")
     assert location.startswith(fake.cdn_url + "/blobs/" + digest + "?X-Amz-Signature=secret-signature-")
 
-    status, _, body = call(location, headers=headers)
+    status, _, body = http_request(location, headers=headers)
     assert status == 400 and b"<Code>InvalidArgument</Code>" in body
-    status, response_headers, body = call(location)
+    status, response_headers, body = http_request(location)
     assert (status, body) == (200, b"hello blob")
     assert response_headers["Accept-Ranges"] == "bytes"
 
-    status, response_headers, body = call(fake.url + "/v2/library/alpine/blobs/" + digest, "HEAD", headers)
+    status, response_headers, body = http_request(fake.url + "/v2/library/alpine/blobs/" + digest, "HEAD", headers)
     assert (status, body) == (200, b"")
     assert response_headers["Content-Length"] == "10"
     assert response_headers["Docker-Content-Digest"] == digest
 
-    other = call(fake.url + "/v2/library/busybox/blobs/" + digest, headers=pull_headers(fake, "library/busybox"))
+    other = http_request(fake.url + "/v2/library/busybox/blobs/" + digest,
+                         headers=pull_headers(fake, "library/busybox"))
     assert other[0] == 404 and json.loads(other[2])["errors"][0]["code"] == "BLOB_UNKNOWN"
 
 
 def test_cdn_ranges(fake):
     digest = fake.add_blob("r", b"0123456789")
     url = fake.cdn_url + "/blobs/" + digest + "?X-Amz-Signature=secret-signature-x"
-    status, headers, body = call(url, headers={"Range": "bytes=2-4"})
+    status, headers, body = http_request(url, headers={"Range": "bytes=2-4"})
     assert (status, body, headers["Content-Range"]) == (206, b"234", "bytes 2-4/10")
-    status, headers, body = call(url, headers={"Range": "bytes=7-"})
+    status, headers, body = http_request(url, headers={"Range": "bytes=7-"})
     assert (status, body, headers["Content-Range"]) == (206, b"789", "bytes 7-9/10")
-    status, headers, _ = call(url, headers={"Range": "bytes=10-"})
+    status, headers, _ = http_request(url, headers={"Range": "bytes=10-"})
     assert (status, headers["Content-Range"]) == (416, "bytes */10")
 
 
@@ -241,10 +236,10 @@ def test_pattern_blob(fake):
     assert len(content) == size and sha256(content) == digest
     assert fake.add_pattern_blob("big", size, seed=8) != digest
 
-    location = call(fake.url + "/v2/big/blobs/" + digest, headers=pull_headers(fake, "big"))[1]["Location"]
-    assert call(location)[2] == content
+    location = http_request(fake.url + "/v2/big/blobs/" + digest, headers=pull_headers(fake, "big"))[1]["Location"]
+    assert http_request(location)[2] == content
     start = BLOCK_SIZE - 10
-    status, _, body = call(location, headers={"Range": "bytes=%d-%d" % (start, start + 19)})
+    status, _, body = http_request(location, headers={"Range": "bytes=%d-%d" % (start, start + 19)})
     assert (status, body) == (206, content[start:start + 20])
 
 
@@ -253,10 +248,10 @@ def test_relative_redirect(style):
     with FakeRegistry(redirect_mode="relative", relative_style=style) as fake:
         digest = fake.add_blob("owner/app", b"rel")
         blob_url = fake.url + "/v2/owner/app/blobs/" + digest
-        status, headers, _ = call(blob_url, headers=pull_headers(fake, "owner/app"))
+        status, headers, _ = http_request(blob_url, headers=pull_headers(fake, "owner/app"))
         target = urljoin(blob_url, headers["Location"])
         assert status == 307 and target.startswith(fake.url + "/cdn-local/blobs/")
-        assert call(target)[2] == b"rel"
+        assert http_request(target)[2] == b"rel"
 
 
 def test_chain_redirect_counts_hops():
@@ -265,7 +260,7 @@ def test_chain_redirect_counts_hops():
         url, hops = fake.url + "/v2/a/blobs/" + digest, 0
         headers = pull_headers(fake, "a")
         while True:
-            status, response_headers, body = call(url, headers=headers)
+            status, response_headers, body = http_request(url, headers=headers)
             if status != 307:
                 break
             url, headers, hops = response_headers["Location"], {}, hops + 1
@@ -276,10 +271,10 @@ def test_no_redirect_and_custom_location():
     with FakeRegistry(redirect_mode="none") as fake:
         digest = fake.add_blob("a", b"direct")
         headers = pull_headers(fake, "a")
-        status, response_headers, body = call(fake.url + "/v2/a/blobs/" + digest, headers=headers)
+        status, response_headers, body = http_request(fake.url + "/v2/a/blobs/" + digest, headers=headers)
         assert (status, body, response_headers["Docker-Content-Digest"]) == (200, b"direct", digest)
         fake.redirect_location = "https://127.0.0.1:1/{repo}/{digest}"
-        location = call(fake.url + "/v2/a/blobs/" + digest, headers=headers)[1]["Location"]
+        location = http_request(fake.url + "/v2/a/blobs/" + digest, headers=headers)[1]["Location"]
         assert location == "https://127.0.0.1:1/a/" + digest
 
 
@@ -293,16 +288,16 @@ def cdn_blob(fake, data):
 
 def test_fault_status_429(fake):
     fault = fake.fault("registry", "/v2/", "status", status=429)
-    status, headers, body = call(fake.url + "/v2/")
+    status, headers, body = http_request(fake.url + "/v2/")
     assert (status, headers["Retry-After"]) == (429, "1")
     assert json.loads(body)["errors"][0]["code"] == "TOOMANYREQUESTS"
-    assert fault.remaining == 0 and call(fake.url + "/v2/")[0] == 401
+    assert fault.remaining == 0 and http_request(fake.url + "/v2/")[0] == 401
 
 
 def test_fault_close(fake):
     fake.fault("auth", "/token", "close")
     with pytest.raises(http.client.RemoteDisconnected):
-        call(fake.realm + "?service=fake.registry.test")
+        http_request(fake.realm + "?service=fake.registry.test")
 
 
 def test_fault_truncate_and_corrupt(fake):
@@ -310,18 +305,18 @@ def test_fault_truncate_and_corrupt(fake):
     url = cdn_blob(fake, data)
     fake.fault("cdn", "/blobs/", "truncate", nbytes=1000)
     with pytest.raises(http.client.IncompleteRead) as caught:
-        call(url)
+        http_request(url)
     assert len(caught.value.partial) == 1000
     fake.fault("cdn", "/blobs/", "corrupt", method="GET")
-    status, _, body = call(url)
+    status, _, body = http_request(url)
     assert status == 200 and len(body) == len(data) and body != data
-    assert call(url)[2] == data
+    assert http_request(url)[2] == data
 
 
 def test_fault_no_length(fake):
     url = cdn_blob(fake, b"x" * 200000)
     fake.fault("cdn", "/blobs/", "no_length")
-    status, headers, body = call(url)
+    status, headers, body = http_request(url)
     assert headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
     assert body == b"x" * 200000
 
@@ -348,7 +343,7 @@ def test_fault_stall_after_headers(fake):
 
 
 def test_request_log(fake):
-    call(fake.url + "/v2/?x=1", headers={"X-Test": "yes"})
+    http_request(fake.url + "/v2/?x=1", headers={"X-Test": "yes"})
     record = fake.requests[-1]
     assert (record["server"], record["method"], record["path"]) == ("registry", "GET", "/v2/")
     assert record["query"] == {"x": ["1"]} and record["headers"]["x-test"] == "yes"

@@ -14,7 +14,7 @@ import time
 import pytest
 
 import dockerproxy
-from conftest import ROOT, RegistryClient, start_proxy_process
+from conftest import ROOT, RegistryClient, RunningProxy, start_proxy_process
 from fakeregistry import DOCKER_MANIFEST, FakeRegistry
 from realregistry import free_port, wait_until
 
@@ -480,16 +480,15 @@ def test_real_process_runs_as_docker_hub_mirror_and_stops_on_sigterm(fake, tmp_p
     env.update(PORT=str(port), HOST="127.0.0.1", UPSTREAM_DOCKER=fake.url)
     process = subprocess.Popen([sys.executable, os.path.join(ROOT, "dockerproxy.py")], cwd=tmp_path, env=env,
                                stderr=subprocess.PIPE, text=True)
+    running = RunningProxy(port=port)
     try:
         def answers():
             try:
-                return http.client.HTTPConnection("127.0.0.1", port, timeout=1).request("GET", "/healthz") or True
+                return running.request("GET", "/healthz", timeout=1)[0] == 200
             except OSError:
+                assert process.poll() is None, process.stderr.read()
                 return False
         wait_until(answers, what="proxy start")
-        from conftest import RunningProxy
-        running = RunningProxy.__new__(RunningProxy)
-        running.port, running.host, running.url = port, f"127.0.0.1:{port}", f"http://127.0.0.1:{port}"
         status, _, _ = RegistryClient(running).request("GET", "/v2/alpine/manifests/3", MANIFEST_ACCEPT)
         assert status == 301
         status, _, body = RegistryClient(running).request("GET", "/v2/library/alpine/manifests/3", MANIFEST_ACCEPT)

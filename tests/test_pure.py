@@ -67,12 +67,10 @@ def test_flag_beats_environment_beats_env_file_beats_default(tmp_path):
     assert {r.name: r.upstream for r in config.routes}["ghcr"] == "http://127.0.0.1:7002"
 
 
-def test_env_file_in_working_directory_is_read(tmp_path):
+def test_env_file_in_working_directory_is_read(tmp_path, monkeypatch):
     (tmp_path / ".env").write_text("PORT=4444\n")
-    result = subprocess.run(
-        [sys.executable, "-c", "import dockerproxy; print(dockerproxy.load_config([], {}).port)"],
-        cwd=tmp_path, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True)
-    assert result.stdout.strip() == "4444", result.stderr
+    monkeypatch.chdir(tmp_path)
+    assert dockerproxy.load_config([], {}).port == 4444
 
 
 def test_upstream_override_keeps_docker_hub_semantics(tmp_path):
@@ -109,23 +107,48 @@ def test_extra_routes_add_registries(tmp_path):
     ([], {"EXTRA_ROUTES": "no-url"}, "EXTRA_ROUTES"),
     ([], {"CUSTOM_DOMAIN": "bad domain"}, "CUSTOM_DOMAIN"),
 ])
-def test_bad_setting_stops_start_up_with_one_line_and_status_2(tmp_path, args, environ, setting):
-    env = {k: v for k, v in os.environ.items() if k not in ("PORT", "MODE", "DEBUG")}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--env-file", os.devnull] + args,
-                            env={**env, **environ}, capture_output=True, text=True, timeout=20, cwd=tmp_path)
-    assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and setting in lines[0], result.stderr
-    assert "secret" not in result.stderr
+def test_bad_setting_stops_start_up_with_one_line_and_status_2(run_main, args, environ, setting):
+    status, out, err = run_main(["--env-file", os.devnull] + args, environ)
+    assert status == 2 and out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and setting in lines[0], err
+    assert "secret" not in err
 
 
-def test_help_lists_every_setting_with_its_default():
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--help"],
-                            capture_output=True, text=True, timeout=20)
-    text = " ".join(result.stdout.split())
+def test_help_lists_every_setting_with_its_default(run_main):
+    status, out, _ = run_main(["--help"], {})
+    assert status == 0
+    text = " ".join(out.split())
     for setting in dockerproxy.SETTINGS:
         assert f"env {setting.env}, default {setting.default or 'empty'}" in text
     assert "UPSTREAM_<ROUTE>" in text and "--env-file" in text
+
+
+def test_main_reads_the_environment_it_is_given_not_this_process(run_main, monkeypatch):
+    monkeypatch.setenv("PORT", "70000")
+    status, _, err = run_main(["--env-file", os.devnull], {"DEBUG": "maybe"})
+    assert (status, err) == (2, "dockerproxy.py: error: DEBUG='maybe': not a boolean (true/false)\n")
+
+
+BAD_PORT = "dockerproxy.py: error: PORT='70000': not a port number (0-65535)"
+
+
+@pytest.mark.parametrize("argv, environ, env_file, status, stream, text", [
+    (["--help"], {}, None, 0, "stdout", "--env-file PATH"),
+    (["--env-file", os.devnull], {"PORT": "70000"}, None, 2, "stderr", BAD_PORT + "\n"),
+    ([], {}, "PORT=70000\n", 2, "stderr", BAD_PORT + "\n"),
+], ids=["help", "bad-environment", "bad-env-file"])
+def test_the_script_itself_answers_help_and_stops_on_a_bad_environment_or_env_file(
+        tmp_path, argv, environ, env_file, status, stream, text):
+    """The real entry point: sys.argv, os.environ, ./.env and the exit status of `python3 dockerproxy.py`."""
+    if env_file:
+        (tmp_path / ".env").write_text(env_file)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "dockerproxy.py")] + argv,
+                            env={"PATH": os.environ["PATH"], **environ}, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=20)
+    output = getattr(result, stream)
+    assert result.returncode == status, result.stderr
+    assert (text in output) if status == 0 else (output == text)
 
 
 # Routing ####################################################################

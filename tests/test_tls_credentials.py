@@ -8,13 +8,12 @@ import os
 import shutil
 import ssl
 import subprocess
-import sys
 import warnings
 
 import pytest
 
 import dockerproxy
-from conftest import ROOT, RegistryClient
+from conftest import ROOT, RegistryClient, http_request
 from fakeregistry import DOCKER_MANIFEST, FakeRegistry
 
 MANIFEST_ACCEPT = {"Accept": DOCKER_MANIFEST}
@@ -36,13 +35,7 @@ def certificate(tmp_path_factory):
 
 def tls_request(proxy, cert, method, path, headers=None):
     context = ssl.create_default_context(cafile=cert)
-    connection = http.client.HTTPSConnection("127.0.0.1", proxy.port, context=context, timeout=30)
-    try:
-        connection.request(method, path, headers=headers or {})
-        response = connection.getresponse()
-        return response.status, response.headers, response.read()
-    finally:
-        connection.close()
+    return http_request(f"https://127.0.0.1:{proxy.port}{path}", method, headers, context=context)
 
 
 # TLS ########################################################################
@@ -84,10 +77,9 @@ def test_tls_refuses_plain_http_and_old_protocols(start_proxy, fake, certificate
     (["--tls-cert", os.path.join(ROOT, "README.md"), "--tls-key", os.path.join(ROOT, "README.md")], "TLS_CERT"),
     (["--tls-cert", os.path.join(ROOT, "README.md")], "TLS_KEY"),
 ])
-def test_bad_tls_settings_stop_start_up(flags, message):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--env-file", os.devnull] + flags,
-                            capture_output=True, text=True, timeout=20)
-    assert result.returncode == 2 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+def test_bad_tls_settings_stop_start_up(run_main, flags, message):
+    status, _, err = run_main(["--env-file", os.devnull] + flags, {})
+    assert status == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
 # Upstream credentials #######################################################
@@ -146,12 +138,10 @@ def test_without_proxy_credentials_private_content_needs_the_client_login(proxy,
     ({"UPSTREAM_NOPE_USERNAME": "u", "UPSTREAM_NOPE_PASSWORD": "secretvalue"}, "unknown route"),
     ({"REGISTRY_AUTH_FILE": "/nonexistent/config.json"}, "REGISTRY_AUTH_FILE"),
 ])
-def test_bad_credential_settings_stop_start_up_without_echoing_secrets(environ, message):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("UPSTREAM_")}
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--env-file", os.devnull],
-                            env={**env, **environ}, capture_output=True, text=True, timeout=20)
-    assert result.returncode == 2 and message in result.stderr
-    assert "secretvalue" not in result.stderr
+def test_bad_credential_settings_stop_start_up_without_echoing_secrets(run_main, environ, message):
+    status, _, err = run_main(["--env-file", os.devnull], environ)
+    assert status == 2 and message in err
+    assert "secretvalue" not in err
 
 
 def test_credentials_never_appear_in_the_config_repr(tmp_path):
