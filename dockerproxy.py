@@ -92,10 +92,12 @@ import functools
 import hashlib
 import http.client
 import http.server
+import ipaddress
 import json
 import logging
 import os
 import re
+import select
 import shutil
 import signal
 import socket
@@ -136,6 +138,22 @@ CHALLENGE_TTL = 3600.0
 # Idle keep-alive connections kept per upstream host.  Eight covers the
 # parallel layer downloads of one docker pull (it uses three) several times.
 IDLE_CONNECTIONS_PER_HOST = 8
+
+# An idle upstream connection older than this is closed, not reused: servers
+# drop idle keep-alive connections after 5-60 s, and a CDN host a registry
+# redirected to once should not hold a socket for ever.  At most
+# MAX_IDLE_CONNECTIONS wait across all hosts (redirect targets are many).
+IDLE_CONNECTION_TTL = 30.0
+MAX_IDLE_CONNECTIONS = 64
+
+# An upstream Content-Length above this is an upstream error: no layer is
+# near a terabyte, and lengths of 2**63 and more overflow what the OS takes.
+MAX_UPSTREAM_LENGTH = 1024 ** 4
+
+# A chunk-size line (with its extensions) and the trailer lines of a chunked
+# upstream body: longer ones are a broken or hostile upstream, not data.
+MAX_CHUNK_LINE = 4096
+MAX_TRAILER_LINES = 100
 
 # The proxy's own upstream tokens are renewed this long before they expire,
 # so a request in flight never carries one that lapses on the way (Docker
@@ -2045,27 +2063,132 @@ class Cache:
 
 # Upstream client ###########################################################
 
-class UpstreamResponse:
-    """An upstream answer whose connection goes back to the pool when done."""
+def body_framing(method: str, status: int, headers) -> tuple:
+    """(framing, length) of an upstream answer's body, as RFC 9112 section 6.3 says.
 
-    def __init__(self, response: http.client.HTTPResponse, connection, pool, url: str) -> None:
+    framing is "none" (HEAD, 1xx, 204, 304), "length" (Content-Length),
+    "chunked", or "close" (the body ends when the connection does).  What
+    a proxy must not guess at raises ValueError, which the caller turns into a
+    502: a Content-Length with a Transfer-Encoding (a request-smuggling
+    shape), another transfer coding than chunked, lengths that disagree, or a
+    length no registry object has.
+    """
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return "none", 0
+    encodings = [coding.strip().lower() for value in headers.get_all("transfer-encoding") or []
+                 for coding in value.split(",") if coding.strip()]
+    lengths = {length.strip() for value in headers.get_all("content-length") or []
+               for length in value.split(",")}
+    if encodings and lengths:
+        raise ValueError("both Content-Length and Transfer-Encoding")
+    if encodings:
+        if encodings != ["chunked"]:
+            raise ValueError(f"transfer coding {', '.join(encodings)!r}")
+        return "chunked", None
+    if not lengths:
+        return "close", None
+    length = lengths.pop()
+    if lengths or not re.fullmatch(r"[0-9]{1,16}", length) or int(length) > MAX_UPSTREAM_LENGTH:
+        raise ValueError("unusable Content-Length")
+    return "length", int(length)
+
+
+def is_link_local(address: str) -> bool:
+    """169.254.0.0/16 and fe80::/10: where cloud metadata services answer."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_link_local or bool(mapped and mapped.is_link_local)
+
+
+class BrokenBody(http.client.HTTPException):
+    """An upstream body whose chunked framing is malformed."""
+
+
+class UpstreamResponse:
+    """An upstream answer: status and headers parsed by http.client, the body
+    read here, framed as body_framing() says.
+
+    readinto() passes on what has arrived (one recv at most), so a slow but
+    live upstream is never mistaken for a silent one; `complete` says whether
+    the body ended where its framing says it ends.  The connection goes back
+    to the pool only after a complete body with nothing after it.
+    """
+
+    def __init__(self, response: http.client.HTTPResponse, connection, pool, url: str, method: str) -> None:
         self.response = response
         self.status = response.status
         self.headers = response.headers
         self.url = url
+        self.method = method
         self._connection = connection
         self._pool = pool
+        self.framing, self.length = body_framing(method, response.status, response.headers)
+        self._left = self.length      # bytes left of the length, or of the current chunk
+        self._chunk_ended = False     # a chunk's data was read: its CRLF comes next
+        self.complete = self.framing == "none" or self.length == 0
 
     def readinto(self, buffer) -> int:
-        return self.response.readinto(buffer)
+        """What has arrived, at most len(buffer) bytes; 0 at the end, or where the body broke off."""
+        fp = self.response.fp
+        if self.complete or fp is None:
+            return 0
+        if self.framing == "chunked":
+            return self._read_chunked(fp, buffer)
+        view = buffer if self._left is None else buffer[:min(len(buffer), self._left)]
+        count = fp.readinto1(view)
+        if self._left is not None:
+            self._left -= count
+            self.complete = self._left == 0
+        elif not count:
+            self.complete = True  # close-delimited: the close is the end
+        return count
+
+    def _read_chunked(self, fp, buffer) -> int:
+        if not self._left:
+            if self._chunk_ended and fp.readline(3) not in (b"\r\n", b"\n"):
+                raise BrokenBody("chunk data not followed by CRLF")
+            self._left, self._chunk_ended = self._chunk_size(fp), False
+            if self._left == 0:
+                self._read_trailers(fp)
+                self.complete = True
+                return 0
+        count = fp.readinto1(buffer[:min(len(buffer), self._left)])
+        if count:
+            self._left -= count
+            self._chunk_ended = self._left == 0
+        return count
+
+    @staticmethod
+    def _chunk_size(fp) -> int:
+        line = fp.readline(MAX_CHUNK_LINE + 1)
+        size = line.split(b";", 1)[0].strip()
+        if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):
+            raise BrokenBody("malformed chunk size")
+        return int(size, 16)
+
+    @staticmethod
+    def _read_trailers(fp) -> None:
+        for _ in range(MAX_TRAILER_LINES):
+            line = fp.readline(MAX_CHUNK_LINE + 1)
+            if line in (b"\r\n", b"\n"):
+                return
+            if not line.endswith(b"\n"):
+                break
+        raise BrokenBody("malformed or endless trailers")
 
     def read_small(self, limit: int = MAX_SMALL_BODY) -> bytes:
         """A body known to be small (JSON errors, tokens, redirects)."""
-        data = self.response.read(limit + 1)
-        if len(data) > limit:
-            self.close()
-            raise UpstreamUnavailable(f"upstream answer larger than {limit} bytes")
-        return data
+        data, buffer = bytearray(), thread_buffer()
+        while len(data) <= limit:
+            count = self.readinto(buffer[:limit + 1 - len(data)])
+            if not count:
+                return bytes(data)
+            data += buffer[:count]
+        self.close()
+        raise UpstreamUnavailable(f"upstream answer larger than {limit} bytes")
 
     def consume(self) -> bytes:
         """A small body read to its end, and the connection given back."""
@@ -2074,10 +2197,12 @@ class UpstreamResponse:
         return body
 
     def release(self) -> None:
-        """Reuse the connection if the answer was read to its end, else close it."""
+        """Reuse the connection if the body was read to its end and nothing
+        follows it (more bytes would be read as the next answer), else close it."""
         if self._connection is None:
             return
-        if self.response.isclosed() and not self.response.will_close:
+        if self.complete and not self.response.will_close and nothing_to_read(self._connection.sock):
+            self.response.close()  # http.client's side: this answer is done, the next may come
             self._pool.put_back(self._connection)
         else:
             self._connection.close()
@@ -2089,14 +2214,30 @@ class UpstreamResponse:
             self._connection = None
 
 
+def nothing_to_read(sock) -> bool:
+    """No byte (nor the end) waiting on an idle connection: it may carry the next request."""
+    if sock is None:
+        return False
+    pending = getattr(sock, "pending", None)  # TLS: bytes already decrypted
+    if pending is not None and pending():
+        return False
+    try:
+        return not select.select([sock], [], [], 0)[0]
+    except (OSError, ValueError):
+        return False
+
+
 class Upstreams:
     """HTTP/1.1 client for the upstreams: keep-alive pools, timeouts, redirects."""
 
-    def __init__(self, connect_timeout: float, read_timeout: float) -> None:
+    def __init__(self, connect_timeout: float, read_timeout: float, configured_hosts=(),
+                 clock: Clock | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
+        self.configured_hosts = frozenset(configured_hosts)  # may be link-local: the operator chose them
+        self.clock = clock or Clock()
         self._tls = None
-        self._idle = {}
+        self._idle = {}               # (scheme, host, port) -> [(connection, idle since)], newest last
         self._lock = threading.Lock()
 
     def _new_connection(self, scheme: str, host: str, port: int | None):
@@ -2108,6 +2249,11 @@ class Upstreams:
         else:
             connection = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
         connection.connect()
+        if host not in self.configured_hosts and is_link_local(connection.sock.getpeername()[0]):
+            # An upstream's redirect or realm must not reach a metadata service:
+            # refused after connecting (whatever DNS said), before a byte is sent.
+            connection.close()
+            raise UpstreamUnavailable(f"refused link-local address of {host}")
         # Connecting may wait CONNECT_TIMEOUT; after that only silence counts,
         # never the length of the whole transfer.
         connection.sock.settimeout(self.read_timeout)
@@ -2116,9 +2262,17 @@ class Upstreams:
         return connection
 
     def _idle_connection(self, key: tuple):
-        with self._lock:
-            idle = self._idle.get(key)
-            return idle.pop() if idle else None
+        """The newest idle connection to `key` that is still usable."""
+        while True:
+            with self._lock:
+                idle = self._idle.get(key)
+                if not idle:
+                    self._idle.pop(key, None)
+                    return None
+                connection, since = idle.pop()
+            if self.clock.monotonic() - since < IDLE_CONNECTION_TTL and nothing_to_read(connection.sock):
+                return connection
+            connection.close()  # the server closed it, or sent what nobody asked for
 
     def idle_count(self) -> int:
         """Connections waiting in the pool for their next request."""
@@ -2126,12 +2280,28 @@ class Upstreams:
             return sum(len(idle) for idle in self._idle.values())
 
     def put_back(self, connection) -> None:
+        now, closing = self.clock.monotonic(), []
         with self._lock:
             idle = self._idle.setdefault(connection.pool_key, [])
             if len(idle) < IDLE_CONNECTIONS_PER_HOST:
-                idle.append(connection)
-                return
-        connection.close()
+                idle.append((connection, now))
+                connection = None
+            closing = self._expire_idle(now)
+        for stale in closing + ([connection] if connection else []):
+            stale.close()
+
+    def _expire_idle(self, now: float) -> list:
+        """Idle connections past IDLE_CONNECTION_TTL, and the oldest beyond
+        MAX_IDLE_CONNECTIONS, out of the pool (for closing outside the lock)."""
+        entries = sorted(((since, key, connection) for key, idle in self._idle.items()
+                          for connection, since in idle), key=lambda entry: entry[0])
+        expired = [entry for entry in entries if now - entry[0] >= IDLE_CONNECTION_TTL]
+        expired += entries[len(expired):max(len(entries) - MAX_IDLE_CONNECTIONS, len(expired))]
+        for since, key, connection in expired:
+            self._idle[key].remove((connection, since))
+            if not self._idle[key]:
+                del self._idle[key]
+        return [connection for _, _, connection in expired]
 
     def send(self, method: str, url: str, headers: dict, body: bytes | None = None) -> UpstreamResponse:
         """One request, one answer; a stale pooled connection is retried once."""
@@ -2163,7 +2333,11 @@ class Upstreams:
             connection.close()
             raise
         log.debug("upstream %s %s -> %d", method, redacted_url(url), response.status)
-        return UpstreamResponse(response, connection, self, url)
+        try:
+            return UpstreamResponse(response, connection, self, url, method)
+        except ValueError as err:  # framing we must not guess at
+            connection.close()
+            raise UpstreamUnavailable(f"upstream {urllib.parse.urlsplit(url).netloc}: {err}") from None
 
     def fetch(self, method: str, url: str, headers: dict, body: bytes | None = None) -> UpstreamResponse:
         """send(), following redirects the way a registry client must.
@@ -2897,7 +3071,8 @@ class Answers:
             remaining -= count
 
     def stream_unknown_length(self, response: UpstreamResponse) -> None:
-        """No Content-Length upstream: chunked to HTTP/1.1 clients, so an end is an end."""
+        """No Content-Length upstream: chunked to HTTP/1.1 clients, so an end is an end,
+        and a body that broke off upstream never gets the last chunk."""
         chunked = self.request_version == "HTTP/1.1"
         if chunked:
             self.send_header("Transfer-Encoding", "chunked")
@@ -2909,19 +3084,19 @@ class Answers:
             try:
                 count = response.readinto(buffer)
             except (OSError, http.client.HTTPException):
-                response.close()
-                self.close_connection = True
-                return
-            if chunked:
-                self.wfile.write(b"%x\r\n" % count)
+                count = 0
             if not count:
                 break
+            self.wfile.write(b"%x\r\n" % count if chunked else b"")
             self.wfile.write(buffer[:count])
-            if chunked:
-                self.wfile.write(b"\r\n")
+            self.wfile.write(b"\r\n" if chunked else b"")
             self.bytes_sent += count
-        if chunked:
-            self.wfile.write(b"\r\n")
+        if not response.complete:
+            log.warning("upstream %s broke off its answer", redacted_url(response.url))
+            response.close()
+            self.close_connection = True
+        elif chunked:
+            self.wfile.write(b"0\r\n\r\n")
 
 
 class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
@@ -3035,7 +3210,8 @@ class Proxy:
         self.config = config
         self.clock = clock or Clock()
         self.routes = RouteTable(config)
-        self.upstreams = Upstreams(config.connect_timeout, config.read_timeout)
+        self.upstreams = Upstreams(config.connect_timeout, config.read_timeout,
+                                   configured_hosts(config), self.clock)
         self.auth = UpstreamAuth(self.upstreams, self.clock)
         self.cache = None
         if config.cache_dir:
@@ -3046,6 +3222,12 @@ class Proxy:
         """The background work: the cache's evictor."""
         if self.cache is not None:
             self.cache.start_evictor()
+
+
+def configured_hosts(config: Config) -> set:
+    """The upstream host names the operator chose (redirects and realms are the upstreams' choice)."""
+    urls = [route.upstream for route in config.routes] + [config.target_upstream]
+    return {urllib.parse.urlsplit(url).hostname for url in urls if url}
 
 
 class ProxyServer(http.server.ThreadingHTTPServer):

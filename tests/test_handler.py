@@ -72,7 +72,7 @@ class CannedUpstreams:
         raw = self.answers.pop(0)
         response = http.client.HTTPResponse(MemorySocket(raw), method=method)
         response.begin()
-        return dockerproxy.UpstreamResponse(response, None, None, url)
+        return dockerproxy.UpstreamResponse(response, None, None, url, method)
 
 
 @pytest.fixture

@@ -296,7 +296,7 @@ class ScriptedUpstreams(dockerproxy.Upstreams):
         response.headers = http.client.HTTPMessage()
         if location:
             response.headers["Location"] = location
-        answer = dockerproxy.UpstreamResponse(response, None, self, url)
+        answer = dockerproxy.UpstreamResponse(response, None, self, url, method)
         answer.read_small = lambda limit=0: b""
         return answer
 
