@@ -72,6 +72,10 @@ Settings (command-line flag > environment > .env file > default):
                             used when a client brings no credentials
   CONNECT_TIMEOUT=10        seconds to connect to an upstream
   READ_TIMEOUT=60           seconds an upstream may stay silent mid-answer
+  CLIENT_TIMEOUT=60         seconds a client may stay idle, or stop reading
+  HEADER_TIMEOUT=30         seconds a client has to send a request head
+  MAX_CONNECTIONS=512       client connections at once (more get 503)
+  MAX_FILLS=16              downloads into the cache at once (more pass through)
   DEBUG=false               log upstream requests, redirects, token fetches
 
 Run ``python3 dockerproxy.py --help`` for the same list with the flags, and
@@ -92,6 +96,7 @@ import functools
 import hashlib
 import http.client
 import http.server
+import io
 import ipaddress
 import json
 import logging
@@ -163,9 +168,16 @@ TOKEN_RENEW_MARGIN = 30.0
 # A TLS client must finish its handshake within this, or its thread is freed.
 TLS_HANDSHAKE_TIMEOUT = 10.0
 
-# A client connection idle this long is closed (slowloris guard).  Generous,
-# because a client may pause between layers while it extracts.
-CLIENT_IDLE_TIMEOUT = 300.0
+# A request head (request line and headers) is at most this many bytes in
+# all, and at most MAX_HEADER_LINES lines: docker's heads are under 2 KiB,
+# and without a total a client could hold 100 lines of 64 KiB each (6.5 MB)
+# per connection.  nginx allows 8 KiB per line, 32 KiB in all by default;
+# node.js 16 KiB in all.
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADER_LINES = 100   # http.client's own limit, which parses the head
+
+# The read buffer of a client connection: its request heads and POST bodies.
+CLIENT_READ_BUFFER = 8192
 
 # The listen backlog: socketserver's default of 5 drops connections when a
 # node pulls many layers of many images at once.
@@ -223,6 +235,10 @@ TOUCH_INTERVAL = 60.0
 # Answers up to this size go out in the same write as their headers
 # (manifests, errors); larger ones use sendfile.
 SMALL_ANSWER = 64 * 1024
+
+# A stored media type is read up to this many characters: RFC 6838 allows 127
+# for each of type and subtype, so a longer file is not one we wrote.
+MAX_MEDIA_TYPE = 256
 
 # Files being written carry this prefix until they are complete.
 TEMP_PREFIX = ".tmp-"
@@ -376,6 +392,10 @@ class Config:
     trust_proxy_headers: bool
     connect_timeout: float
     read_timeout: float
+    client_timeout: float
+    header_timeout: float
+    max_connections: int
+    max_fills: int
     manifest_ttl: float
     cache_max_size: int
     cache_max_age: float
@@ -399,6 +419,12 @@ def parse_bool(text: str) -> bool:
     if lowered in ("0", "false", "no", "off", ""):
         return False
     raise ValueError("not a boolean (true/false)")
+
+
+def parse_count(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 100000:
+        raise ValueError("not a count (1-100000)")
+    return int(text)
 
 
 def parse_seconds(text: str) -> float:
@@ -537,6 +563,14 @@ SETTINGS = (
     Setting("CONNECT_TIMEOUT", "10", parse_seconds, "seconds to connect to an upstream"),
     Setting("READ_TIMEOUT", "60", parse_seconds,
             "seconds an upstream may stay silent mid-answer (a whole transfer has no limit)"),
+    Setting("CLIENT_TIMEOUT", "60", parse_seconds,
+            "seconds a client connection may stay idle between requests, or stop reading an answer"),
+    Setting("HEADER_TIMEOUT", "30", parse_seconds,
+            "seconds a client has to send a whole request head, from its first byte"),
+    Setting("MAX_CONNECTIONS", "512", parse_count,
+            "client connections served at once; more get 503 (HTTPS: are closed)"),
+    Setting("MAX_FILLS", "16", parse_count,
+            "downloads into the cache at once; more requests are passed through uncached"),
     Setting("DEBUG", "false", parse_bool,
             "log every upstream request, redirect and token fetch"),
 )
@@ -716,8 +750,15 @@ def build_routes(extra_routes: tuple, overrides: dict) -> tuple:
 
 
 def shown(value: str) -> str:
-    """A setting's value for an error message, with any URL password hidden."""
-    return repr(re.sub(r"//[^/@]*@", "//***@", value))
+    """A setting's value for an error message, with a URL's user and password
+    hidden as the URL parser splits them (the userinfo ends at the last @)."""
+    try:
+        parts = urllib.parse.urlsplit(value.strip())
+    except ValueError:
+        return repr("***")
+    if "@" not in parts.netloc:
+        return repr(value)
+    return repr(urllib.parse.urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2])))
 
 
 def env_name(route_name: str) -> str:
@@ -1049,9 +1090,13 @@ def own_challenge(route: Route, params: dict, prefix: str, base_url: str, implie
     return render_challenge("bearer", ours)
 
 
-def requested_host(headers, trust_proxy_headers: bool, listening: tuple) -> str:
-    """The host (and port) the client addressed; dispatch() checks it before anyone echoes it."""
-    host = headers.get("host", "")
+def requested_host(headers, trust_proxy_headers: bool, listening: tuple, target_host: str = "") -> str:
+    """The host (and port) the client addressed; dispatch() checks it before anyone echoes it.
+
+    An absolute-form request target's host wins over Host (RFC 9112 3.2.2);
+    X-Forwarded-Host, when trusted, over both.
+    """
+    host = target_host or headers.get("host", "")
     if trust_proxy_headers:
         host = headers.get("x-forwarded-host", host).split(",")[0].strip()
     if not host:
@@ -1067,6 +1112,57 @@ def requested_scheme(tls: bool, headers, trust_proxy_headers: bool) -> str:
         if forwarded in ("http", "https"):
             scheme = forwarded
     return scheme
+
+
+def split_target(target: str) -> tuple:
+    """A request target -> (host or "", path, query), or 400.
+
+    Origin form ("/v2/...?ns=x") names no host; the absolute form
+    ("http://mirror/v2/...") does, and then its host is the one the request
+    is for (RFC 9112 section 3.2.2).  Anything else is not a registry request.
+    """
+    if target.startswith("/"):
+        path, _, query = target.partition("?")
+        return "", path, query.partition("#")[0]
+    if target[:8].lower().startswith(("http://", "https://")):
+        try:
+            parts = urllib.parse.urlsplit(target)
+            parts.port
+        except ValueError:
+            parts = None
+        if parts and parts.netloc:
+            return parts.netloc, parts.path or "/", parts.query
+    raise RegistryError(400, "UNSUPPORTED", "malformed request target", close=True)
+
+
+def logged_target(target: str) -> str:
+    """A request target fit for a log line: escaped, and without its query,
+    which can carry secrets (refresh_token=, signatures)."""
+    return printable(target.partition("?")[0])
+
+
+def request_problem(method: str, headers) -> str:
+    """Why a parsed request head cannot be served safely, or "".
+
+    A body on a GET or HEAD would be read as the next request on the
+    connection; so would a body whose length is in doubt (Transfer-Encoding,
+    Content-Lengths that disagree).  A CR, LF or NUL in a value (obs-fold,
+    RFC 9112 section 5.2), or a line the parser could not take as a header,
+    must not be forwarded upstream.
+    """
+    if getattr(headers, "defects", None) or headers.get_payload():
+        return "malformed header line"
+    if any(char in value for value in headers.values() for char in "\r\n\0"):
+        return "folded header or control character in a header"
+    if headers.get_all("transfer-encoding"):
+        return "Transfer-Encoding on a request"
+    lengths = {length.strip() for value in headers.get_all("content-length") or []
+               for length in value.split(",")}
+    if len(lengths) > 1 or any(not re.fullmatch(r"[0-9]{1,19}", length) for length in lengths):
+        return "malformed or conflicting Content-Length"
+    if method in ("GET", "HEAD") and lengths and int(lengths.pop()):
+        return "a body on a GET or HEAD"
+    return ""
 
 
 def forwarded_request_headers(headers, same_host: bool = True) -> dict:
@@ -1094,6 +1190,24 @@ def response_headers(headers, prefix: str = "") -> list:
                 value = value.replace("</v2/", f"</v2/{prefix}/", 1)
             kept.append((name.title() if name != "etag" else "ETag", value))
     return kept
+
+
+# Upstream headers worth keeping when we answer in its place.
+KEPT_ON_REFUSAL = ("retry-after", "ratelimit-limit", "ratelimit-remaining", "docker-ratelimit-source")
+
+
+def refusal_error(status: int, headers, kind: str) -> RegistryError:
+    """Our own registry error for an upstream refusal that came without a body
+    (the answer to a HEAD), so that a GET client gets a complete answer."""
+    if status == 404:
+        code = {"manifests": "MANIFEST_UNKNOWN", "blobs": "BLOB_UNKNOWN"}.get(kind, "NAME_UNKNOWN")
+    else:
+        code = {401: "UNAUTHORIZED", 403: "DENIED", 429: "TOOMANYREQUESTS"}.get(
+            status, "UNAVAILABLE" if status >= 500 else "UNKNOWN")
+    if status < 400:
+        status, code = 502, "UNAVAILABLE"  # nothing a GET client could use
+    kept = [(name.title(), value) for name in KEPT_ON_REFUSAL for value in headers.get_all(name) or []]
+    return RegistryError(status, code, f"upstream answered {status}", headers=kept)
 
 
 def content_length(headers) -> int | None:
@@ -1219,13 +1333,16 @@ def referenced_digests(manifest: bytes) -> list:
 def parse_byte_range(header: str, size: int) -> tuple | None:
     """'bytes=a-b' -> (start, end inclusive); None for what we serve whole.
 
-    One range only (what clients send to resume); a malformed or multi-range
-    header is ignored, as RFC 9110 allows.  Unsatisfiable raises 416.
+    One range only (what clients send to resume); a malformed, invalid
+    (last before first) or multi-range header is ignored, as RFC 9110
+    section 14.2 allows.  Unsatisfiable raises 416.
     """
     match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
     if not match or match.group(1) == match.group(2) == "":
         return None
     first, last = match.groups()
+    if first and last and int(last) < int(first):
+        return None
     if first == "":
         start, end = max(size - int(last), 0), size - 1
     else:
@@ -1527,8 +1644,8 @@ class BlobStore:
         path = object_path(self.root, digest)
         try:
             with open(path + ".type", encoding="utf-8") as file:
-                media_type = file.read().strip()
-        except OSError:
+                media_type = file.read(MAX_MEDIA_TYPE).strip()
+        except (OSError, ValueError):  # ValueError: not UTF-8, so not ours
             return None
         return media_type if os.path.exists(path) else None
 
@@ -1594,20 +1711,31 @@ class BlobStore:
     def objects(self) -> list:
         """Every stored object (temporary files aside), with its size and last use."""
         found = []
+        for path, digest in self._files(misplaced=False):
+            try:
+                stat = os.stat(path)
+            except OSError:  # gone since the walk, or unreadable: not servable either
+                continue
+            found.append(StoredObject(digest, stat.st_size, stat.st_mtime))
+        return found
+
+    def remove_strays(self) -> int:
+        """Remove files where this store puts nothing (by hand, or a broken disk); how many."""
+        strays = [path for path, _ in self._files(misplaced=True)]
+        for path in strays:
+            remove_quietly(path)
+        return len(strays)
+
+    def _files(self, misplaced: bool):
+        """(path, digest) of the files under blobs/, placed where object_path() puts them or not."""
         for directory, _, files in os.walk(os.path.join(self.root, "blobs")):
             algorithm = os.path.basename(os.path.dirname(directory))
             for name in files:
                 if name.startswith(TEMP_PREFIX) or name.endswith(".type"):
                     continue
                 path, digest = os.path.join(directory, name), f"{algorithm}:{name}"
-                if path != object_path(self.root, digest):
-                    continue  # not where this store puts anything: never served
-                try:
-                    stat = os.stat(path)
-                except FileNotFoundError:
-                    continue
-                found.append(StoredObject(digest, stat.st_size, stat.st_mtime))
-        return found
+                if (path != object_path(self.root, digest)) == misplaced:
+                    yield path, digest
 
 
 class TagIndex:
@@ -2015,7 +2143,7 @@ class Cache:
     def sweep(self) -> dict:
         """Remove objects unused for CACHE_MAX_AGE, then, over CACHE_MAX_SIZE, the
         least recently used down to the low-water mark; never one being read."""
-        objects = sorted(self.store.objects(), key=lambda stored: stored.last_used)
+        objects = sorted(self.store.objects(), key=lambda stored: (stored.last_used, stored.size, stored.digest))
         total = sum(stored.size for stored in objects)
         low_water = self.max_size * EVICTION_LOW_WATER if self.max_size and total > self.max_size else None
         now, removed, freed = self.clock.time(), 0, 0
@@ -2048,6 +2176,7 @@ class Cache:
                         printable(object_path(self.root, stored.digest)))
             self.store.delete(stored.digest)
             bad += 1
+        bad += self.store.remove_strays()
         temps = remove_abandoned_temps(self.root)
         return {"checked": checked, "bad_removed": bad, "temporary_files_removed": temps,
                 "tags_dropped": self.tags.prune(self.store.exists)}
@@ -2650,7 +2779,7 @@ class PassThrough(Part):
         return headers
 
     def relay(self, response: UpstreamResponse) -> None:
-        self.answer.relay(response, self.route, self.target.prefix, x_cache="MISS")
+        self.answer.relay(response, self.route, self.target.prefix, x_cache="MISS", kind=self.target.kind)
 
 
 def cacheable(response: UpstreamResponse, manifest: bool) -> bool:
@@ -2724,7 +2853,9 @@ class CachedObject(PassThrough):
         file, size = opened
         try:
             byte_range = None
-            if self.target.kind == "blobs":
+            if_range = self.request.headers.get("if-range")
+            if self.target.kind == "blobs" and (if_range is None or if_range.strip() == f'"{digest}"'):
+                # An If-Range naming another version (or a date: we have none) asks for it all.
                 byte_range = parse_byte_range(self.request.headers.get("range", ""), size)
             start, end = byte_range or (0, size - 1)
             headers = [("Content-Type", media_type), ("Docker-Content-Digest", digest),
@@ -3025,8 +3156,10 @@ class Answers:
         if chunked:
             self.wfile.write(b"0\r\n\r\n")
 
-    def relay(self, response: UpstreamResponse, route: Route, prefix: str = "", x_cache: str = "") -> None:
-        """An upstream answer to the client: our challenge for a 401, else as it came."""
+    def relay(self, response: UpstreamResponse, route: Route, prefix: str = "", x_cache: str = "",
+              kind: str = "") -> None:
+        """An upstream answer to the client: our challenge for a 401, else as it came;
+        a HEAD's answer to a GET client as our own error, never headers without their body."""
         try:
             challenge = response.headers.get("www-authenticate")
             # Only the route's own upstream names the realm: a 401 from a host it
@@ -3034,6 +3167,8 @@ class Answers:
             if response.status == 401 and challenge and same_origin(response.url, route.upstream):
                 response.read_small()
                 return self.send_challenge(route, challenge, prefix)
+            if response.method == "HEAD" and self.command != "HEAD":
+                return self.send_registry_error(refusal_error(response.status, response.headers, kind))
             headers = response_headers(response.headers, prefix)
             self.start_response(response.status, headers + ([("X-Cache", x_cache)] if x_cache else []))
             length = content_length(response.headers)
@@ -3099,21 +3234,109 @@ class Answers:
             self.wfile.write(b"0\r\n\r\n")
 
 
+class DeadlineReader(io.RawIOBase):
+    """A client socket's reads under two clocks: CLIENT_TIMEOUT while the
+    connection waits for its next request, HEADER_TIMEOUT for a whole
+    request head from its first byte.  Without the second, a client sending
+    one byte a second keeps its thread for ever: a socket timeout restarts
+    with every byte."""
+
+    def __init__(self, sock, idle_timeout: float, head_timeout: float) -> None:
+        super().__init__()
+        self.sock = sock
+        self.idle_timeout = idle_timeout
+        self.head_timeout = head_timeout
+        self.in_head = False
+        self.deadline = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        timeout = self.idle_timeout
+        if self.deadline is not None:
+            timeout = min(timeout, self.deadline - time.monotonic())
+            if timeout <= 0:
+                raise socket.timeout("request head not complete within HEADER_TIMEOUT")
+        self.sock.settimeout(timeout)
+        count = self.sock.recv_into(buffer)
+        if self.in_head and self.deadline is None and count:
+            self.deadline = time.monotonic() + self.head_timeout
+        return count
+
+    def start_head(self) -> None:
+        self.in_head, self.deadline = True, None
+
+    def end_head(self) -> None:
+        self.in_head, self.deadline = False, None
+        self.sock.settimeout(self.idle_timeout)  # for writing the answer, too
+
+
+class HeadLines:
+    """The header lines of one request, at most `budget` bytes in all
+    (http.client.parse_headers checks each line, and their number)."""
+
+    def __init__(self, rfile, budget: int) -> None:
+        self.rfile = rfile
+        self.budget = budget
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.rfile.readline(self.budget + 1 if limit < 0 else min(limit, self.budget + 1))
+        self.budget -= len(line)
+        if self.budget < 0:
+            raise http.client.LineTooLong("request head larger than MAX_HEAD_BYTES")
+        return line
+
+
 class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
-    """One client connection: parses each request, dispatches it to a serving
-    part, renders a RegistryError raised from any depth, logs one line."""
+    """One client connection: reads each request head within its limits,
+    dispatches the request to a serving part, renders a RegistryError raised
+    from any depth, and logs one line per request."""
 
     protocol_version = "HTTP/1.1"
     server_version = SERVER_VERSION
-    timeout = CLIENT_IDLE_TIMEOUT
 
     def setup(self) -> None:
-        super().setup()
         self.proxy = self.server.proxy
+        config = self.proxy.config
+        self.timeout = config.client_timeout
+        super().setup()
+        self.rfile.close()  # replaced: reads go through the two clocks
+        self.reader = DeadlineReader(self.connection, config.client_timeout, config.header_timeout)
+        self.rfile = io.BufferedReader(self.reader, CLIENT_READ_BUFFER)
         # Headers and small bodies go out in separate writes; without this,
         # Nagle holds the second write until the first is acknowledged.
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def handle_one_request(self) -> None:
+        """http.server's, with the head bounded in bytes and in time."""
+        self.reader.start_head()
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_HEAD_BYTES + 1)
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if len(self.raw_requestline) > MAX_HEAD_BYTES:
+                self.requestline, self.request_version, self.command = "", "HTTP/1.1", ""
+                return self.send_error(414, "request line too long")
+            if not self.parse_request():
+                return
+            self.reader.end_head()
+            if not hasattr(self, "do_" + self.command):
+                return self.send_error(501)
+            self.handle_request()
+            self.wfile.flush()
+        except socket.timeout:
+            self.close_connection = True  # a silent, slow or vanished client: no answer is owed
+
+    def parse_request(self) -> bool:
+        """http.server's, reading the headers through a MAX_HEAD_BYTES budget."""
+        rfile, self.rfile = self.rfile, HeadLines(self.rfile, MAX_HEAD_BYTES - len(self.raw_requestline))
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = rfile
 
     def do_GET(self) -> None:
         self.handle_request()
@@ -3137,16 +3360,20 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         except (ConnectionError, socket.timeout):
             self.close_connection = True  # the client went away
         except Exception:
-            log.exception("internal error on %s %s", self.command, printable(self.path))
+            log.exception("internal error on %s %s", printable(self.command), logged_target(self.path))
             self.send_registry_error(RegistryError(500, "UNKNOWN", "internal error"))
         finally:
             self.log_access()
 
     def serve_request(self) -> None:
-        url = urllib.parse.urlsplit(self.path)
+        problem = request_problem(self.command, self.headers)
+        if problem:
+            raise RegistryError(400, "UNSUPPORTED", problem, close=True)
+        target_host, path, query = split_target(self.path)
         trust = self.proxy.config.trust_proxy_headers
-        host = requested_host(self.headers, trust, self.server.server_address)
-        endpoint = dispatch(self.proxy.routes, self.command, url.path, url.query, host)
+        host = requested_host(self.headers, trust, self.server.server_address, target_host)
+        form = self.read_form() if self.command == "POST" and path == "/v2/auth" else {}
+        endpoint = dispatch(self.proxy.routes, self.command, path, query, host)
         self.log_route(endpoint.route)
         if endpoint.name == "redirect":
             return self.send_small(301, b"", headers=(("Location", endpoint.location),))
@@ -3155,23 +3382,26 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         if endpoint.name == "routes":
             return self.send_json(200, self.proxy.routes.describe())
         scheme = requested_scheme(isinstance(self.connection, ssl.SSLSocket), self.headers, trust)
-        form = self.read_form() if self.command == "POST" else {}
         self.client = ClientRequest(self.command, self.headers, host, scheme,
                                     self.proxy.routes.implied(host), form)
         serving_part(endpoint.name, self.proxy.cache)(self.proxy, self.client, self, endpoint).serve()
 
     def read_form(self) -> dict:
-        """The OAuth2 form of a POST to /v2/auth."""
+        """The OAuth2 form of a POST to /v2/auth, read whole (so nothing of it is left behind)."""
         length = self.headers.get("content-length", "")
-        if not length.isdigit() or int(length) > MAX_SMALL_BODY:
+        if not re.fullmatch(r"[0-9]{1,19}", length) or int(length) > MAX_SMALL_BODY:
             raise RegistryError(400, "UNSUPPORTED", "token request body missing or too large", close=True)
-        body = self.rfile.read(int(length)).decode("utf-8", "replace")
-        return urllib.parse.parse_qs(body, keep_blank_values=True)
+        body = self.rfile.read(int(length))
+        if len(body) < int(length):
+            raise RegistryError(400, "UNSUPPORTED", "token request body cut short", close=True)
+        return urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, huge headers) in registry form."""
         self.close_connection = True
         self.reset_request_state()
+        if self.request_version == "HTTP/0.9":  # the default before the line parsed: answer with a status
+            self.request_version = "HTTP/1.0"
         code = 405 if code == 501 else code  # unknown methods: same answer as PUT
         error = RegistryError(code, "UNSUPPORTED", message or "bad request")
         try:
@@ -3192,12 +3422,13 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), printable(format % args))
 
     def log_access(self) -> None:
-        path = urllib.parse.urlsplit(getattr(self, "path", "") or "").path
+        """One line per request; every field the client chose is escaped, the query left out."""
+        headers = getattr(self, "headers", None)
         log.info('%s "%s %s %s" route=%s status=%s bytes=%d %.3fs',
-                 self.client_address[0], getattr(self, "command", None) or "-",
-                 printable(self.headers.get("host", "-") if getattr(self, "headers", None) else "-"),
-                 printable(path), self.route_name, self.status_sent or "-",
-                 self.bytes_sent, time.monotonic() - self.started)
+                 self.client_address[0], printable(getattr(self, "command", None) or "-"),
+                 printable(headers.get("host", "-") if headers else "-"),
+                 logged_target(getattr(self, "path", "") or ""), self.route_name,
+                 self.status_sent or "-", self.bytes_sent, time.monotonic() - self.started)
 
 
 # Server and main ###########################################################
@@ -3224,6 +3455,14 @@ class Proxy:
             self.cache.start_evictor()
 
 
+# The answer to a connection over MAX_CONNECTIONS, made once: it is sent from
+# the accepting thread, which must not build or block on anything.
+OVERLOADED_BODY = RegistryError(503, "UNAVAILABLE", "too many connections; retry").body()
+OVERLOADED_ANSWER = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(OVERLOADED_BODY), OVERLOADED_BODY))
+
+
 def configured_hosts(config: Config) -> set:
     """The upstream host names the operator chose (redirects and realms are the upstreams' choice)."""
     urls = [route.upstream for route in config.routes] + [config.target_upstream]
@@ -3240,10 +3479,49 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.proxy = proxy or Proxy(config)
         self.tls = server_tls_context(config) if config.tls_cert else None
+        self.connections = threading.BoundedSemaphore(config.max_connections)
+        self.refusals = 0             # connections refused over MAX_CONNECTIONS, since the last warning
         if ":" in config.host:
             self.address_family = socket.AF_INET6
         super().__init__((config.host, config.port), handler or ProxyHandler)
         self.proxy.start()
+
+    def process_request(self, request, client_address) -> None:
+        """A thread for the connection, if fewer than MAX_CONNECTIONS are served.
+
+        Each connection is a thread and, while it streams, a CHUNK_SIZE buffer;
+        the cap keeps a flood (or a slowloris crowd) from exhausting memory
+        and threads.  Beyond it a plain-HTTP client gets 503 with Retry-After
+        at once, rather than waiting in a queue it cannot see.
+        """
+        if not self.connections.acquire(blocking=False):
+            return self.refuse(request)
+        self.refusals = 0
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def refuse(self, request) -> None:
+        """503 on a connection over MAX_CONNECTIONS (TLS: just closed; a handshake costs a thread)."""
+        self.refusals += 1
+        if self.refusals == 1:
+            log.warning("more than MAX_CONNECTIONS=%d client connections: refusing new ones",
+                        self.config.max_connections)
+        if self.tls is None:
+            try:
+                request.setblocking(False)
+                request.send(OVERLOADED_ANSWER)
+            except OSError:
+                pass
+        self.shutdown_request(request)
 
     def finish_request(self, request, client_address) -> None:
         """With TLS, the handshake runs here, in the connection's own thread,
@@ -3278,9 +3556,9 @@ def cache_command(action: str, config: Config) -> int:
         return 2
     try:
         cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age)
+        report = {"verify": cache.verify, "stats": cache.stats, "prune": cache.sweep}[action]()
     except OSError as err:
         return cannot_use(err, config)
-    report = {"verify": cache.verify, "stats": cache.stats, "prune": cache.sweep}[action]()
     for key, value in report.items():
         print(f"{key}: {value}")
     return 1 if report.get("bad_removed") else 0

@@ -34,7 +34,10 @@ class MemorySocket:
         self.sendfile_calls = 0
 
     def makefile(self, mode, buffering=None):
-        return self.sent if "r" in mode else self.written
+        return io.BytesIO() if "r" in mode else self.written  # the handler reads with recv_into
+
+    def recv_into(self, buffer):
+        return self.sent.readinto(buffer)
 
     def sendall(self, data):
         self.written.write(data)
@@ -50,6 +53,16 @@ class MemorySocket:
 
     def setsockopt(self, *args):
         pass
+
+
+class RawAnswer:
+    """An upstream's answer as raw bytes, for http.client to parse."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def makefile(self, mode, buffering=None):
+        return io.BufferedReader(io.BytesIO(self.raw))
 
 
 class MemoryServer:
@@ -70,7 +83,7 @@ class CannedUpstreams:
     def fetch(self, method, url, headers, body=None):
         self.asked.append((method, url, headers))
         raw = self.answers.pop(0)
-        response = http.client.HTTPResponse(MemorySocket(raw), method=method)
+        response = http.client.HTTPResponse(RawAnswer(raw), method=method)
         response.begin()
         return dockerproxy.UpstreamResponse(response, None, None, url, method)
 

@@ -422,12 +422,13 @@ def test_cache_paths_keep_registries_apart_and_stay_inside_the_root():
     ("bytes=0-9", 100, (0, 9)), ("bytes=90-", 100, (90, 99)), ("bytes=-10", 100, (90, 99)),
     ("bytes=95-200", 100, (95, 99)), ("bytes=0-1,5-6", 100, None), ("items=0-1", 100, None),
     ("", 100, None), ("bytes=-", 100, None), ("bytes=-500", 100, (0, 99)),
+    ("bytes=50-10", 100, None), ("bytes=5-2", 100, None),  # last before first: invalid, ignored
 ])
 def test_parse_byte_range(header, size, expected):
     assert dockerproxy.parse_byte_range(header, size) == expected
 
 
-@pytest.mark.parametrize("header", ["bytes=100-", "bytes=50-10"])
+@pytest.mark.parametrize("header", ["bytes=100-", "bytes=-0", "bytes=100-200"])
 def test_unsatisfiable_range_is_416(header):
     with pytest.raises(RegistryError) as raised:
         dockerproxy.parse_byte_range(header, 100)

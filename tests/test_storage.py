@@ -6,6 +6,7 @@ run through the same tests by adding it to the `backend` fixture.
 
 import hashlib
 import io
+import os
 import threading
 
 import pytest
@@ -197,3 +198,44 @@ def test_wait_idle_waits_for_a_running_fill(backend):
     ended.start()
     assert fills.wait_idle(30)
     ended.join()
+
+
+# What a broken disk or a hand-edited cache leaves ##########################
+
+def test_verify_removes_files_where_the_store_puts_nothing(tmp_path):
+    cache = dockerproxy.Cache(str(tmp_path / "cache"), 0, 0)
+    digest, _ = put(cache.store, b"kept")
+    stray = tmp_path / "cache" / "blobs" / "sha256" / "zz" / ("a" * 64)
+    stray.parent.mkdir(parents=True)
+    stray.write_bytes(b"misplaced")
+    report = cache.verify()
+    assert report["bad_removed"] == 1 and not stray.exists() and cache.store.exists(digest)
+
+
+def test_a_media_type_file_that_is_not_ours_reads_as_none(backend):
+    store = backend[0]
+    digest, _ = put(store, b"{}", DOCKER_MANIFEST)
+    with open(dockerproxy.object_path(store.root, digest) + ".type", "wb") as file:
+        file.write(b"\xff\xfe not utf-8")
+    assert store.media_type(digest) is None
+
+
+def test_a_cache_command_reports_a_disk_error_instead_of_raising(tmp_path, capsys, monkeypatch):
+    root = tmp_path / "cache"
+    put(dockerproxy.BlobStore(str(root), MovableClock()), b"an object")
+
+    def failing_disk(*args, **kwargs):
+        raise OSError(5, "Input/output error", str(root))
+    monkeypatch.setattr(dockerproxy.BlobStore, "objects", failing_disk)
+    status = dockerproxy.main(["cache", "stats", "--cache-dir", str(root), "--env-file", "/dev/null"], {})
+    err = capsys.readouterr().err
+    assert status == 1 and "Input/output error" in err and "Traceback" not in err
+
+
+def test_an_object_that_cannot_be_read_is_left_out_of_listings(backend):
+    store = backend[0]
+    digest, _ = put(store, b"fine")
+    loop = dockerproxy.object_path(store.root, "sha256:" + "ab" * 32)
+    os.makedirs(os.path.dirname(loop), exist_ok=True)
+    os.symlink(loop, loop)  # stat() says ELOOP
+    assert [stored.digest for stored in store.objects()] == [digest]
