@@ -1312,22 +1312,14 @@ def public_marker_path(root: str, upstream: str, repository: str) -> str:
     return os.path.join(repository_dir(root, upstream, repository), "_public")
 
 
-def referenced_digests(manifest: bytes) -> list:
-    """The config, layers and child manifests a manifest or index names."""
+def document_media_type(manifest: bytes) -> str | None:
+    """The mediaType a manifest gives itself, if it is a manifest kind we know."""
     try:
         document = json.loads(manifest)
     except ValueError:
-        return []
-    if not isinstance(document, dict):
-        return []
-    # Not "subject": any repository may name any digest as its subject, so it
-    # proves nothing about what the repository holds.
-    descriptors = [document.get("config")]
-    for field in ("layers", "manifests", "blobs"):
-        if isinstance(document.get(field), list):
-            descriptors.extend(document[field])
-    return [d["digest"] for d in descriptors
-            if isinstance(d, dict) and isinstance(d.get("digest"), str) and DIGEST.match(d["digest"])]
+        return None
+    media_type = document.get("mediaType") if isinstance(document, dict) else None
+    return media_type if isinstance(media_type, str) and media_type in MANIFEST_KINDS else None
 
 
 def parse_byte_range(header: str, size: int) -> tuple | None:
@@ -1406,8 +1398,9 @@ class Access:
     A cached object (blob or manifest) of repository R on upstream U goes to a
     client from the cache alone only when both hold:
 
-      1. the object is linked to R on U: U served it for R, confirmed it for R
-         with a HEAD, or named it in a manifest that U served for R;
+      1. the object is linked to R on U: U served it for R, or confirmed it
+         for R with a HEAD (a manifest naming it is no proof: anyone may push
+         a manifest that names anyone's digest);
       2. R on U is open to this client: an anonymous pull of R from U
          succeeded within ACCESS_TTL (at any age while U is down or failing),
          or U accepted this client's own credentials for R within ACCESS_TTL.
@@ -1691,7 +1684,8 @@ class BlobStore:
     def put(self, spool: Spool, digest: str, media_type: str | None) -> bool:
         """The spool's verified bytes take their name; True if the object is new."""
         final = object_path(self.root, digest)
-        if media_type:
+        os.makedirs(os.path.dirname(final), exist_ok=True)  # a manifest by tag spools in another shard
+        if media_type and self.media_type(digest) is None:  # the first verified fill's type stays
             write_atomic(final + ".type", media_type.encode())
         now = self.clock.time()
         os.utime(spool.path, (now, now))
@@ -1855,6 +1849,10 @@ def fill_key(target: Target, tag_kind: str | None) -> tuple:
     return (target.route.upstream, target.repository, target.kind, target.reference, tag_kind)
 
 
+class FillAbandoned(Exception):
+    """Every client of a fill left, and finishing it would evict cached content."""
+
+
 class Fill:
     """One upstream download into a Spool, followed by every client.
 
@@ -1872,10 +1870,12 @@ class Fill:
         self.cond = threading.Condition()
         self.state = Fill.PENDING
         self.headers = []            # the answer headers every follower sends
-        self.length = None           # Content-Length, when the upstream gave one
+        self.length = None           # the Content-Length every follower announces
         self.written = 0
         self.verified = False        # size and digest matched: the last byte may go out
         self.followers = 0           # clients that joined it (for logs and tests)
+        self.readers = 0             # clients reading it now
+        self.abandoned = False       # its clients left and it stops (see Fills.close_reader)
         self.spool_path = ""         # where the bytes so far are
         self.stored_digest = ""      # once stored, the name late followers open instead
 
@@ -1890,9 +1890,9 @@ class Fill:
             return self.state
 
     def open_reader(self, store: BlobStore):
-        """A file on the bytes so far (close it with store.close); None if the fill failed first."""
+        """A file on the bytes so far (close it with Fills.close_reader); None if the fill failed first."""
         with self.cond:
-            if self.state not in (Fill.STREAMING, Fill.DONE):
+            if self.state not in (Fill.STREAMING, Fill.DONE) or self.abandoned:
                 return None
             # stored_digest is set under this lock when the spool takes its name,
             # so one of the two exists, unless the fill has just failed.
@@ -1906,6 +1906,7 @@ class Fill:
                     file = None
             if file is not None:
                 self.followers += 1
+                self.readers += 1
             return file
 
     def wait_beyond(self, position: int, timeout: float) -> tuple:
@@ -1922,7 +1923,10 @@ class Fill:
             return self.available(), self.verified, self.state == Fill.FAILED and not self.verified
 
     def available(self) -> int:
-        return self.written if self.verified else max(self.written - 1, 0)
+        """What a client may have: never the last byte before verification,
+        never more than the length it was announced."""
+        written = min(self.written, self.length) if self.length is not None else self.written
+        return written if self.verified else max(written - 1, 0)
 
     def wait_finished(self, timeout: float) -> None:
         with self.cond:
@@ -1930,27 +1934,35 @@ class Fill:
 
 
 class Fills:
-    """The downloads into the BlobStore in progress, one per key.
+    """The downloads into the BlobStore in progress, one per key, at most MAX_FILLS.
 
-    start() copies an upstream answer into a Spool in a thread of its own,
-    hashing as it goes, and puts it in the store once its size and digest
-    are right; nothing else ever reaches the store.
+    start() copies an upstream answer of known length into a Spool in a
+    thread of its own, hashing as it goes, and puts it in the store once its
+    size and digest are right; nothing else ever reaches the store.  Its
+    length is reserved in the Budget first: what does not fit is passed
+    through instead.  A fill whose clients have all gone goes on only while
+    the cache has room for it without evicting anything (finishing it is
+    then free, and the client's retry is a hit); otherwise it stops at once.
     """
 
-    def __init__(self, store: BlobStore, trouble: DiskTrouble, on_stored) -> None:
+    def __init__(self, store: BlobStore, budget: Budget, trouble: DiskTrouble, max_fills: int) -> None:
         self.store = store
+        self.budget = budget
         self.trouble = trouble
-        self.on_stored = on_stored    # called with the bytes a new object adds
+        self.max_fills = max_fills
         self._changed = threading.Condition()
         self._running = {}            # key -> Fill
         self._storing = {}            # digest -> verified Fill being fsynced and renamed
 
     def begin(self, key: tuple, identity: str | None) -> tuple:
-        """(fill, True) for the first request of `key`, (its fill, False) for the others."""
+        """(fill, True) for the first request of `key`, (its fill, False) for the
+        others, (None, False) when MAX_FILLS are running: pass it through."""
         with self._changed:
             fill = self._running.get(key)
             if fill is not None:
                 return fill, False
+            if len(self._running) >= self.max_fills:
+                return None, False
             fill = self._running[key] = Fill(key, identity)
             return fill, True
 
@@ -1982,26 +1994,42 @@ class Fills:
         if fill is not None:
             fill.wait_finished(timeout)
 
+    def close_reader(self, fill: Fill, file) -> None:
+        """A client is done with a fill: the last one gone stops it, unless it fits without eviction."""
+        self.store.close(file)
+        with fill.cond:
+            fill.readers -= 1
+            if fill.readers == 0 and not fill.verified and fill.state == Fill.STREAMING:
+                fill.abandoned = not self.budget.fits_without_eviction()
+
     def start(self, fill: Fill, response, digest: str | None, headers: list,
               media_type: str | None, on_verified):
-        """Start writing `response` into the store in a thread of its own.
+        """Start writing `response` (of known length) into the store in a thread of its own.
 
         Returns the first client's reader, opened before the thread starts so
-        that client always sees its own fill through; None when no room could
-        be reserved: the caller passes the answer through.
+        that client always sees its own fill through; None when the answer
+        cannot be cached (no room reserved): the caller passes it through.
         """
-        fill.length = content_length(response.headers)
-        spool = None
+        length = response.length
+        if length is None or not self.budget.reserve(length):
+            return None
         try:
             spool = self.store.new_spool(digest)
-            spool.reserve(fill.length)
         except OSError as err:
-            if spool is not None:
-                spool.close()
-                spool.discard()
+            self.budget.unreserve(length)
             self.trouble.warn(err)
             return None
-        fill.spool_path, fill.headers = spool.path, headers
+        try:
+            spool.reserve(length)
+        except BaseException as err:
+            spool.close()
+            spool.discard()
+            self.budget.unreserve(length)
+            if not isinstance(err, OSError):
+                raise
+            self.trouble.warn(err)
+            return None
+        fill.length, fill.spool_path, fill.headers = length, spool.path, headers
         fill.set_state(Fill.STREAMING)
         reader = fill.open_reader(self.store)
         threading.Thread(target=self._run, daemon=True, name="fill",
@@ -2012,7 +2040,7 @@ class Fills:
              media_type: str | None, on_verified) -> None:
         state, actual = Fill.FAILED, ""
         try:
-            actual = self._copy_verified(fill, response, spool, digest, media_type)
+            actual = self._copy_verified(fill, response, spool, digest)
             response.release()
             self._release_verified(fill, actual, spool, on_verified)
             spool.finish(fill.written)
@@ -2020,22 +2048,21 @@ class Fills:
             state = Fill.DONE
             self.trouble.cleared()
         except Exception as err:  # nothing is stored; clients not yet verified are cut short
-            log.warning("cache fill of %s failed: %s", digest or "manifest", printable(str(err)))
+            log.warning("cache fill of %s stopped: %s", digest or "manifest", printable(str(err)))
             spool.discard()
             response.close()
         finally:
             spool.close()
+            self.budget.unreserve(fill.length)
             with self._changed:
                 self._storing.pop(actual, None)
             self.end(fill, state)
 
-    def _copy_verified(self, fill: Fill, response, spool: Spool, digest: str | None,
-                       media_type: str | None) -> str:
+    def _copy_verified(self, fill: Fill, response, spool: Spool, digest: str | None) -> str:
         """Upstream bytes to the spool, hashed as they pass; their digest if all is well."""
         algorithm = digest.partition(":")[0] if digest else "sha256"
         hasher = hashlib.new(algorithm)
         buffer = thread_buffer()
-        limit = MAX_MANIFEST_SIZE if media_type else None
         while True:
             count = response.readinto(buffer)
             if not count:
@@ -2046,10 +2073,10 @@ class Fills:
             with fill.cond:
                 fill.written += count
                 fill.cond.notify_all()
-            if limit and fill.written > limit:
-                raise ValueError("manifest larger than MAX_MANIFEST_SIZE")
+            if fill.abandoned:
+                raise FillAbandoned("every client left, and there is no room without evicting")
         actual = f"{algorithm}:{hasher.hexdigest()}"
-        if fill.length is not None and fill.written != fill.length:
+        if fill.written != fill.length:
             raise ValueError(f"upstream sent {fill.written} of {fill.length} bytes")
         if digest and actual != digest:
             raise ValueError(f"upstream sent bytes of {actual}, not {digest}")
@@ -2075,32 +2102,74 @@ class Fills:
 
     def _store(self, fill: Fill, spool: Spool, digest: str, media_type: str | None) -> None:
         """The verified bytes take their name; followers open that from now on."""
+        if media_type:  # what the manifest says it is wins over what a header claimed
+            media_type = document_media_type(spool.read_start(MAX_MANIFEST_SIZE)) or media_type
         with fill.cond:
             is_new = self.store.put(spool, digest, media_type)
             fill.stored_digest = digest
-        self.on_stored(fill.written if is_new else 0)
+        self.budget.stored(fill.written if is_new else 0)
 
 
 # Cache: the stores, the fills, eviction, the operator commands #############
+
+class Budget:
+    """The cache's bytes against CACHE_MAX_SIZE: those stored, and those
+    reserved by fills in flight.  Fills in flight never reserve more than
+    CACHE_MAX_SIZE together; stored objects are evicted to make room."""
+
+    def __init__(self, max_size: int, on_over) -> None:
+        self.max_size = max_size      # 0: no limit
+        self.on_over = on_over        # called when stored + reserved passes max_size
+        self.size = 0                 # bytes stored, as the last sweep counted and fills added
+        self.reserved = 0
+        self._lock = threading.Lock()
+
+    def reserve(self, length: int) -> bool:
+        with self._lock:
+            if self.max_size and self.reserved + length > self.max_size:
+                return False
+            self.reserved += length
+            over = self.max_size and self.size + self.reserved > self.max_size
+        if over:
+            self.on_over()
+        return True
+
+    def unreserve(self, length: int | None) -> None:
+        with self._lock:
+            self.reserved -= length or 0
+
+    def stored(self, added: int) -> None:
+        with self._lock:
+            self.size += added
+
+    def counted(self, size: int) -> None:
+        """A sweep's count of the bytes stored."""
+        with self._lock:
+            self.size = size
+
+    def fits_without_eviction(self) -> bool:
+        with self._lock:
+            return not self.max_size or self.size + self.reserved <= self.max_size
+
 
 class Cache:
     """The disk cache: a BlobStore, a TagIndex, AccessRecords and the Fills into
     them, kept under CACHE_MAX_SIZE and CACHE_MAX_AGE by an evictor thread."""
 
-    def __init__(self, root: str, max_size: int, max_age: float, clock: Clock | None = None) -> None:
+    def __init__(self, root: str, max_size: int, max_age: float, clock: Clock | None = None,
+                 max_fills: int = 16) -> None:
         self.root = root
         self.max_size = max_size
         self.max_age = max_age
         self.clock = clock = clock or Clock()
         trouble = DiskTrouble()
+        self._sweep_now = threading.Event()
+        self.budget = Budget(max_size, self._sweep_now.set)
         self.store = BlobStore(root, clock)
         remove_abandoned_temps(root)
         self.tags = TagIndex(root, clock, trouble)
         self.records = AccessRecords(root, clock, trouble)
-        self.fills = Fills(self.store, trouble, self.stored)
-        self.size = 0
-        self._size_lock = threading.Lock()
-        self._sweep_now = threading.Event()
+        self.fills = Fills(self.store, self.budget, trouble, max_fills)
 
     def tag(self, upstream: str, repository: str, tag: str, kind: str) -> dict | None:
         """A tag's entry, with the media type stored with the manifest's bytes
@@ -2114,13 +2183,6 @@ class Cache:
     def tag_entries(self, upstream: str, repository: str, tag: str) -> list:
         entries = (self.tag(upstream, repository, tag, kind) for kind in self.tags.kinds(upstream, repository, tag))
         return [entry for entry in entries if entry]
-
-    def stored(self, added: int) -> None:
-        """A fill stored `added` new bytes: over CACHE_MAX_SIZE, wake the evictor."""
-        with self._size_lock:
-            self.size += added
-        if self.max_size and self.size > self.max_size:
-            self._sweep_now.set()
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
         """Wait until no fill is running or being stored (tests, shutdown)."""
@@ -2144,8 +2206,10 @@ class Cache:
         """Remove objects unused for CACHE_MAX_AGE, then, over CACHE_MAX_SIZE, the
         least recently used down to the low-water mark; never one being read."""
         objects = sorted(self.store.objects(), key=lambda stored: (stored.last_used, stored.size, stored.digest))
-        total = sum(stored.size for stored in objects)
-        low_water = self.max_size * EVICTION_LOW_WATER if self.max_size and total > self.max_size else None
+        total, reserved = sum(stored.size for stored in objects), self.budget.reserved
+        low_water = None
+        if self.max_size and total + reserved > self.max_size:  # fills in flight need their room too
+            low_water = max(self.max_size * EVICTION_LOW_WATER - reserved, 0)
         now, removed, freed = self.clock.time(), 0, 0
         for stored in objects:  # least recently used first
             expired = self.max_age and now - stored.last_used > self.max_age
@@ -2155,8 +2219,7 @@ class Cache:
                 continue
             self.store.delete(stored.digest)
             total, removed, freed = total - stored.size, removed + 1, freed + stored.size
-        with self._size_lock:
-            self.size = total
+        self.budget.counted(total)
         dropped = self.tags.prune(self.store.exists)
         if removed:
             log.info("cache evicted %d objects (%d bytes) and %d tag entries; %d bytes remain",
@@ -2783,10 +2846,60 @@ class PassThrough(Part):
 
 
 def cacheable(response: UpstreamResponse, manifest: bool) -> bool:
-    length = content_length(response.headers)
-    if manifest:
-        return bool(response.headers.get("content-type")) and not (length and length > MAX_MANIFEST_SIZE)
-    return True
+    """Whether an upstream 200 may go into the cache (else it is passed through).
+
+    A blob needs a Content-Length (space is reserved for it before it is
+    written); a manifest needs a media type that is not signed schema 1.
+    """
+    if not manifest:
+        return response.length is not None
+    media_type = (response.headers.get("content-type") or "").partition(";")[0].strip().lower()
+    too_large = response.length is not None and response.length > MAX_MANIFEST_SIZE
+    return bool(media_type) and MANIFEST_KINDS.get(media_type) != "docker-v1" and not too_large
+
+
+def read_at_most(response: UpstreamResponse, limit: int) -> bytes:
+    """Up to `limit` bytes of a body, fewer if it ends (or breaks off) before."""
+    body, buffer = bytearray(), thread_buffer()
+    while len(body) < limit:
+        try:
+            count = response.readinto(buffer[:limit - len(body)])
+        except (OSError, http.client.HTTPException):
+            break
+        if not count:
+            break
+        body += buffer[:count]
+    return bytes(body)
+
+
+def bytes_digest(data: bytes, digest: str) -> str:
+    """The digest of `data` with the algorithm `digest` names."""
+    algorithm = digest.partition(":")[0]
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+class WholeAnswer:
+    """A verified manifest read into memory, handed to a fill as if it came from upstream."""
+
+    framing, complete = "length", True
+
+    def __init__(self, body: bytes, headers) -> None:
+        self.body = memoryview(body)
+        self.headers = headers
+        self.length = len(body)
+        self._position = 0
+
+    def readinto(self, buffer) -> int:
+        count = min(len(buffer), self.length - self._position)
+        buffer[:count] = self.body[self._position:self._position + count]
+        self._position += count
+        return count
+
+    def release(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class CachedObject(PassThrough):
@@ -2869,8 +2982,11 @@ class CachedObject(PassThrough):
             self.cache.store.close(file)
 
     def fill_and_follow(self, digest: str | None, manifest: bool, tag_kind: str | None = None) -> None:
-        """A miss: one upstream GET per object, however many clients ask at once."""
+        """A miss: one upstream GET per object, however many clients ask at once
+        (beyond MAX_FILLS, passed through uncached)."""
         fill, leader = self.cache.fills.begin(fill_key(self.target, tag_kind), self.identity)
+        if fill is None:
+            return self.pass_through()
         if not leader:
             return self.join_fill(fill)
         try:
@@ -2892,16 +3008,54 @@ class CachedObject(PassThrough):
         if response.status != 200 or not cacheable(response, manifest):
             fills.end(fill, Fill.DECLINED)
             return self.relay_unless_stale(response)
-        media_type = response.headers.get("content-type", BLOB_TYPE) if manifest else None
         if digest is None and DIGEST.match(response.headers.get("docker-content-digest", "")):
             digest = response.headers["docker-content-digest"]
-        record = functools.partial(self.record_fill, tag_kind, media_type)
         headers = response_headers(response.headers, self.target.prefix) + [("X-Cache", "MISS")]
+        if manifest:
+            response = self.verified_manifest(fill, response, digest, headers)
+            if response is None:
+                return  # answered, uncached
+        media_type = response.headers.get("content-type", BLOB_TYPE) if manifest else None
+        record = functools.partial(self.record_fill, tag_kind, media_type)
         reader = fills.start(fill, response, digest, headers, media_type, record)
         if reader is None:
             fills.end(fill, Fill.DECLINED)
-            return self.relay(response)
+            return self.send_uncached(response, headers)
         self.follow(fill, reader)
+
+    def verified_manifest(self, fill: Fill, response: UpstreamResponse, digest: str | None,
+                          headers: list) -> WholeAnswer | None:
+        """A manifest, read whole before a byte of it goes out, if it can be cached.
+
+        It is cached only when its digest (asked for, or named by upstream)
+        verifies it, or, naming none, when its framing proves it complete.
+        Otherwise the client gets it as it came, uncached: a signed schema 1
+        manifest, whose digest leaves out its signatures, or one larger than
+        MAX_MANIFEST_SIZE (sent on as it arrives), or one whose end nothing
+        proves.  One that broke off is a 502.  None: the client was answered.
+        """
+        body = read_at_most(response, MAX_MANIFEST_SIZE + 1)
+        if len(body) > MAX_MANIFEST_SIZE:
+            self.cache.fills.end(fill, Fill.DECLINED)
+            self.answer.relay(response, self.route, self.target.prefix, x_cache="MISS", head=body)
+            return None
+        if not response.complete:
+            self.cache.fills.end(fill, Fill.DECLINED)
+            response.close()
+            raise UpstreamUnavailable(f"upstream {redacted_url(response.url)} broke off a manifest")
+        response.release()
+        proven = bytes_digest(body, digest) == digest if digest else response.framing != "close"
+        if not proven:
+            log.info("manifest %s not cached: nothing verifies it", printable(self.target.upstream_path))
+            self.cache.fills.end(fill, Fill.DECLINED)
+            self.answer.send_small(200, body, headers=headers)
+            return None
+        return WholeAnswer(body, response.headers)
+
+    def send_uncached(self, response, headers: list) -> None:
+        if isinstance(response, WholeAnswer):
+            return self.answer.send_small(200, bytes(response.body), headers=headers)
+        self.relay(response)
 
     def join_fill(self, fill: Fill) -> None:
         """Follow another client's fill if Access lets this client, else fetch alone."""
@@ -2921,18 +3075,17 @@ class CachedObject(PassThrough):
         try:
             self.answer.send_fill(fill, reader, patience)
         finally:
-            self.cache.store.close(reader)
+            self.cache.fills.close_reader(fill, reader)
         return True
 
     def record_fill(self, tag_kind: str | None, media_type: str | None, digest: str, spool: Spool) -> None:
-        """After a verified fill (in its thread): links, the tag entry, and who may see it."""
-        digests = [digest]
+        """After a verified fill (in its thread): the link, the tag entry, and who may see it."""
         upstream, repository = self.route.upstream, self.target.repository
-        if media_type:
-            digests += referenced_digests(spool.read_start(MAX_MANIFEST_SIZE))
-            if tag_kind:
-                self.cache.tags.put(upstream, repository, self.target.reference, tag_kind, digest, media_type)
-        self.access.record(self.identity, upstream, repository, digests)
+        if media_type and tag_kind:
+            self.cache.tags.put(upstream, repository, self.target.reference, tag_kind, digest, media_type)
+        # This object only: what a manifest names is not proof that upstream
+        # would serve it from this repository (Access, rule 1).
+        self.access.record(self.identity, upstream, repository, [digest])
 
 
 class BlobEndpoint(CachedObject):
@@ -3157,7 +3310,7 @@ class Answers:
             self.wfile.write(b"0\r\n\r\n")
 
     def relay(self, response: UpstreamResponse, route: Route, prefix: str = "", x_cache: str = "",
-              kind: str = "") -> None:
+              kind: str = "", head: bytes = b"") -> None:
         """An upstream answer to the client: our challenge for a 401, else as it came;
         a HEAD's answer to a GET client as our own error, never headers without their body."""
         try:
@@ -3182,7 +3335,7 @@ class Answers:
                 self.end_headers()
                 self.stream_body(response, length)
             else:
-                self.stream_unknown_length(response)
+                self.stream_unknown_length(response, head)
         finally:
             response.release()
 
@@ -3205,7 +3358,7 @@ class Answers:
             self.bytes_sent += count
             remaining -= count
 
-    def stream_unknown_length(self, response: UpstreamResponse) -> None:
+    def stream_unknown_length(self, response: UpstreamResponse, head: bytes = b"") -> None:
         """No Content-Length upstream: chunked to HTTP/1.1 clients, so an end is an end,
         and a body that broke off upstream never gets the last chunk."""
         chunked = self.request_version == "HTTP/1.1"
@@ -3214,6 +3367,9 @@ class Answers:
         else:
             self.close_connection = True
         self.end_headers()
+        if head:  # what was read of it already
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(head), head) if chunked else head)
+            self.bytes_sent += len(head)
         buffer = thread_buffer()
         while True:
             try:
@@ -3446,7 +3602,8 @@ class Proxy:
         self.auth = UpstreamAuth(self.upstreams, self.clock)
         self.cache = None
         if config.cache_dir:
-            self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age, self.clock)
+            self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age, self.clock,
+                               config.max_fills)
         self.access = Access(self.cache.records if self.cache else None, self.clock)
 
     def start(self) -> None:

@@ -452,15 +452,6 @@ def test_bad_size_or_duration_is_refused(text):
         dockerproxy.parse_size(text)
 
 
-def test_referenced_digests_of_manifests_and_indexes():
-    a, b, c = ("sha256:" + x * 64 for x in "abc")
-    manifest = json.dumps({"config": {"digest": a}, "layers": [{"digest": b}, {"digest": "bogus"}]}).encode()
-    index = json.dumps({"manifests": [{"digest": c}], "subject": {"digest": a}}).encode()
-    assert dockerproxy.referenced_digests(manifest) == [a, b]
-    assert dockerproxy.referenced_digests(index) == [c]  # never the subject: anyone may name it
-    assert dockerproxy.referenced_digests(b"not json") == [] and dockerproxy.referenced_digests(b"[1]") == []
-
-
 def test_readme_daemon_json_snippet_is_valid_json_naming_the_proxy():
     """docker cannot run here (no engine); at least its README snippet must be what dockerd parses."""
     import re as regex

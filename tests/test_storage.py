@@ -144,7 +144,8 @@ class Answer:
 
     def __init__(self, body, length=None):
         self.body = io.BytesIO(body)
-        self.headers = {"content-length": str(len(body) if length is None else length)}
+        self.length = len(body) if length is None else length
+        self.headers = {"content-length": str(self.length)}
         self.closed = False
 
     def readinto(self, buffer):
@@ -159,22 +160,23 @@ class Answer:
 
 def fill(store, data, digest, length=None):
     """Run one fill to its end: (its state, what the verified callback saw)."""
-    stored = []
-    fills = dockerproxy.Fills(store, dockerproxy.DiskTrouble(), stored.append)
+    budget = dockerproxy.Budget(0, lambda: None)
+    fills = dockerproxy.Fills(store, budget, dockerproxy.DiskTrouble(), 4)
     seen = []
     job, leader = fills.begin(("key",), None)
     assert leader and fills.begin(("key",), "other")[0] is job
     reader = fills.start(job, Answer(data, length), digest, [], None, lambda d, spool: seen.append(d))
     assert fills.wait_idle(30) and fills.in_flight() == []
-    store.close(reader)
-    return job.state, seen, stored
+    fills.close_reader(job, reader)
+    return job.state, seen, budget
 
 
 def test_a_verified_fill_is_stored_and_counted(backend):
     store = backend[0]
     data = b"x" * 100000
-    state, seen, stored = fill(store, data, digest_of(data))
-    assert state == dockerproxy.Fill.DONE and seen == [digest_of(data)] and stored == [100000]
+    state, seen, budget = fill(store, data, digest_of(data))
+    assert state == dockerproxy.Fill.DONE and seen == [digest_of(data)]
+    assert (budget.size, budget.reserved) == (100000, 0)
     assert store.exists(digest_of(data))
 
 
@@ -184,14 +186,14 @@ def test_a_verified_fill_is_stored_and_counted(backend):
 ])
 def test_a_bad_fill_stores_nothing(backend, body, digest, length):
     store = backend[0]
-    state, seen, stored = fill(store, body, digest, length)
-    assert state == dockerproxy.Fill.FAILED and seen == [] and stored == []
+    state, seen, budget = fill(store, body, digest, length)
+    assert state == dockerproxy.Fill.FAILED and seen == [] and (budget.size, budget.reserved) == (0, 0)
     assert store.objects() == [] and dockerproxy.remove_abandoned_temps(store.root) == 0
 
 
 def test_wait_idle_waits_for_a_running_fill(backend):
     store = backend[0]
-    fills = dockerproxy.Fills(store, dockerproxy.DiskTrouble(), lambda added: None)
+    fills = dockerproxy.Fills(store, dockerproxy.Budget(0, lambda: None), dockerproxy.DiskTrouble(), 4)
     job, _ = fills.begin(("key",), None)
     assert fills.wait_idle(0.01) is False
     ended = threading.Thread(target=fills.end, args=(job, dockerproxy.Fill.DECLINED))
@@ -239,3 +241,38 @@ def test_an_object_that_cannot_be_read_is_left_out_of_listings(backend):
     os.makedirs(os.path.dirname(loop), exist_ok=True)
     os.symlink(loop, loop)  # stat() says ELOOP
     assert [stored.digest for stored in store.objects()] == [digest]
+
+
+def test_fills_beyond_max_fills_are_refused_and_reservations_beyond_the_budget_too(backend):
+    store = backend[0]
+    budget = dockerproxy.Budget(1000, lambda: None)
+    fills = dockerproxy.Fills(store, budget, dockerproxy.DiskTrouble(), 2)
+    first, second = fills.begin(("a",), None)[0], fills.begin(("b",), None)[0]
+    assert fills.begin(("c",), None) == (None, False)          # MAX_FILLS running
+    assert fills.begin(("a",), "x") == (first, False)          # joining is not a new fill
+    assert fills.start(first, Answer(b"x" * 600), None, [], None, lambda d, s: None) is not None
+    assert fills.start(second, Answer(b"y" * 600), None, [], None, lambda d, s: None) is None  # 1200 > 1000
+    fills.end(second, dockerproxy.Fill.DECLINED)
+    assert fills.wait_idle(30) and budget.reserved == 0
+
+
+def test_a_fill_whose_clients_left_stops_unless_it_fits_without_eviction(backend):
+    store = backend[0]
+    for size_stored, stops in ((0, False), (900, True)):
+        budget = dockerproxy.Budget(1000, lambda: None)
+        budget.stored(size_stored)
+        fills = dockerproxy.Fills(store, budget, dockerproxy.DiskTrouble(), 2)
+        job, _ = fills.begin(("k", size_stored), None)
+        stalled = threading.Event()
+        answer = Answer(b"z" * 500)
+        read = answer.readinto
+
+        def slow_readinto(buffer, read=read):
+            stalled.wait(30)
+            return read(buffer[:100])
+        answer.readinto = slow_readinto
+        reader = fills.start(job, answer, None, [], None, lambda d, s: None)
+        fills.close_reader(job, reader)  # its only client leaves
+        stalled.set()
+        assert fills.wait_idle(30)
+        assert (job.state == dockerproxy.Fill.FAILED) is stops, size_stored
