@@ -211,6 +211,11 @@ ANONYMOUS_TOKEN_TTL = 3600.0
 # with its account); beyond this they are dropped and fetched again.
 MAX_PROXY_TOKENS = 10_000
 
+# A token the proxy could not get is not asked for again for this long: a
+# client repeating a request must not make the proxy repeat its token
+# request (with its account's credentials) to the token service.
+REFUSED_TOKEN_TTL = 60.0
+
 # A token answer without expires_in lasts this long: the default that the
 # docker token specification gives ("defaults to 60 seconds").
 DEFAULT_TOKEN_LIFETIME = 60.0
@@ -404,6 +409,8 @@ class Config:
     registry_auth_file: str
     debug: bool
     routes: tuple
+    # The auth file's accounts by host, for realms and redirect targets (never printed).
+    accounts: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
 
 def parse_port(text: str) -> int:
@@ -649,10 +656,11 @@ def load_config(argv: list, environ: dict) -> Config:
         name, _, url = item.partition("=")
         overrides[name.strip().lower()] = url
     routes = build_routes(extra_routes, overrides)
-    credentials = auth_file_credentials(values["registry_auth_file"], routes) if values["registry_auth_file"] else {}
+    accounts = read_auth_file(values["registry_auth_file"]) if values["registry_auth_file"] else {}
+    credentials = route_accounts(accounts, routes)
     credentials.update(upstream_credentials({**dotenv, **environ}, routes))
     routes = tuple(dataclasses.replace(route, credentials=credentials.get(route.name)) for route in routes)
-    config = Config(routes=routes, **values)
+    config = Config(routes=routes, accounts=accounts, **values)
     check_config(config)
     if config.tls_cert or config.tls_key:
         server_tls_context(config)  # a bad certificate stops start-up here, status 2
@@ -703,8 +711,8 @@ def upstream_credentials(variables: dict, routes: tuple) -> dict:
     return found
 
 
-def auth_file_credentials(path: str, routes: tuple) -> dict:
-    """The `auths` of a docker config.json / podman auth.json -> {route name: Credentials}.
+def read_auth_file(path: str) -> dict:
+    """The `auths` of a docker config.json / podman auth.json -> {host[:port]: Credentials}.
 
     Keys are registry hosts as `docker login` wrote them
     ("https://index.docker.io/v1/", "ghcr.io", "127.0.0.1:5000").
@@ -719,15 +727,33 @@ def auth_file_credentials(path: str, routes: tuple) -> dict:
                 username, _, password = base64.b64decode(entry["auth"]).decode().partition(":")
             else:
                 username, password = entry.get("username", ""), entry.get("password", "")
-            for route in routes:
-                upstream_host = urllib.parse.urlsplit(route.upstream).netloc
-                if username and password and (host in route.registry_hosts or host == upstream_host):
-                    found[route.name] = Credentials(username, password)
+            if username and password:
+                found[host] = Credentials(username, password)
         return found
     except OSError as err:
         raise ConfigError(f"REGISTRY_AUTH_FILE={path!r}: {err.strerror}") from None
     except (ValueError, AttributeError, TypeError, UnicodeDecodeError):
         raise ConfigError(f"REGISTRY_AUTH_FILE={path!r}: not a docker config.json") from None
+
+
+def route_accounts(accounts: dict, routes: tuple) -> dict:
+    """Which auth-file account each route's upstream gets: {route name: Credentials}.
+
+    An entry goes to the host it names: the route's upstream host, or one
+    of its registry names (docker.io, ghcr.io) only while the route still
+    points at that registry.  An overridden route (UPSTREAM_DOCKER=http://mirror)
+    never gets Docker Hub's account, which would go to the mirror in the clear.
+    """
+    defaults = {route.name: route.upstream for route in BUILTIN_ROUTES}
+    found = {}
+    for route in routes:
+        names = {urllib.parse.urlsplit(route.upstream).netloc}
+        if defaults.get(route.name, route.upstream) == route.upstream:
+            names.update(route.registry_hosts)
+        for host, credentials in accounts.items():
+            if host in names:
+                found[route.name] = credentials
+    return found
 
 
 def build_routes(extra_routes: tuple, overrides: dict) -> tuple:
@@ -2575,29 +2601,30 @@ class Challenges:
         return None
 
 
-class ProxyTokens:
-    """Upstream tokens fetched with the proxy's own credentials.
-
-    A token is scoped to one repository (repository:<name>:pull), so the key
-    is (route, repository); each is kept until TOKEN_RENEW_MARGIN before it expires.
-    """
+class Tokens:
+    """Upstream tokens the proxy fetched itself: with its own account, per
+    (route, repository), and anonymous ones for registries an upstream
+    redirected to, per (host, scope).  Each is kept until TOKEN_RENEW_MARGIN
+    before it expires; a refusal ("") is remembered for REFUSED_TOKEN_TTL, so
+    a client asking again and again does not make the proxy ask again."""
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
         self._tokens = {}
         self._lock = threading.Lock()
 
-    def get(self, route: Route, repository: str) -> str | None:
+    def get(self, key: tuple) -> str | None:
+        """The token, "" for a recent refusal, None if there is none to use."""
         with self._lock:
-            token, renew_at = self._tokens.get((route.name, repository), (None, 0.0))
+            token, renew_at = self._tokens.get(key, (None, 0.0))
         return token if self.clock.monotonic() < renew_at else None
 
-    def put(self, route: Route, repository: str, token: str, expires_in: float) -> None:
+    def put(self, key: tuple, token: str, expires_in: float) -> None:
         with self._lock:
             if len(self._tokens) >= MAX_PROXY_TOKENS:
                 self._tokens.clear()  # bounded; each is fetched again when next needed
-            renew_at = self.clock.monotonic() + expires_in - TOKEN_RENEW_MARGIN
-            self._tokens[(route.name, repository)] = (token, renew_at)
+            lifetime = expires_in - TOKEN_RENEW_MARGIN if token else REFUSED_TOKEN_TTL
+            self._tokens[key] = (token, self.clock.monotonic() + lifetime)
 
 
 def checked_realm(route: Route, params: dict) -> tuple:
@@ -2613,15 +2640,40 @@ def realm_url(realm: str, fields: list) -> str:
     return realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(fields)
 
 
-class UpstreamAuth:
-    """Where each route's upstream sends clients for tokens, and the proxy's
-    own tokens for routes that have an account (UPSTREAM_<ROUTE>_USERNAME or
-    REGISTRY_AUTH_FILE)."""
+def path_scope(path: str) -> str:
+    """The pull scope of a registry API path ("/v2/a/b/blobs/..." -> "repository:a/b:pull")."""
+    match = re.match(r"/v2/(.+?)/(?:manifests|blobs|tags|referrers)/", path)
+    return f"repository:{match.group(1)}:pull" if match else ""
 
-    def __init__(self, upstreams: Upstreams, clock: Clock) -> None:
+
+def is_loopback_host(host: str | None) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host or "").is_loopback
+    except ValueError:
+        return False
+
+
+class UpstreamAuth:
+    """Tokens the proxy fetches for itself, and the challenges upstreams send.
+
+    Credentials go only where they are meant to go.  The proxy's account on a
+    route (UPSTREAM_<ROUTE>_USERNAME, or an auth-file entry for that host)
+    goes to the route's upstream, and to a token realm on another host only
+    if the upstream named it over https or the auth file has an entry for
+    the realm's host.  A registry that an upstream redirects to and that
+    asks for a token (registry.k8s.io to Artifact Registry, lscr.io to
+    ghcr.io) gets one anonymous request at its own realm (https, unless the
+    target is http on a loopback or configured host), with the auth file's
+    account for that host if it has one; never a client's credentials.
+    """
+
+    def __init__(self, upstreams: Upstreams, clock: Clock, accounts: dict, trusted_hosts=()) -> None:
         self.upstreams = upstreams
         self.challenges = Challenges(clock)
-        self.tokens = ProxyTokens(clock)
+        self.tokens = Tokens(clock)
+        self.accounts = accounts                                  # auth file: host[:port] -> Credentials
+        self.account_hosts = {split_host(host) for host in accounts}
+        self.trusted_hosts = frozenset(trusted_hosts)             # the operator's upstreams
 
     def challenge(self, route: Route) -> tuple | None:
         """The route's (scheme, params), asked of its /v2/ once an hour; None: no auth."""
@@ -2630,7 +2682,8 @@ class UpstreamAuth:
             return known if known[0] else None
         response = self.upstreams.fetch("GET", route.upstream + "/v2/", {})
         response.consume()
-        header = response.headers.get("www-authenticate", "") if response.status == 401 else ""
+        own = response.status == 401 and same_origin(response.url, route.upstream)
+        header = response.headers.get("www-authenticate", "") if own else ""
         scheme, params = self.challenges.remember(route, header)  # "" remembers "no auth"
         return (scheme, params) if scheme else None
 
@@ -2641,21 +2694,67 @@ class UpstreamAuth:
             return None
         if challenge[0] != "bearer":
             return route.credentials.basic()
-        token = self.tokens.get(route, repository)
-        if token:
-            return token
-        token, expires_in = self.fetch_token(route, challenge[1], repository)
+        key = ("account", route.name, repository)
+        token = self.tokens.get(key)
         if token is None:
-            return None
-        log.debug("proxy token for %s on route %s, %d s", repository, route.name, expires_in)
-        self.tokens.put(route, repository, f"Bearer {token}", expires_in)
-        return f"Bearer {token}"
+            token = self.account_token(route, challenge[1], repository)
+            self.tokens.put(key, *token)
+            token = token[0]
+        return token or None
 
-    def fetch_token(self, route: Route, params: dict, repository: str) -> tuple:
-        """(token, lifetime) from the route's realm with the proxy's account; (None, 0) if refused."""
+    def account_token(self, route: Route, params: dict, repository: str) -> tuple:
+        """("Bearer ...", lifetime) from the route's realm with the proxy's account; ("", 0) if refused."""
         realm, service = checked_realm(route, params)
-        url = realm_url(realm, [("service", service), ("scope", f"repository:{repository}:pull")])
-        response = self.upstreams.fetch("GET", url, {"authorization": route.credentials.basic()})
+        upstream = urllib.parse.urlsplit(route.upstream)
+        realm_host = urllib.parse.urlsplit(realm).hostname
+        if realm_host != upstream.hostname and upstream.scheme != "https" and realm_host not in self.account_hosts:
+            log.warning("route %s: its realm is on another host, named over http: "
+                        "the proxy's credentials are not sent there", route.name)
+            return "", 0.0
+        scope = f"repository:{repository}:pull"
+        token, expires_in = self.request_token(realm, service, scope, route.credentials)
+        if token:
+            log.debug("proxy token for %s on route %s, %d s", repository, route.name, expires_in)
+        else:
+            log.warning("route %s: the proxy's credentials got no token", route.name)
+        return token, expires_in
+
+    def retry_at_redirect_target(self, response: UpstreamResponse, method: str,
+                                 headers: dict) -> UpstreamResponse:
+        """A registry the upstream redirected to asks for a token: one more try with an anonymous one."""
+        scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
+        token = self.target_token(response.url, params) if scheme == "bearer" else None
+        if not token:
+            return response
+        url = response.url
+        response.consume()
+        headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+        return self.upstreams.fetch(method, url, {**headers, "authorization": token})
+
+    def target_token(self, url: str, params: dict) -> str | None:
+        """An anonymous token (or the auth file's, for that host) from a redirect target's realm."""
+        target, realm = urllib.parse.urlsplit(url), params.get("realm", "")
+        realm_scheme = urllib.parse.urlsplit(realm).scheme
+        trusted_http = target.scheme == "http" and (
+            is_loopback_host(target.hostname) or target.hostname in self.trusted_hosts)
+        if realm_scheme != "https" and not (realm_scheme == "http" and trusted_http):
+            log.warning("refused the realm %s of %s", redacted_url(realm) if realm_scheme else "(none)",
+                        target.netloc)
+            return None
+        scope = params.get("scope") or path_scope(target.path)
+        key = ("target", target.netloc, scope)
+        token = self.tokens.get(key)
+        if token is None:
+            account = self.accounts.get(target.netloc.lower()) or self.accounts.get(target.hostname)
+            token, expires_in = self.request_token(realm, params.get("service", ""), scope, account)
+            self.tokens.put(key, token, expires_in)
+        return token or None
+
+    def request_token(self, realm: str, service: str, scope: str, account: Credentials | None) -> tuple:
+        """("Bearer ...", lifetime) from a realm, ("", 0) if it gave none."""
+        fields = [(name, value) for name, value in (("service", service), ("scope", scope)) if value]
+        headers = {"authorization": account.basic()} if account else {}
+        response = self.upstreams.fetch("GET", realm_url(realm, fields), headers)
         body = response.consume()
         try:
             answer = json.loads(body) if response.status == 200 else {}
@@ -2664,9 +2763,8 @@ class UpstreamAuth:
         except (ValueError, AttributeError, TypeError):
             token = None
         if not isinstance(token, str) or not token:
-            log.warning("route %s: the proxy's credentials got no token (%d)", route.name, response.status)
-            return None, 0.0
-        return token, expires_in
+            return "", 0.0
+        return f"Bearer {token}", expires_in
 
 
 # Serving: the endpoints ####################################################
@@ -2826,7 +2924,11 @@ class PassThrough(Part):
         self.relay(self.fetch(self.request.method))
 
     def fetch(self, method: str) -> UpstreamResponse:
-        return self.proxy.upstreams.fetch(method, self.upstream_url(), self.upstream_headers())
+        response = self.proxy.upstreams.fetch(method, self.upstream_url(), self.upstream_headers())
+        if response.status == 401 and not same_origin(response.url, self.route.upstream):
+            headers = forwarded_request_headers(self.request.headers, same_host=False)
+            response = self.proxy.auth.retry_at_redirect_target(response, method, headers)
+        return response
 
     def upstream_url(self) -> str:
         query = self.endpoint.query
@@ -3599,7 +3701,7 @@ class Proxy:
         self.routes = RouteTable(config)
         self.upstreams = Upstreams(config.connect_timeout, config.read_timeout,
                                    configured_hosts(config), self.clock)
-        self.auth = UpstreamAuth(self.upstreams, self.clock)
+        self.auth = UpstreamAuth(self.upstreams, self.clock, config.accounts, configured_hosts(config))
         self.cache = None
         if config.cache_dir:
             self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age, self.clock,
