@@ -1140,6 +1140,10 @@ def requested_scheme(tls: bool, headers, trust_proxy_headers: bool) -> str:
     return scheme
 
 
+# A request target is visible ASCII (RFC 9112 section 3.2; RFC 3986).
+VISIBLE_ASCII = re.compile(r"[!-~]+\Z")
+
+
 def split_target(target: str) -> tuple:
     """A request target -> (host or "", path, query), or 400.
 
@@ -1147,6 +1151,10 @@ def split_target(target: str) -> tuple:
     ("http://mirror/v2/...") does, and then its host is the one the request
     is for (RFC 9112 section 3.2.2).  Anything else is not a registry request.
     """
+    if not VISIBLE_ASCII.match(target):
+        # Raw control or non-ASCII bytes: http.client would refuse to send them
+        # upstream, and the library/ redirect would echo them into a header.
+        raise RegistryError(400, "UNSUPPORTED", "request target with control or non-ASCII bytes", close=True)
     if target.startswith("/"):
         path, _, query = target.partition("?")
         return "", path, query.partition("#")[0]
@@ -1162,9 +1170,15 @@ def split_target(target: str) -> tuple:
 
 
 def logged_target(target: str) -> str:
-    """A request target fit for a log line: escaped, and without its query,
-    which can carry secrets (refresh_token=, signatures)."""
-    return printable(target.partition("?")[0])
+    """A request target fit for a log line: escaped, without its query, which
+    can carry secrets (refresh_token=, signatures), and without the user and
+    password an absolute-form target may carry."""
+    shown = target.partition("?")[0]
+    scheme, sep, rest = shown.partition("://")
+    authority, slash, path = rest.partition("/")
+    if sep and "@" in authority:
+        shown = f"{scheme}://***@{authority.rpartition('@')[2]}{slash}{path}"
+    return printable(shown)
 
 
 def request_problem(method: str, headers) -> str:
@@ -2891,7 +2905,7 @@ class TokenEndpoint(Part):
             fields = [("service", service)] + [("scope", scope) for scope in scopes]
             fields += [(k, v) for k, values in query.items() if k not in ("service", "scope", "ns") for v in values]
             response = self.proxy.upstreams.fetch("GET", realm_url(realm, fields), headers)
-        log.debug("token %s for %s -> %d", redacted_url(realm), " ".join(scopes), response.status)
+        log.debug("token %s for %s -> %d", redacted_url(realm), printable(" ".join(scopes)), response.status)
         return response
 
     def send_anonymous_token(self) -> None:

@@ -132,3 +132,29 @@ def test_own_challenge_names_our_realm_and_the_route(routes, route, implied, par
     route = routes.routes[route]
     implied = routes.routes[implied] if implied else None
     assert dockerproxy.own_challenge(route, params, prefix, "http://m:1", implied) == challenge
+
+
+@pytest.mark.parametrize("target, logged", [
+    ("/v2/auth?refresh_token=s3cret&scope=x", "/v2/auth"),
+    ("http://user:pa@ss@evil.example/v2/?token=t", "http://***@evil.example/v2/"),
+    ("/v2/\x1b[2J", "/v2/\\x1b[2J"),
+    ("http://[x/v2/?refresh_token=s3cret", "http://[x/v2/"),
+])
+def test_a_logged_target_keeps_no_secret_and_no_control_byte(target, logged):
+    assert dockerproxy.logged_target(target) == logged
+
+
+@pytest.mark.parametrize("target, split", [
+    ("/v2/a/manifests/1?ns=ghcr.io", ("", "/v2/a/manifests/1", "ns=ghcr.io")),
+    ("http://mirror:5000/v2/a/tags/list?n=1", ("mirror:5000", "/v2/a/tags/list", "n=1")),
+    ("HTTPS://mirror/v2/", ("mirror", "/v2/", "")),
+])
+def test_split_target(target, split):
+    assert dockerproxy.split_target(target) == split
+
+
+@pytest.mark.parametrize("target", ["http://[x/v2/", "*", "mirror:443", "/v2/?x=\x07", "/v2/\u00e9", "/v2/ a"])
+def test_split_target_refuses_what_is_not_a_request_target(target):
+    with pytest.raises(RegistryError) as raised:
+        dockerproxy.split_target(target)
+    assert raised.value.status == 400 and raised.value.close

@@ -266,3 +266,16 @@ def test_a_cached_private_blob_is_checked_upstream_and_a_refusal_relayed(proxy):
     status, _, body = answers[0]
     assert status == 404 and b"private" not in body
     assert [asked[0] for asked in proxy.upstreams.asked] == ["HEAD"]
+
+
+@pytest.mark.parametrize("raw, status", [
+    (b"GET /v2/ HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET /v2/ FOO/1.1\r\n\r\n", 400),
+    (b"GET /v2/library/a/tags/list?x=\x07 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+    (b"GET /v2/a/tags/list?n=\xe9 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
+])
+def test_every_refused_request_line_gets_a_status_line(proxy, raw, status):
+    connection = MemorySocket(raw)
+    dockerproxy.ProxyHandler(connection, ("127.0.0.1", 40000), MemoryServer(proxy))
+    assert connection.written.getvalue().startswith(b"HTTP/1.")
+    assert int(connection.written.getvalue().split()[1]) == status

@@ -3,8 +3,11 @@
 Each was seen to fail on the code before its fix.
 """
 
+import hashlib
+import http.client
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -13,7 +16,7 @@ import pytest
 
 import dockerproxy
 from conftest import RegistryClient
-from fakeregistry import DOCKER_MANIFEST
+from fakeregistry import DOCKER_MANIFEST, FakeRegistry
 from realregistry import wait_until
 
 
@@ -211,3 +214,292 @@ def test_a_get_of_a_cached_blob_refused_upstream_gets_a_whole_answer(proxy, fake
     status, headers, body = client.request("GET", f"/v2/library/other/blobs/{digest}")  # not there upstream
     assert status == 404 and json.loads(body)["errors"][0]["code"] == "BLOB_UNKNOWN"
     assert b"shared bytes" not in body
+
+
+# Upstreams that break the protocol ########################################
+
+class ScriptedUpstream:
+    """A registry on loopback that answers /v2/ with 200 and each other path
+    with the raw bytes scripted for it, then closes the connection; a script
+    entry may be a list of byte strings with threading.Events between them,
+    which the upstream waits for (a stalled or slow upstream)."""
+
+    def __init__(self):
+        self.script = {}
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(16)
+        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection):
+        with connection:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            path = data.split(b" ", 2)[1].decode().partition("?")[0]
+            answer = self.script.get(path)
+            if answer is None:
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
+            for part in answer if isinstance(answer, list) else [answer]:
+                if isinstance(part, threading.Event):
+                    part.wait(30)
+                else:
+                    try:
+                        connection.sendall(part)
+                    except OSError:
+                        return
+
+    def close(self):
+        self.listener.close()
+
+
+@pytest.fixture
+def scripted(start_proxy):
+    upstream = ScriptedUpstream()
+    yield upstream, start_proxy("--upstream", f"docker={upstream.url}", "--read-timeout", "5")
+    upstream.close()
+
+
+BLOB = b"b" * 300000
+BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+BLOB_PATH = f"/v2/library/a/blobs/{BLOB_DIGEST}"
+MANIFEST_PATH = "/v2/library/a/manifests/1"
+
+
+def answer(*headers, body=b""):
+    return ("\r\n".join(["HTTP/1.1 200 OK", *headers]) + "\r\n\r\n").encode() + body
+
+
+def temp_files(root):
+    return [name for _, _, files in os.walk(root) for name in files if name.startswith(dockerproxy.TEMP_PREFIX)]
+
+
+@pytest.mark.parametrize("raw", [
+    answer("Content-Length: 10", "Transfer-Encoding: chunked", body=b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n"),
+    answer("Content-Length: 10", "Content-Length: 11", body=b"x" * 11),
+    answer(f"Content-Length: {2 ** 63}", body=b"x" * 100),
+    answer("Content-Length: 10", "Transfer-Encoding: gzip, chunked", body=b"x" * 10),
+], ids=["cl-and-chunked", "two-lengths", "2-to-the-63", "not-chunked"])
+def test_framing_a_proxy_must_not_guess_is_a_502_and_leaks_nothing(scripted, raw):
+    upstream, proxy = scripted
+    upstream.script[BLOB_PATH] = raw
+    descriptors = len(os.listdir("/proc/self/fd"))
+    for _ in range(5):
+        status, _, body = proxy.request("GET", BLOB_PATH)
+        assert status == 502 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+    assert proxy.cache.wait_idle()
+    assert temp_files(proxy.cache.root) == [] and proxy.cache.store.objects() == []
+    # no file or socket left open per request (the last connection closes just after its answer)
+    wait_until(lambda: len(os.listdir("/proc/self/fd")) <= descriptors + 1, what="descriptors closed")
+
+
+def received_while_stalled(proxy, path, headers, stall, enough):
+    """Bytes of the body a client had received while the upstream stalled; then the stall ends."""
+    connection = socket.create_connection(("127.0.0.1", proxy.port), timeout=30)
+    lines = [f"GET {path} HTTP/1.1", "Host: x", *headers]
+    connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+    received = b""
+    deadline = time.monotonic() + 10
+    try:
+        while len(received.partition(b"\r\n\r\n")[2]) < enough and time.monotonic() < deadline:
+            connection.settimeout(max(deadline - time.monotonic(), 0.01))
+            try:
+                chunk = connection.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            received += chunk
+    finally:
+        stall.set()
+        connection.close()
+    return len(received.partition(b"\r\n\r\n")[2])
+
+
+@pytest.mark.parametrize("headers", [[], ["Range: bytes=0-"]], ids=["fill", "pass-through"])
+def test_a_slow_upstream_has_its_bytes_passed_on_as_they_arrive(scripted, headers):
+    upstream, proxy = scripted
+    stall = threading.Event()
+    head = answer(f"Content-Length: {len(BLOB)}", f"Docker-Content-Digest: {BLOB_DIGEST}")
+    upstream.script[BLOB_PATH] = [head + BLOB[:100000], stall, BLOB[100000:]]
+    # 100000 bytes arrived upstream: the client gets them (bar the held last byte) before any more come
+    assert received_while_stalled(proxy, BLOB_PATH, headers, stall, 99999) >= 99999
+
+
+MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "config": {}, "layers": []}).encode()
+
+
+def test_a_manifest_nothing_proves_complete_is_served_but_never_cached(scripted):
+    upstream, proxy = scripted
+    cut = MANIFEST[:40]  # the upstream closed early; no length, no digest says so
+    upstream.script[MANIFEST_PATH] = answer(f"Content-Type: {DOCKER_MANIFEST}", "Connection: close", body=cut)
+    status, _, body = proxy.request("GET", MANIFEST_PATH, {"Accept": DOCKER_MANIFEST})
+    assert (status, body) == (200, cut)
+    assert proxy.cache.wait_idle() and proxy.cache.store.objects() == []
+    upstream.script[MANIFEST_PATH] = b"HTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n"
+    status, headers, body = proxy.request("GET", MANIFEST_PATH, {"Accept": DOCKER_MANIFEST})
+    assert status == 503 and headers.get("X-Cache") != "STALE"
+
+
+def chunked(data, size=65536):
+    return b"".join(b"%x\r\n%s\r\n" % (len(data[i:i + size]), data[i:i + size])
+                    for i in range(0, len(data), size)) + b"0\r\n\r\n"
+
+
+def test_a_chunked_manifest_over_4_mib_is_passed_through_whole(scripted):
+    upstream, proxy = scripted
+    big = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+                      "annotations": {"padding": "p" * (4 * 1024 * 1024 + 300000)}}).encode()
+    upstream.script[MANIFEST_PATH] = answer(f"Content-Type: {DOCKER_MANIFEST}", "Transfer-Encoding: chunked",
+                                            body=chunked(big))
+    status, _, body = proxy.request("GET", MANIFEST_PATH, {"Accept": DOCKER_MANIFEST})
+    assert status == 200 and body == big
+    assert proxy.cache.wait_idle() and proxy.cache.store.objects() == []
+
+
+def test_a_signed_schema_1_manifest_is_sent_whole_not_announced_and_withheld(scripted):
+    upstream, proxy = scripted
+    signed = json.dumps({"schemaVersion": 1, "name": "library/a", "tag": "1",
+                         "signatures": [{"signature": "s" * 1500}]}).encode()
+    payload_digest = "sha256:" + hashlib.sha256(signed[:100]).hexdigest()  # schema 1: without the signatures
+    media_type = "application/vnd.docker.distribution.manifest.v1+prettyjws"
+    upstream.script[MANIFEST_PATH] = answer(f"Content-Type: {media_type}", f"Content-Length: {len(signed)}",
+                                            f"Docker-Content-Digest: {payload_digest}", body=signed)
+    for _ in range(2):
+        status, headers, body = proxy.request("GET", MANIFEST_PATH, {"Accept": media_type})
+        assert (status, body) == (200, signed) and headers["Content-Type"] == media_type
+    assert proxy.cache.wait_idle() and proxy.cache.store.objects() == []
+
+
+def test_beyond_max_fills_a_request_is_passed_through_uncached(start_proxy):
+    upstream = ScriptedUpstream()
+    proxy = start_proxy("--upstream", f"docker={upstream.url}", "--max-fills", "1")
+    stall = threading.Event()
+    other = b"o" * 5000
+    other_digest = "sha256:" + hashlib.sha256(other).hexdigest()
+    head = answer(f"Content-Length: {len(BLOB)}", f"Docker-Content-Digest: {BLOB_DIGEST}")
+    upstream.script[BLOB_PATH] = [head + BLOB[:1000], stall, BLOB[1000:]]
+    upstream.script[f"/v2/library/a/blobs/{other_digest}"] = answer(f"Content-Length: {len(other)}", body=other)
+    first = threading.Thread(target=proxy.request, args=("GET", BLOB_PATH))
+    first.start()
+    wait_until(lambda: proxy.cache.fills.in_flight(), what="the first fill running")
+    status, _, body = proxy.request("GET", f"/v2/library/a/blobs/{other_digest}")
+    assert (status, body) == (200, other)
+    stall.set()
+    first.join(30)
+    assert proxy.cache.wait_idle()
+    assert proxy.cache.store.exists(BLOB_DIGEST) and not proxy.cache.store.exists(other_digest)
+    upstream.close()
+
+
+def test_a_blob_larger_than_the_cache_is_passed_through_without_reserving_space(start_proxy):
+    upstream = ScriptedUpstream()
+    proxy = start_proxy("--upstream", f"docker={upstream.url}", "--cache-max-size", "100K")
+    stall = threading.Event()
+    head = answer(f"Content-Length: {len(BLOB)}", f"Docker-Content-Digest: {BLOB_DIGEST}")
+    upstream.script[BLOB_PATH] = [head + BLOB[:1000], stall, BLOB[1000:]]
+    received_while_stalled(proxy, BLOB_PATH, [], stall, 999)
+    assert temp_files(proxy.cache.root) == []  # nothing written, nothing reserved: a pass-through
+    assert proxy.cache.wait_idle() and not proxy.cache.store.exists(BLOB_DIGEST)
+    upstream.close()
+
+
+# 1, 2, 18: whose bytes, whose credentials ###################################
+
+def test_a_manifest_naming_someone_elses_private_layer_does_not_open_it(start_proxy):
+    with FakeRegistry(users={"alice": "alice-pw"}, private_repos={"team/secret"}) as fake:
+        secret = fake.add_image("team/secret", "1", [b"private layer bytes"])
+        layer = secret["layers"][0]
+        lure = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST,
+                           "config": {"mediaType": "application/json", "digest": secret["config"], "size": 1},
+                           "layers": [{"mediaType": "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
+                                       "digest": layer, "size": 19, "urls": ["https://example.org/x"]}]}).encode()
+        fake.add_manifest("evil/app", "1", lure, DOCKER_MANIFEST)
+        proxy = start_proxy("--upstream", f"docker={fake.url}")
+        alice = RegistryClient(proxy, "alice", "alice-pw")
+        assert alice.request("GET", f"/v2/team/secret/blobs/{layer}")[0] == 200
+        attacker = RegistryClient(proxy)
+        assert attacker.request("GET", "/v2/evil/app/manifests/1", {"Accept": DOCKER_MANIFEST})[0] == 200
+        assert proxy.cache.wait_idle()
+        for path in (f"/v2/evil/app/blobs/{layer}", f"/v2/docker.io/evil/app/blobs/{layer}"):
+            status, _, body = attacker.request("GET", path)
+            assert status == 404 and b"private layer" not in body, path
+
+
+def test_the_first_pull_of_a_cached_blob_through_another_repository_costs_one_head(start_proxy):
+    with FakeRegistry(auth_required=False) as fake:
+        shared = b"shared base layer" * 100
+        fake.add_image("library/one", "1", [shared])
+        two = fake.add_image("library/two", "1", [shared])
+        proxy = start_proxy("--upstream", f"docker={fake.url}")
+        layer = two["layers"][0]
+        assert proxy.request("GET", f"/v2/library/one/blobs/{layer}")[0] == 200
+        assert proxy.cache.wait_idle()
+        fake.reset_counters()
+        status, headers, body = proxy.request("GET", f"/v2/library/two/blobs/{layer}")
+        assert (status, body, headers["X-Cache"]) == (200, shared, "HIT")
+        assert fake.count(method="HEAD", path_contains=layer) == 1
+        assert fake.count(method="GET", path_contains=layer) == 0
+
+
+def test_docker_hub_credentials_of_the_auth_file_never_go_to_an_overridden_upstream(start_proxy, tmp_path):
+    import base64
+    with FakeRegistry(users={"hubuser": "hub-secret"}) as fake:
+        fake.add_image("library/a", "1", [b"public"])
+        auth = tmp_path / "config.json"
+        entry = base64.b64encode(b"hubuser:hub-secret").decode()
+        auth.write_text(json.dumps({"auths": {"https://index.docker.io/v1/": {"auth": entry}}}))
+        proxy = start_proxy("--upstream", f"docker={fake.url}", "--registry-auth-file", str(auth))
+        status, _, _ = RegistryClient(proxy).request("GET", "/v2/library/a/manifests/1", {"Accept": DOCKER_MANIFEST})
+        assert status == 200
+        sent = json.dumps(fake.requests)
+        assert entry not in sent and "hub-secret" not in sent
+
+
+def test_a_registry_the_upstream_redirects_to_gets_an_anonymous_token_of_its_own(start_proxy):
+    with FakeRegistry() as target:
+        data = b"a layer served by the registry redirected to"
+        digest = target.add_blob("images/pause", data)
+        location = lambda digest, repo: f"{target.url}/v2/images/pause/blobs/{digest}"  # noqa: E731
+        with FakeRegistry(auth_required=False, redirect_location=location) as front:
+            front.add_blob("library/pause", data)
+            proxy = start_proxy("--upstream", f"docker={front.url}")
+            status, _, body = proxy.request("GET", f"/v2/library/pause/blobs/{digest}")
+            assert (status, body) == (200, data)
+            assert target.token_requests and all(
+                not request.get("authorization") for request in target.token_requests), target.token_requests
+
+
+def test_an_upstream_connection_to_a_link_local_address_is_refused(monkeypatch):
+    class Socket:
+        def getpeername(self):
+            return ("169.254.169.254", 80)
+
+        def settimeout(self, timeout):
+            pass
+
+        def setsockopt(self, *args):
+            pass
+
+    def connect(connection):
+        connection.sock = Socket()
+    monkeypatch.setattr(http.client.HTTPConnection, "connect", connect)
+    monkeypatch.setattr(http.client.HTTPConnection, "close", lambda connection: None)
+    upstreams = dockerproxy.Upstreams(1, 1, configured_hosts={"metadata.internal"})
+    with pytest.raises(dockerproxy.UpstreamUnavailable):
+        upstreams._new_connection("http", "cdn.example", 80)  # a redirect target: refused
+    assert upstreams._new_connection("http", "metadata.internal", 80)  # the operator's own choice
+    assert dockerproxy.is_link_local("fe80::1%eth0") and dockerproxy.is_link_local("::ffff:169.254.1.1")
+    assert not dockerproxy.is_link_local("10.0.0.1")
