@@ -3539,6 +3539,10 @@ class DeadlineReader(io.RawIOBase):
     def start_head(self) -> None:
         self.in_head, self.deadline = True, None
 
+    def start_body(self) -> None:
+        """A request body (the form of a POST to /v2/auth) is read under HEADER_TIMEOUT too."""
+        self.deadline = time.monotonic() + self.head_timeout
+
     def end_head(self) -> None:
         self.in_head, self.deadline = False, None
         self.sock.settimeout(self.idle_timeout)  # for writing the answer, too
@@ -3663,7 +3667,11 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         length = self.headers.get("content-length", "")
         if not re.fullmatch(r"[0-9]{1,19}", length) or int(length) > MAX_SMALL_BODY:
             raise RegistryError(400, "UNSUPPORTED", "token request body missing or too large", close=True)
-        body = self.rfile.read(int(length))
+        self.reader.start_body()
+        try:
+            body = self.rfile.read(int(length))
+        finally:
+            self.reader.end_head()
         if len(body) < int(length):
             raise RegistryError(400, "UNSUPPORTED", "token request body cut short", close=True)
         return urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)

@@ -503,3 +503,21 @@ def test_an_upstream_connection_to_a_link_local_address_is_refused(monkeypatch):
     assert upstreams._new_connection("http", "metadata.internal", 80)  # the operator's own choice
     assert dockerproxy.is_link_local("fe80::1%eth0") and dockerproxy.is_link_local("::ffff:169.254.1.1")
     assert not dockerproxy.is_link_local("10.0.0.1")
+
+
+def test_a_token_request_body_sent_byte_by_byte_is_cut_off(start_proxy, fake):
+    proxy = start_proxy("--upstream", f"docker={fake.url}", "--header-timeout", "1")
+    body = b"grant_type=password&username=a&password=" + b"p" * 60
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as connection:
+        connection.sendall(head("POST", "/v2/auth", f"Content-Length: {len(body)}"))
+        closed_early = False
+        for byte in body[:-1]:  # pacing the client: one byte every 0.1 s
+            time.sleep(0.1)
+            try:
+                if peer_closed(connection):
+                    raise ConnectionResetError
+                connection.sendall(bytes([byte]))
+            except OSError:
+                closed_early = True
+                break
+    assert closed_early, "the proxy waited for the whole body, one byte at a time"
