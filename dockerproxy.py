@@ -2051,23 +2051,8 @@ class Fills:
         cannot be cached (no room reserved): the caller passes it through.
         """
         length = response.length
-        if length is None or not self.budget.reserve(length):
-            return None
-        try:
-            spool = self.store.new_spool(digest)
-        except OSError as err:
-            self.budget.unreserve(length)
-            self.trouble.warn(err)
-            return None
-        try:
-            spool.reserve(length)
-        except BaseException as err:
-            spool.close()
-            spool.discard()
-            self.budget.unreserve(length)
-            if not isinstance(err, OSError):
-                raise
-            self.trouble.warn(err)
+        spool = self._reserved_spool(length, digest) if length is not None else None
+        if spool is None:
             return None
         fill.length, fill.spool_path, fill.headers = length, spool.path, headers
         fill.set_state(Fill.STREAMING)
@@ -2075,6 +2060,25 @@ class Fills:
         threading.Thread(target=self._run, daemon=True, name="fill",
                          args=(fill, response, spool, digest, media_type, on_verified)).start()
         return reader
+
+    def _reserved_spool(self, length: int, digest: str | None) -> Spool | None:
+        """A Spool with `length` bytes reserved in the budget and on disk; None if either has no room."""
+        if not self.budget.reserve(length):
+            return None
+        spool = None
+        try:
+            spool = self.store.new_spool(digest)
+            spool.reserve(length)
+            return spool
+        except BaseException as err:
+            if spool is not None:
+                spool.close()
+                spool.discard()
+            self.budget.unreserve(length)
+            if not isinstance(err, OSError):
+                raise
+            self.trouble.warn(err)
+            return None
 
     def _run(self, fill: Fill, response, spool: Spool, digest: str | None,
              media_type: str | None, on_verified) -> None:

@@ -9,7 +9,6 @@ import pytest
 
 import dockerproxy
 from fakeregistry import DOCKER_MANIFEST, FakeRegistry
-from realregistry import wait_until
 
 ACCEPT = {"Accept": DOCKER_MANIFEST}
 
