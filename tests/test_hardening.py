@@ -521,3 +521,22 @@ def test_a_token_request_body_sent_byte_by_byte_is_cut_off(start_proxy, fake):
                 closed_early = True
                 break
     assert closed_early, "the proxy waited for the whole body, one byte at a time"
+
+
+class RefusingUpstreams:
+    """Upstreams that fail the test if asked anything."""
+
+    def fetch(self, *args, **kwargs):
+        raise AssertionError(f"asked upstream: {args[:2]}")
+
+
+@pytest.mark.parametrize("target, realm, trusted", [
+    ("http://registry.example/v2/a/manifests/1", "http://registry.example/token", ()),
+    ("https://registry.example/v2/a/manifests/1", "http://registry.example/token", ()),
+    ("https://registry.example/v2/a/manifests/1", "ftp://registry.example/token", ()),
+    ("https://registry.example/v2/a/manifests/1", "", ()),
+    ("http://registry.example/v2/a/manifests/1", "http://registry.example/token", ("other.example",)),
+])
+def test_a_redirect_targets_realm_in_the_clear_is_never_asked(target, realm, trusted):
+    auth = dockerproxy.UpstreamAuth(RefusingUpstreams(), dockerproxy.Clock(), {}, trusted)
+    assert auth.target_token(target, {"realm": realm}) is None
