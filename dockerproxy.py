@@ -207,14 +207,23 @@ MAX_REMEMBERED = 100_000
 # this long: longer than registries let such tokens live (Docker Hub: 300 s).
 ANONYMOUS_TOKEN_TTL = 3600.0
 
-# The proxy's own upstream tokens kept at most (one per repository pulled
-# with its account); beyond this they are dropped and fetched again.
-MAX_PROXY_TOKENS = 10_000
+# The upstream tokens the proxy keeps for itself, at most (one per repository
+# pulled with its account, or per redirect target and scope): at most
+# MAX_TOKEN_LENGTH each, 16 MiB in all.  Beyond, they are dropped and fetched again.
+MAX_PROXY_TOKENS = 2000
 
 # A token the proxy could not get is not asked for again for this long: a
 # client repeating a request must not make the proxy repeat its token
 # request (with its account's credentials) to the token service.
 REFUSED_TOKEN_TTL = 60.0
+
+# A token the proxy keeps is visible ASCII without spaces (a JWT, RFC 6750's
+# b64token): anything else could fold or split the header it goes into.
+# MAX_TOKEN_LENGTH bounds what the token cache holds (a JWT is 1-2 KiB), and
+# a token is kept at most MAX_TOKEN_LIFETIME whatever expires_in says, so
+# one revoked upstream is dropped within the hour.
+TOKEN = re.compile(r"[!-~]{1,8192}\Z")
+MAX_TOKEN_LIFETIME = 3600.0
 
 # A token answer without expires_in lasts this long: the default that the
 # docker token specification gives ("defaults to 60 seconds").
@@ -1262,7 +1271,8 @@ def is_upstream_failure(status: int) -> bool:
 
 
 def checked_redirect(url: str, location: str) -> str:
-    """Where a redirect goes, refused if not http(s) or from https down to http."""
+    """Where a redirect goes, refused if not http(s), from https down to http,
+    or carrying a user and password (which would go wherever it points)."""
     next_url = urllib.parse.urljoin(url, location)
     parts = urllib.parse.urlsplit(next_url)
     try:
@@ -1270,7 +1280,7 @@ def checked_redirect(url: str, location: str) -> str:
     except ValueError:
         parts = None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname or (
-            url.startswith("https:") and parts.scheme == "http"):
+            url.startswith("https:") and parts.scheme == "http") or "@" in parts.netloc:
         raise UpstreamUnavailable(f"refused redirect from {redacted_url(url)} to {redacted_url(next_url)}")
     return next_url
 
@@ -1281,9 +1291,10 @@ def same_origin(url_a: str, url_b: str) -> bool:
 
 
 def redacted_url(url: str) -> str:
-    """A URL fit for a log line: CDN query strings carry signatures."""
+    """A URL fit for a log line or an error: no query (CDN signatures), no user
+    or password, control characters escaped."""
     parts = urllib.parse.urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path}"
+    return printable(f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}{parts.path}")
 
 
 def printable(text: str) -> str:
@@ -1352,14 +1363,55 @@ def public_marker_path(root: str, upstream: str, repository: str) -> str:
     return os.path.join(repository_dir(root, upstream, repository), "_public")
 
 
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
 def document_media_type(manifest: bytes) -> str | None:
-    """The mediaType a manifest gives itself, if it is a manifest kind we know."""
+    """What a manifest is, read from its own bytes, so that no upstream's
+    Content-Type decides what other repositories' clients are told.
+
+    The mediaType it names, if it is a manifest kind we know; without one
+    (optional in OCI), an index if it lists manifests, an image manifest if
+    it has a config; None if the bytes say nothing (the header then decides).
+    """
     try:
         document = json.loads(manifest)
     except ValueError:
         return None
-    media_type = document.get("mediaType") if isinstance(document, dict) else None
-    return media_type if isinstance(media_type, str) and media_type in MANIFEST_KINDS else None
+    if not isinstance(document, dict):
+        return None
+    media_type = document.get("mediaType")
+    if isinstance(media_type, str) and media_type in MANIFEST_KINDS:
+        return media_type
+    if media_type is None and document.get("schemaVersion") == 2:
+        if isinstance(document.get("manifests"), list):
+            return OCI_INDEX
+        if isinstance(document.get("config"), dict):
+            return OCI_MANIFEST
+    return None
+
+
+def is_schema1(manifest: bytes, headers) -> bool:
+    """A docker schema 1 manifest, whose digest is computed without its signatures."""
+    if MANIFEST_KINDS.get(bare_media_type(headers.get("content-type", ""))) == "docker-v1":
+        return True
+    try:
+        document = json.loads(manifest)
+    except ValueError:
+        return False
+    return isinstance(document, dict) and document.get("schemaVersion") == 1
+
+
+def bare_media_type(content_type: str) -> str:
+    """'application/x; charset=utf-8' -> 'application/x': what Accept is matched against."""
+    return content_type.partition(";")[0].strip().lower()
+
+
+# A Range header longer than this is not one a client resuming a download
+# sends; positions have at most 19 digits (2**63).
+MAX_RANGE_HEADER = 100
+RANGE_NUMBER = re.compile(r"[0-9]{1,19}\Z")
 
 
 def parse_byte_range(header: str, size: int) -> tuple | None:
@@ -1367,12 +1419,18 @@ def parse_byte_range(header: str, size: int) -> tuple | None:
 
     One range only (what clients send to resume); a malformed, invalid
     (last before first) or multi-range header is ignored, as RFC 9110
-    section 14.2 allows.  Unsatisfiable raises 416.
+    section 14.2 allows.  Unsatisfiable raises 416.  The header is split by
+    hand, not matched by a pattern with optional parts around optional
+    parts, whose backtracking a client could make cubic.
     """
-    match = re.fullmatch(r"\s*bytes\s*=\s*(\d*)\s*-\s*(\d*)\s*", header or "")
-    if not match or match.group(1) == match.group(2) == "":
+    if not header or len(header) > MAX_RANGE_HEADER:
         return None
-    first, last = match.groups()
+    unit, equals, spec = header.partition("=")
+    first, dash, last = spec.partition("-")
+    first, last = first.strip(), last.strip()
+    if unit.strip().lower() != "bytes" or not equals or not dash or not (first or last) or not (
+            RANGE_NUMBER.match(first or "0") and RANGE_NUMBER.match(last or "0")):
+        return None
     if first and last and int(last) < int(first):
         return None
     if first == "":
@@ -2146,8 +2204,6 @@ class Fills:
 
     def _store(self, fill: Fill, spool: Spool, digest: str, media_type: str | None) -> None:
         """The verified bytes take their name; followers open that from now on."""
-        if media_type:  # what the manifest says it is wins over what a header claimed
-            media_type = document_media_type(spool.read_start(MAX_MANIFEST_SIZE)) or media_type
         with fill.cond:
             is_new = self.store.put(spool, digest, media_type)
             fill.stored_digest = digest
@@ -2329,14 +2385,19 @@ def body_framing(method: str, status: int, headers) -> tuple:
     return "length", int(length)
 
 
+# Cloud metadata services outside the link-local ranges: AWS over IPv6,
+# Alibaba Cloud.  (AWS, GCP, Azure and Oracle over IPv4 use 169.254.169.254.)
+METADATA_ADDRESSES = frozenset({"fd00:ec2::254", "100.100.100.200"})
+
+
 def is_link_local(address: str) -> bool:
-    """169.254.0.0/16 and fe80::/10: where cloud metadata services answer."""
+    """169.254.0.0/16, fe80::/10 and METADATA_ADDRESSES: where cloud metadata services answer."""
     try:
         ip = ipaddress.ip_address(address.partition("%")[0])
     except ValueError:
         return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return ip.is_link_local or bool(mapped and mapped.is_link_local)
+    mapped = getattr(ip, "ipv4_mapped", None) or ip
+    return ip.is_link_local or mapped.is_link_local or str(mapped) in METADATA_ADDRESSES
 
 
 class BrokenBody(http.client.HTTPException):
@@ -2637,6 +2698,10 @@ class Tokens:
             token, renew_at = self._tokens.get(key, (None, 0.0))
         return token if self.clock.monotonic() < renew_at else None
 
+    def forget(self, key: tuple) -> None:
+        with self._lock:
+            self._tokens.pop(key, None)
+
     def put(self, key: tuple, token: str, expires_in: float) -> None:
         with self._lock:
             if len(self._tokens) >= MAX_PROXY_TOKENS:
@@ -2704,6 +2769,10 @@ class UpstreamAuth:
         header = response.headers.get("www-authenticate", "") if own else ""
         scheme, params = self.challenges.remember(route, header)  # "" remembers "no auth"
         return (scheme, params) if scheme else None
+
+    def forget_account_token(self, route: Route, repository: str) -> None:
+        """Upstream refused the proxy's token (revoked, expired early): fetch a new one next time."""
+        self.tokens.forget(("account", route.name, repository))
 
     def authorization(self, route: Route, repository: str) -> str | None:
         """An Authorization header for the proxy's own account on `route`, if it has one."""
@@ -2778,11 +2847,11 @@ class UpstreamAuth:
             answer = json.loads(body) if response.status == 200 else {}
             token = answer.get("token") or answer.get("access_token")
             expires_in = float(answer.get("expires_in") or DEFAULT_TOKEN_LIFETIME)
-        except (ValueError, AttributeError, TypeError):
+        except (ValueError, AttributeError, TypeError, OverflowError):
             token = None
-        if not isinstance(token, str) or not token:
-            return "", 0.0
-        return f"Bearer {token}", expires_in
+        if not isinstance(token, str) or not TOKEN.match(token):
+            return "", 0.0  # none, or not one that may go into a header
+        return f"Bearer {token}", min(max(expires_in, 0.0), MAX_TOKEN_LIFETIME)
 
 
 # Serving: the endpoints ####################################################
@@ -2942,7 +3011,11 @@ class PassThrough(Part):
         self.relay(self.fetch(self.request.method))
 
     def fetch(self, method: str) -> UpstreamResponse:
-        response = self.proxy.upstreams.fetch(method, self.upstream_url(), self.upstream_headers())
+        headers = self.upstream_headers()
+        response = self.proxy.upstreams.fetch(method, self.upstream_url(), headers)
+        own_account = headers.get("authorization") not in (None, self.request.authorization)
+        if response.status == 401 and own_account and same_origin(response.url, self.route.upstream):
+            self.proxy.auth.forget_account_token(self.route, self.target.repository)
         if response.status == 401 and not same_origin(response.url, self.route.upstream):
             headers = forwarded_request_headers(self.request.headers, same_host=False)
             response = self.proxy.auth.retry_at_redirect_target(response, method, headers)
@@ -2962,7 +3035,9 @@ class PassThrough(Part):
         return headers
 
     def relay(self, response: UpstreamResponse) -> None:
-        self.answer.relay(response, self.route, self.target.prefix, x_cache="MISS", kind=self.target.kind)
+        whole_blob = self.target.kind == "blobs" and self.request.method == "GET"
+        self.answer.relay(response, self.route, self.target.prefix, x_cache="MISS", kind=self.target.kind,
+                          verify=self.target.reference if whole_blob else "")
 
 
 def cacheable(response: UpstreamResponse, manifest: bool) -> bool:
@@ -3130,12 +3205,18 @@ class CachedObject(PassThrough):
             return self.relay_unless_stale(response)
         if digest is None and DIGEST.match(response.headers.get("docker-content-digest", "")):
             digest = response.headers["docker-content-digest"]
-        headers = response_headers(response.headers, self.target.prefix) + [("X-Cache", "MISS")]
+        headers = [(name, value) for name, value in response_headers(response.headers, self.target.prefix)
+                   if name != "Docker-Content-Digest"]
+        headers += [("Docker-Content-Digest", digest)] if digest else []  # what the bytes are checked against
+        headers += [("X-Cache", "MISS")]
         if manifest:
             response = self.verified_manifest(fill, response, digest, headers)
             if response is None:
                 return  # answered, uncached
-        media_type = response.headers.get("content-type", BLOB_TYPE) if manifest else None
+        media_type = None
+        if manifest:  # what the bytes say they are, else what the header says
+            media_type = document_media_type(bytes(response.body)) or bare_media_type(
+                response.headers.get("content-type", ""))
         record = functools.partial(self.record_fill, tag_kind, media_type)
         reader = fills.start(fill, response, digest, headers, media_type, record)
         if reader is None:
@@ -3150,9 +3231,10 @@ class CachedObject(PassThrough):
         It is cached only when its digest (asked for, or named by upstream)
         verifies it, or, naming none, when its framing proves it complete.
         Otherwise the client gets it as it came, uncached: a signed schema 1
-        manifest, whose digest leaves out its signatures, or one larger than
+        manifest, whose digest leaves out its signatures, one larger than
         MAX_MANIFEST_SIZE (sent on as it arrives), or one whose end nothing
-        proves.  One that broke off is a 502.  None: the client was answered.
+        proves.  Bytes that contradict their digest otherwise, or that broke
+        off, are a 502.  None: the client was answered.
         """
         body = read_at_most(response, MAX_MANIFEST_SIZE + 1)
         if len(body) > MAX_MANIFEST_SIZE:
@@ -3164,8 +3246,10 @@ class CachedObject(PassThrough):
             response.close()
             raise UpstreamUnavailable(f"upstream {redacted_url(response.url)} broke off a manifest")
         response.release()
-        proven = bytes_digest(body, digest) == digest if digest else response.framing != "close"
-        if not proven:
+        if digest and bytes_digest(body, digest) != digest and not is_schema1(body, response.headers):
+            self.cache.fills.end(fill, Fill.DECLINED)
+            raise UpstreamUnavailable(f"upstream sent a manifest that is not {digest}")
+        if (bytes_digest(body, digest) != digest) if digest else response.framing == "close":
             log.info("manifest %s not cached: nothing verifies it", printable(self.target.upstream_path))
             self.cache.fills.end(fill, Fill.DECLINED)
             self.answer.send_small(200, body, headers=headers)
@@ -3337,6 +3421,21 @@ def serving_part(name: str, cache: Cache | None) -> type:
 
 # HTTP handler ##############################################################
 
+class DigestCheck:
+    """A body hashed as it passes, against the digest a client asked for ("": nothing to check)."""
+
+    def __init__(self, digest: str) -> None:
+        self.digest = digest
+        self.hasher = hashlib.new(digest.partition(":")[0]) if digest else None
+
+    def update(self, chunk) -> None:
+        if self.hasher is not None:
+            self.hasher.update(chunk)
+
+    def failed(self) -> bool:
+        return self.hasher is not None and f"{self.digest.partition(':')[0]}:{self.hasher.hexdigest()}" != self.digest
+
+
 class Answers:
     """The answers a handler sends: small ones in one write, files with
     sendfile, upstream answers relayed, fills as they grow, errors.
@@ -3430,9 +3529,10 @@ class Answers:
             self.wfile.write(b"0\r\n\r\n")
 
     def relay(self, response: UpstreamResponse, route: Route, prefix: str = "", x_cache: str = "",
-              kind: str = "", head: bytes = b"") -> None:
+              kind: str = "", head: bytes = b"", verify: str = "") -> None:
         """An upstream answer to the client: our challenge for a 401, else as it came;
-        a HEAD's answer to a GET client as our own error, never headers without their body."""
+        a HEAD's answer to a GET client as our own error, never headers without their body.
+        A whole body that must be `verify` (a blob by digest) gets its end only if it is."""
         try:
             challenge = response.headers.get("www-authenticate")
             # Only the route's own upstream names the realm: a 401 from a host it
@@ -3443,6 +3543,10 @@ class Answers:
             if response.method == "HEAD" and self.command != "HEAD":
                 return self.send_registry_error(refusal_error(response.status, response.headers, kind))
             headers = response_headers(response.headers, prefix)
+            check = DigestCheck(verify if response.status == 200 else "")
+            if check.digest:  # the digest asked for, whatever upstream's header says
+                headers = [(k, v) for k, v in headers if k != "Docker-Content-Digest"] + [
+                    ("Docker-Content-Digest", check.digest)]
             self.start_response(response.status, headers + ([("X-Cache", x_cache)] if x_cache else []))
             length = content_length(response.headers)
             if self.command == "HEAD" or response.status in (204, 304):
@@ -3453,13 +3557,13 @@ class Answers:
             elif length is not None:
                 self.send_header("Content-Length", str(length))
                 self.end_headers()
-                self.stream_body(response, length)
+                self.stream_body(response, length, check)
             else:
-                self.stream_unknown_length(response, head)
+                self.stream_unknown_length(response, head, check)
         finally:
             response.release()
 
-    def stream_body(self, response: UpstreamResponse, length: int) -> None:
+    def stream_body(self, response: UpstreamResponse, length: int, check: DigestCheck) -> None:
         """Exactly `length` bytes, or the connection closes short of them."""
         buffer = thread_buffer()
         remaining = length
@@ -3468,9 +3572,11 @@ class Answers:
                 count = response.readinto(buffer[:min(remaining, CHUNK_SIZE)])
             except (OSError, http.client.HTTPException):
                 count = 0
-            if not count:
+            check.update(buffer[:count])
+            if not count or (count == remaining and check.failed()):
                 # Headers are out: the only honest signal left is a short body.
-                log.warning("upstream %s ended %d bytes short", redacted_url(response.url), remaining)
+                log.warning("upstream %s %s", redacted_url(response.url),
+                            f"ended {remaining} bytes short" if not count else "sent bytes of another digest")
                 response.close()
                 self.close_connection = True
                 return
@@ -3478,7 +3584,8 @@ class Answers:
             self.bytes_sent += count
             remaining -= count
 
-    def stream_unknown_length(self, response: UpstreamResponse, head: bytes = b"") -> None:
+    def stream_unknown_length(self, response: UpstreamResponse, head: bytes = b"",
+                              check: DigestCheck | None = None) -> None:
         """No Content-Length upstream: chunked to HTTP/1.1 clients, so an end is an end,
         and a body that broke off upstream never gets the last chunk."""
         chunked = self.request_version == "HTTP/1.1"
@@ -3498,12 +3605,14 @@ class Answers:
                 count = 0
             if not count:
                 break
+            if check:
+                check.update(buffer[:count])
             self.wfile.write(b"%x\r\n" % count if chunked else b"")
             self.wfile.write(buffer[:count])
             self.wfile.write(b"\r\n" if chunked else b"")
             self.bytes_sent += count
-        if not response.complete:
-            log.warning("upstream %s broke off its answer", redacted_url(response.url))
+        if not response.complete or (check and check.failed()):
+            log.warning("upstream %s broke off its answer, or sent another digest", redacted_url(response.url))
             response.close()
             self.close_connection = True
         elif chunked:
@@ -3607,7 +3716,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
                 return self.send_error(501)
             self.handle_request()
             self.wfile.flush()
-        except socket.timeout:
+        except (socket.timeout, ConnectionError):
             self.close_connection = True  # a silent, slow or vanished client: no answer is owed
 
     def parse_request(self) -> bool:
@@ -3793,6 +3902,12 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             super().process_request_thread(request, client_address)
         finally:
             self.connections.release()
+
+    def handle_error(self, request, client_address) -> None:
+        """socketserver prints a traceback to stderr; a client that went away is no error, the rest is logged."""
+        if isinstance(sys.exc_info()[1], (ConnectionError, socket.timeout)):
+            return
+        log.exception("connection from %s failed", client_address[0])
 
     def refuse(self, request) -> None:
         """503 on a connection over MAX_CONNECTIONS (TLS: just closed; a handshake costs a thread)."""

@@ -423,6 +423,9 @@ def test_cache_paths_keep_registries_apart_and_stay_inside_the_root():
     ("bytes=95-200", 100, (95, 99)), ("bytes=0-1,5-6", 100, None), ("items=0-1", 100, None),
     ("", 100, None), ("bytes=-", 100, None), ("bytes=-500", 100, (0, 99)),
     ("bytes=50-10", 100, None), ("bytes=5-2", 100, None),  # last before first: invalid, ignored
+    ("bytes = 5 - 9", 100, (5, 9)), ("BYTES=5-", 100, (5, 99)),
+    ("bytes=" + " " * 1200 + "-" + " " * 1200 + "x", 100, None),  # cubic for a backtracking pattern
+    ("bytes=" + "9" * 5000 + "-", 100, None), ("bytes=1-" + "9" * 20, 100, None),  # int() of 4301+ digits raises
 ])
 def test_parse_byte_range(header, size, expected):
     assert dockerproxy.parse_byte_range(header, size) == expected
