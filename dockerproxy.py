@@ -111,6 +111,7 @@ import sys
 import threading
 import time
 import urllib.parse
+import weakref
 
 __version__ = "0.1.0"
 
@@ -154,6 +155,10 @@ MAX_IDLE_CONNECTIONS = 64
 # An upstream Content-Length above this is an upstream error: no layer is
 # near a terabyte, and lengths of 2**63 and more overflow what the OS takes.
 MAX_UPSTREAM_LENGTH = 1024 ** 4
+
+# Interim (1xx) answers skipped before an upstream's final one: Early Hints
+# come once or twice; more is an upstream that never answers.
+MAX_INTERIM_ANSWERS = 5
 
 # A chunk-size line (with its extensions) and the trailer lines of a chunked
 # upstream body: longer ones are a broken or hostile upstream, not data.
@@ -233,6 +238,17 @@ DEFAULT_TOKEN_LIFETIME = 60.0
 # (plus a second) for more bytes: longer than the fill's own READ_TIMEOUT,
 # so a stalled upstream fails the fill first and every follower hears of it.
 FOLLOWER_PATIENCE_READ_TIMEOUTS = 2
+
+# Objects being read cannot be evicted, and fills in flight hold their room,
+# so the cache may pass CACHE_MAX_SIZE until they end; a fill that would take
+# stored and reserved bytes past twice the limit is passed through instead.
+MAX_SIZE_OVERSHOOT = 2
+
+# A fill whose clients have all left, and that fits without evicting, goes
+# on only while it averages this rate after a grace period: an upstream
+# announcing a large length and then trickling must not hold the budget.
+ORPHAN_MIN_RATE = 64 * 1024
+ORPHAN_GRACE = 30.0
 
 # Eviction frees down to 90% of CACHE_MAX_SIZE, so one sweep makes room for
 # many fills instead of one sweep per fill at the limit.
@@ -1392,6 +1408,14 @@ def document_media_type(manifest: bytes) -> str | None:
     return None
 
 
+def is_json(data: bytes) -> bool:
+    try:
+        json.loads(data)
+    except ValueError:
+        return False
+    return True
+
+
 def is_schema1(manifest: bytes, headers) -> bool:
     """A docker schema 1 manifest, whose digest is computed without its signatures."""
     if MANIFEST_KINDS.get(bare_media_type(headers.get("content-type", ""))) == "docker-v1":
@@ -1499,14 +1523,18 @@ class Access:
       1. the object is linked to R on U: U served it for R, or confirmed it
          for R with a HEAD (a manifest naming it is no proof: anyone may push
          a manifest that names anyone's digest);
-      2. R on U is open to this client: an anonymous pull of R from U
-         succeeded within ACCESS_TTL (at any age while U is down or failing),
-         or U accepted this client's own credentials for R within ACCESS_TTL.
+      2. R on U is open to this client for that object: U accepted this
+         client's own credentials for R within ACCESS_TTL; or an anonymous
+         pull from R succeeded within ACCESS_TTL (at any age while U is down
+         or failing) and the object was linked to R before it, so it was in
+         R while R was public (what is added to a repository after it turned
+         private never reaches an anonymous client from the cache).
 
     Anyone else is sent upstream: a HEAD for a cached object, whose answer
     decides (and, if it is 200, links the object and opens R to the client),
     or a fill of its own.  A client joins another client's fill in progress
-    under rule 2 alone, or when it brings the same credentials.
+    when it brings the same credentials, or when rule 2 holds for the fill
+    (its start counting as the object's link).
 
     "Anonymous" is a request without credentials, or with a token that the
     proxy saw fetched without credentials.  Clients are told apart by a hash
@@ -1532,24 +1560,24 @@ class Access:
         """A token fetched without credentials: what it may pull, anyone may."""
         self.anonymous_tokens.add(identity_of(f"Bearer {token}"))
 
-    def repository_open(self, identity: str | None, upstream: str, repository: str,
+    def repository_open(self, identity: str | None, upstream: str, repository: str, linked: float,
                         stale: bool = False) -> bool:
-        """Rule 2: the repository is open to this client (stale: upstream is down)."""
+        """Rule 2, for an object linked at `linked` (stale: upstream is down)."""
         if identity is not None and self.grants.fresh((identity, upstream, repository)):
             return True
         since = self.records.public_since(upstream, repository) if self.records else None
-        return since is not None and (stale or self.clock.time() - since < ACCESS_TTL)
+        return since is not None and linked <= since and (stale or self.clock.time() - since < ACCESS_TTL)
 
     def may_serve(self, identity: str | None, upstream: str, repository: str, digest: str,
                   stale: bool = False) -> bool:
         """Rules 1 and 2: this client may have `digest` of `repository` from the cache alone."""
-        return (self.records is not None and self.records.is_linked(upstream, repository, digest)
-                and self.repository_open(identity, upstream, repository, stale))
+        linked = self.records.linked_since(upstream, repository, digest) if self.records else None
+        return linked is not None and self.repository_open(identity, upstream, repository, linked, stale)
 
     def may_join(self, identity: str | None, started_by: str | None, upstream: str,
-                 repository: str) -> bool:
-        """This client may follow a fill that `started_by` began."""
-        return identity == started_by or self.repository_open(identity, upstream, repository)
+                 repository: str, started_at: float) -> bool:
+        """This client may follow a fill that `started_by` began at `started_at`."""
+        return identity == started_by or self.repository_open(identity, upstream, repository, started_at)
 
     def record(self, identity: str | None, upstream: str, repository: str, digests: list) -> None:
         """Upstream let this client have `digests` of `repository`: link them, open the repository."""
@@ -1902,16 +1930,22 @@ class AccessRecords:
         self.clock = clock
         self.trouble = trouble
 
-    def is_linked(self, upstream: str, repository: str, digest: str) -> bool:
-        return os.path.exists(link_path(self.root, upstream, repository, digest))
+    def linked_since(self, upstream: str, repository: str, digest: str) -> float | None:
+        """When the object was first linked to the repository, if it is."""
+        try:
+            return os.stat(link_path(self.root, upstream, repository, digest)).st_mtime
+        except OSError:
+            return None
 
     def link(self, upstream: str, repository: str, digests) -> None:
+        now = self.clock.time()
         try:
             for digest in digests:
                 path = link_path(self.root, upstream, repository, digest)
                 if not os.path.exists(path):
                     os.makedirs(os.path.dirname(path), exist_ok=True)
-                    open(path, "ab").close()
+                    with open(path, "ab"):
+                        os.utime(path, (now, now))
         except OSError as err:  # without a link the next hit asks upstream: slower, not wrong
             self.trouble.warn(err)
 
@@ -1962,9 +1996,10 @@ class Fill:
 
     PENDING, STREAMING, DONE, FAILED, DECLINED = "pending", "streaming", "done", "failed", "declined"
 
-    def __init__(self, key: tuple, identity: str | None) -> None:
+    def __init__(self, key: tuple, identity: str | None, started_at: float) -> None:
         self.key = key
         self.identity = identity     # whose credentials fetched it (None: anonymous)
+        self.started_at = started_at  # wall time, as Access compares it with an anonymous pull
         self.cond = threading.Condition()
         self.state = Fill.PENDING
         self.headers = []            # the answer headers every follower sends
@@ -1974,6 +2009,7 @@ class Fill:
         self.followers = 0           # clients that joined it (for logs and tests)
         self.readers = 0             # clients reading it now
         self.abandoned = False       # its clients left and it stops (see Fills.close_reader)
+        self.orphaned = None         # (when, bytes written) its last client left, if it goes on
         self.spool_path = ""         # where the bytes so far are
         self.stored_digest = ""      # once stored, the name late followers open instead
 
@@ -2005,6 +2041,7 @@ class Fill:
             if file is not None:
                 self.followers += 1
                 self.readers += 1
+                self.orphaned = None
             return file
 
     def wait_beyond(self, position: int, timeout: float) -> tuple:
@@ -2031,6 +2068,15 @@ class Fill:
             self.cond.wait_for(lambda: self.state in (Fill.DONE, Fill.FAILED, Fill.DECLINED), timeout)
 
 
+def too_slow_for_an_orphan(fill: Fill) -> bool:
+    """A fill nobody waits for, below ORPHAN_MIN_RATE since its grace ended."""
+    if fill.orphaned is None:
+        return False
+    since, written = fill.orphaned
+    elapsed = time.monotonic() - since
+    return elapsed > ORPHAN_GRACE and fill.written - written < ORPHAN_MIN_RATE * elapsed
+
+
 class Fills:
     """The downloads into the BlobStore in progress, one per key, at most MAX_FILLS.
 
@@ -2040,7 +2086,8 @@ class Fills:
     length is reserved in the Budget first: what does not fit is passed
     through instead.  A fill whose clients have all gone goes on only while
     the cache has room for it without evicting anything (finishing it is
-    then free, and the client's retry is a hit); otherwise it stops at once.
+    then free, and the client's retry is a hit) and keeps ORPHAN_MIN_RATE;
+    otherwise it stops at once.
     """
 
     def __init__(self, store: BlobStore, budget: Budget, trouble: DiskTrouble, max_fills: int) -> None:
@@ -2052,7 +2099,7 @@ class Fills:
         self._running = {}            # key -> Fill
         self._storing = {}            # digest -> verified Fill being fsynced and renamed
 
-    def begin(self, key: tuple, identity: str | None) -> tuple:
+    def begin(self, key: tuple, identity: str | None, now: float) -> tuple:
         """(fill, True) for the first request of `key`, (its fill, False) for the
         others, (None, False) when MAX_FILLS are running: pass it through."""
         with self._changed:
@@ -2061,7 +2108,7 @@ class Fills:
                 return fill, False
             if len(self._running) >= self.max_fills:
                 return None, False
-            fill = self._running[key] = Fill(key, identity)
+            fill = self._running[key] = Fill(key, identity, now)
             return fill, True
 
     def end(self, fill: Fill, state: str) -> None:
@@ -2099,6 +2146,7 @@ class Fills:
             fill.readers -= 1
             if fill.readers == 0 and not fill.verified and fill.state == Fill.STREAMING:
                 fill.abandoned = not self.budget.fits_without_eviction()
+                fill.orphaned = (time.monotonic(), fill.written)
 
     def start(self, fill: Fill, response, digest: str | None, headers: list,
               media_type: str | None, on_verified):
@@ -2175,8 +2223,8 @@ class Fills:
             with fill.cond:
                 fill.written += count
                 fill.cond.notify_all()
-            if fill.abandoned:
-                raise FillAbandoned("every client left, and there is no room without evicting")
+            if fill.abandoned or too_slow_for_an_orphan(fill):
+                raise FillAbandoned("every client left, and it has no room without evicting, or trickles")
         actual = f"{algorithm}:{hasher.hexdigest()}"
         if fill.written != fill.length:
             raise ValueError(f"upstream sent {fill.written} of {fill.length} bytes")
@@ -2215,7 +2263,9 @@ class Fills:
 class Budget:
     """The cache's bytes against CACHE_MAX_SIZE: those stored, and those
     reserved by fills in flight.  Fills in flight never reserve more than
-    CACHE_MAX_SIZE together; stored objects are evicted to make room."""
+    CACHE_MAX_SIZE together, and stored plus reserved bytes never pass
+    MAX_SIZE_OVERSHOOT times it; the evictor brings what is stored back
+    under the limit (reservations evict nothing: a fill may never finish)."""
 
     def __init__(self, max_size: int, on_over) -> None:
         self.max_size = max_size      # 0: no limit
@@ -2226,12 +2276,10 @@ class Budget:
 
     def reserve(self, length: int) -> bool:
         with self._lock:
-            if self.max_size and self.reserved + length > self.max_size:
+            if self.max_size and (self.reserved + length > self.max_size or self.size + self.reserved + length
+                                  > MAX_SIZE_OVERSHOOT * self.max_size):
                 return False
             self.reserved += length
-            over = self.max_size and self.size + self.reserved > self.max_size
-        if over:
-            self.on_over()
         return True
 
     def unreserve(self, length: int | None) -> None:
@@ -2241,6 +2289,9 @@ class Budget:
     def stored(self, added: int) -> None:
         with self._lock:
             self.size += added
+            over = self.max_size and self.size > self.max_size
+        if over:
+            self.on_over()
 
     def counted(self, size: int) -> None:
         """A sweep's count of the bytes stored."""
@@ -2306,10 +2357,8 @@ class Cache:
         """Remove objects unused for CACHE_MAX_AGE, then, over CACHE_MAX_SIZE, the
         least recently used down to the low-water mark; never one being read."""
         objects = sorted(self.store.objects(), key=lambda stored: (stored.last_used, stored.size, stored.digest))
-        total, reserved = sum(stored.size for stored in objects), self.budget.reserved
-        low_water = None
-        if self.max_size and total + reserved > self.max_size:  # fills in flight need their room too
-            low_water = max(self.max_size * EVICTION_LOW_WATER - reserved, 0)
+        total = sum(stored.size for stored in objects)
+        low_water = self.max_size * EVICTION_LOW_WATER if self.max_size and total > self.max_size else None
         now, removed, freed = self.clock.time(), 0, 0
         for stored in objects:  # least recently used first
             expired = self.max_age and now - stored.last_used > self.max_age
@@ -2402,6 +2451,44 @@ def is_link_local(address: str) -> bool:
 
 class BrokenBody(http.client.HTTPException):
     """An upstream body whose chunked framing is malformed."""
+
+
+class HeadWatcher:
+    """An answer's reader while http.client parses its head: notes a head that the
+    end of the connection cut short (RFC 9112 section 8: then nothing after it is whole)."""
+
+    def __init__(self, fp) -> None:
+        self.fp = fp
+        self.cut = False
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.fp.readline(limit)
+        self.cut = self.cut or not line.endswith(b"\n")
+        return line
+
+
+class CheckedResponse(http.client.HTTPResponse):
+    """http.client's answer, whose head must end with its blank line, and
+    whose interim answers (102 Processing, 103 Early Hints) are skipped:
+    http.client skips only 100 and would take a 103 for the answer itself."""
+
+    def begin(self) -> None:
+        real = self.fp
+        self.fp = watcher = HeadWatcher(real)
+        try:
+            for _ in range(MAX_INTERIM_ANSWERS):
+                super().begin()
+                if self.status == 101:
+                    raise http.client.HTTPException("101 Switching Protocols, never asked for")
+                if not 100 <= self.status < 200:
+                    break
+                self.headers = None  # an interim answer: the final one follows
+            else:
+                raise http.client.HTTPException("too many interim answers")
+        finally:
+            self.fp = real
+        if watcher.cut:
+            raise http.client.IncompleteRead(b"")
 
 
 class UpstreamResponse:
@@ -2545,6 +2632,7 @@ class Upstreams:
                 host, port, timeout=self.connect_timeout, context=self._tls)
         else:
             connection = http.client.HTTPConnection(host, port, timeout=self.connect_timeout)
+        connection.response_class = CheckedResponse
         connection.connect()
         if host not in self.configured_hosts and is_link_local(connection.sock.getpeername()[0]):
             # An upstream's redirect or realm must not reach a metadata service:
@@ -2667,9 +2755,16 @@ class Challenges:
         self._lock = threading.Lock()
 
     def remember(self, route: Route, header: str) -> tuple:
+        """Parse a challenge, and keep it for the route if it is usable: one
+        repository's broken 401 must not spoil /v2/auth for all the others."""
         scheme, params = parse_challenge(header)
-        with self._lock:
-            self._known[route.name] = (self.clock.monotonic() + CHALLENGE_TTL, scheme, params)
+        try:
+            usable = scheme != "bearer" or checked_realm(route, params)
+        except UpstreamUnavailable:
+            usable = False
+        if usable:
+            with self._lock:
+                self._known[route.name] = (self.clock.monotonic() + CHALLENGE_TTL, scheme, params)
         return scheme, params
 
     def get(self, route: Route, any_age: bool = False) -> tuple | None:
@@ -2746,17 +2841,20 @@ class UpstreamAuth:
     the realm's host.  A registry that an upstream redirects to and that
     asks for a token (registry.k8s.io to Artifact Registry, lscr.io to
     ghcr.io) gets one anonymous request at its own realm (https, unless the
-    target is http on a loopback or configured host), with the auth file's
-    account for that host if it has one; never a client's credentials.
+    target is http on a loopback or configured host); never a client's
+    credentials, and the proxy's account only where that host is itself a
+    route's upstream with it (where anonymous clients could use it anyway:
+    anywhere else, an upstream could redirect to what only the account may see).
     """
 
-    def __init__(self, upstreams: Upstreams, clock: Clock, accounts: dict, trusted_hosts=()) -> None:
+    def __init__(self, upstreams: Upstreams, clock: Clock, config: Config) -> None:
         self.upstreams = upstreams
         self.challenges = Challenges(clock)
         self.tokens = Tokens(clock)
-        self.accounts = accounts                                  # auth file: host[:port] -> Credentials
-        self.account_hosts = {split_host(host) for host in accounts}
-        self.trusted_hosts = frozenset(trusted_hosts)             # the operator's upstreams
+        self.account_hosts = {split_host(host) for host in config.accounts}  # named by the auth file
+        self.route_accounts = {urllib.parse.urlsplit(route.upstream).netloc: route.credentials
+                               for route in config.routes if route.credentials}
+        self.trusted_hosts = frozenset(configured_hosts(config))  # the operator's upstreams
 
     def challenge(self, route: Route) -> tuple | None:
         """The route's (scheme, params), asked of its /v2/ once an hour; None: no auth."""
@@ -2832,7 +2930,7 @@ class UpstreamAuth:
         key = ("target", target.netloc, scope)
         token = self.tokens.get(key)
         if token is None:
-            account = self.accounts.get(target.netloc.lower()) or self.accounts.get(target.hostname)
+            account = self.route_accounts.get(target.netloc.lower())
             token, expires_in = self.request_token(realm, params.get("service", ""), scope, account)
             self.tokens.put(key, token, expires_in)
         return token or None
@@ -3179,7 +3277,8 @@ class CachedObject(PassThrough):
     def fill_and_follow(self, digest: str | None, manifest: bool, tag_kind: str | None = None) -> None:
         """A miss: one upstream GET per object, however many clients ask at once
         (beyond MAX_FILLS, passed through uncached)."""
-        fill, leader = self.cache.fills.begin(fill_key(self.target, tag_kind), self.identity)
+        fill, leader = self.cache.fills.begin(fill_key(self.target, tag_kind), self.identity,
+                                              self.proxy.clock.time())
         if fill is None:
             return self.pass_through()
         if not leader:
@@ -3249,6 +3348,9 @@ class CachedObject(PassThrough):
         if digest and bytes_digest(body, digest) != digest and not is_schema1(body, response.headers):
             self.cache.fills.end(fill, Fill.DECLINED)
             raise UpstreamUnavailable(f"upstream sent a manifest that is not {digest}")
+        if not digest and response.framing == "close" and not is_json(body):
+            self.cache.fills.end(fill, Fill.DECLINED)  # the close came before the end of the document
+            raise UpstreamUnavailable(f"upstream {redacted_url(response.url)} broke off a manifest")
         if (bytes_digest(body, digest) != digest) if digest else response.framing == "close":
             log.info("manifest %s not cached: nothing verifies it", printable(self.target.upstream_path))
             self.cache.fills.end(fill, Fill.DECLINED)
@@ -3265,7 +3367,8 @@ class CachedObject(PassThrough):
         """Follow another client's fill if Access lets this client, else fetch alone."""
         config = self.proxy.config
         state = fill.wait_started(config.connect_timeout + config.read_timeout)
-        allowed = self.access.may_join(self.identity, fill.identity, self.route.upstream, self.target.repository)
+        allowed = self.access.may_join(self.identity, fill.identity, self.route.upstream,
+                                       self.target.repository, fill.started_at)
         if state in (Fill.STREAMING, Fill.DONE) and allowed and self.follow(fill):
             return
         self.pass_through()
@@ -3633,6 +3736,7 @@ class DeadlineReader(io.RawIOBase):
         self.head_timeout = head_timeout
         self.in_head = False
         self.deadline = None
+        self.idle_since = None      # waiting for a request's first byte since (monotonic)
 
     def readable(self) -> bool:
         return True
@@ -3647,17 +3751,25 @@ class DeadlineReader(io.RawIOBase):
         count = self.sock.recv_into(buffer)
         if self.in_head and self.deadline is None and count:
             self.deadline = time.monotonic() + self.head_timeout
+            self.idle_since = None
         return count
 
     def start_head(self) -> None:
-        self.in_head, self.deadline = True, None
+        self.in_head, self.deadline, self.idle_since = True, None, time.monotonic()
 
     def start_body(self) -> None:
         """A request body (the form of a POST to /v2/auth) is read under HEADER_TIMEOUT too."""
         self.deadline = time.monotonic() + self.head_timeout
 
+    def close_idle(self) -> None:
+        """Closed for a new connection (Connections.admit): the wait for a request ends now."""
+        try:
+            socket.socket.shutdown(self.sock, socket.SHUT_RDWR)
+        except OSError:
+            pass
+
     def end_head(self) -> None:
-        self.in_head, self.deadline = False, None
+        self.in_head, self.deadline, self.idle_since = False, None, None
         self.sock.settimeout(self.idle_timeout)  # for writing the answer, too
 
 
@@ -3693,10 +3805,19 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         self.rfile.close()  # replaced: reads go through the two clocks
         self.reader = DeadlineReader(self.connection, config.client_timeout, config.header_timeout)
         self.rfile = io.BufferedReader(self.reader, CLIENT_READ_BUFFER)
+        connections = getattr(self.server, "connections", None)
+        if connections is not None:
+            connections.watch(self.reader)
         # Headers and small bodies go out in separate writes; without this,
         # Nagle holds the second write until the first is acknowledged.
         if self.connection.family in (socket.AF_INET, socket.AF_INET6):
             self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def finish(self) -> None:
+        connections = getattr(self.server, "connections", None)
+        if connections is not None:
+            connections.forget(self.reader)
+        super().finish()
 
     def handle_one_request(self) -> None:
         """http.server's, with the head bounded in bytes and in time."""
@@ -3836,7 +3957,7 @@ class Proxy:
         self.routes = RouteTable(config)
         self.upstreams = Upstreams(config.connect_timeout, config.read_timeout,
                                    configured_hosts(config), self.clock)
-        self.auth = UpstreamAuth(self.upstreams, self.clock, config.accounts, configured_hosts(config))
+        self.auth = UpstreamAuth(self.upstreams, self.clock, config)
         self.cache = None
         if config.cache_dir:
             self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age, self.clock,
@@ -3857,6 +3978,51 @@ OVERLOADED_ANSWER = (
     b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(OVERLOADED_BODY), OVERLOADED_BODY))
 
 
+class Connections:
+    """The client connections served: at most MAX_CONNECTIONS.
+
+    Each is a thread and, while it streams, a CHUNK_SIZE buffer; the cap
+    keeps a flood from exhausting memory and threads.  When every slot is
+    taken, the connection idle the longest (waiting for its next request, or
+    for its first byte) is closed to admit the new one, as nginx reuses idle
+    keep-alive connections: sockets that send nothing cannot lock real
+    clients out.  Only when none is idle is the new connection refused.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.count = 0                # admitted and not yet gone (may pass limit by closings in flight)
+        self.readers = weakref.WeakSet()  # the DeadlineReaders of live connections
+        self._lock = threading.Lock()
+
+    def watch(self, reader: DeadlineReader) -> None:
+        with self._lock:
+            self.readers.add(reader)
+
+    def forget(self, reader: DeadlineReader) -> None:
+        with self._lock:
+            self.readers.discard(reader)
+
+    def admit(self) -> bool:
+        with self._lock:
+            if self.count < self.limit:
+                self.count += 1
+                return True
+            idle = [reader for reader in self.readers if reader.idle_since is not None]
+            if not idle:
+                return False
+            oldest = min(idle, key=lambda reader: reader.idle_since)
+            oldest.idle_since = None  # chosen once
+            self.readers.discard(oldest)
+            self.count += 1           # its thread gives its slot back when it ends
+        oldest.close_idle()
+        return True
+
+    def leave(self) -> None:
+        with self._lock:
+            self.count -= 1
+
+
 def configured_hosts(config: Config) -> set:
     """The upstream host names the operator chose (redirects and realms are the upstreams' choice)."""
     urls = [route.upstream for route in config.routes] + [config.target_upstream]
@@ -3873,7 +4039,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.proxy = proxy or Proxy(config)
         self.tls = server_tls_context(config) if config.tls_cert else None
-        self.connections = threading.BoundedSemaphore(config.max_connections)
+        self.connections = Connections(config.max_connections)
         self.refusals = 0             # connections refused over MAX_CONNECTIONS, since the last warning
         if ":" in config.host:
             self.address_family = socket.AF_INET6
@@ -3881,27 +4047,23 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.proxy.start()
 
     def process_request(self, request, client_address) -> None:
-        """A thread for the connection, if fewer than MAX_CONNECTIONS are served.
-
-        Each connection is a thread and, while it streams, a CHUNK_SIZE buffer;
-        the cap keeps a flood (or a slowloris crowd) from exhausting memory
-        and threads.  Beyond it a plain-HTTP client gets 503 with Retry-After
-        at once, rather than waiting in a queue it cannot see.
-        """
-        if not self.connections.acquire(blocking=False):
+        """A thread for the connection, if Connections admits it (see there);
+        else a plain-HTTP client gets 503 with Retry-After at once, rather than
+        waiting in a queue it cannot see."""
+        if not self.connections.admit():
             return self.refuse(request)
         self.refusals = 0
         try:
             super().process_request(request, client_address)
         except BaseException:
-            self.connections.release()
+            self.connections.leave()
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self.connections.release()
+            self.connections.leave()
 
     def handle_error(self, request, client_address) -> None:
         """socketserver prints a traceback to stderr; a client that went away is no error, the rest is logged."""

@@ -13,6 +13,24 @@ the fly, never held in memory), `add_manifest`, `add_image` and `add_index`.
 Faults (`fault(...)`) make the next matching requests fail in a chosen way,
 and every request is logged in `requests` so tests can count upstream calls.
 
+Fault kinds and their options:
+
+* status: an error answer (`status`, `code`, extra `headers`);
+* stall: wait for `release` (or `timeout`), before the headers or, with
+  `after_headers`, after `after_bytes` bytes of the body;
+* truncate: close the connection after `nbytes` bytes of the body;
+* reset: send `nbytes` bytes of the body, then a TCP reset (RST), not a FIN;
+* corrupt: flip the first 16 bytes of the body;
+* close: close the connection without answering;
+* no_length: the body chunked, with no Content-Length;
+* framing: the answer's framing rewritten, then the connection closed:
+  `content_length` (a value, a list of values for several headers, None for
+  none; the true length if absent), `chunked`, `nbytes` (the body cut after
+  that many bytes), `stall_after` (the rest of the body held, as by a stall,
+  after that many bytes), `headers` (name -> value, or None to remove it);
+* redirect: `status` (307) with `location`, where "{target}" is the
+  request's own path and query (a redirect loop).
+
 Standard library only; runs on Python 3.8+.
 """
 
@@ -20,8 +38,10 @@ import base64
 import hashlib
 import http
 import json
+import os
 import secrets
 import socket
+import struct
 import threading
 import time
 from datetime import datetime, timezone
@@ -41,7 +61,7 @@ BLOCK_SIZE = 1 << 20  # pattern blobs repeat a block of this size
 CHUNK_SIZE = 64 * 1024  # bodies are written in chunks of this size
 STALL_CAP_SECONDS = 30  # a stalled request never waits longer than this
 SERVERS = ("registry", "auth", "cdn")
-FAULT_KINDS = ("status", "stall", "truncate", "corrupt", "close", "no_length")
+FAULT_KINDS = ("status", "stall", "truncate", "reset", "corrupt", "close", "no_length", "framing", "redirect")
 SIGNATURE_PREFIX = "secret-signature-"
 
 _ERROR_CODES = {
@@ -380,12 +400,17 @@ class _Handler(BaseHTTPRequestHandler):
             fake._stall(fault)
         if kind == "status":
             reply = _fault_status_reply(fault.options)
+        elif kind == "redirect":
+            location = fault.options["location"].replace("{target}", self.path)
+            reply = _Reply(fault.options.get("status", 307), [("Location", location)])
         else:
             reply = fake._route(request)
         request.record["status"] = reply.status
         self._send(reply, fault)
 
     def _send(self, reply, fault):
+        if fault is not None and fault.kind == "framing":
+            return self._send_framed(reply, fault)
         chunked = fault is not None and fault.kind == "no_length"
         self.send_response(reply.status)
         for name, value in reply.headers:
@@ -401,7 +426,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _write_body(self, chunks, fault, chunked):
         kind = fault.kind if fault is not None else None
         options = fault.options if fault is not None else {}
-        limit = options["nbytes"] if kind == "truncate" else None
+        limit = options.get("nbytes", 0) if kind in ("truncate", "reset") else None
         stall_at = options.get("after_bytes", 0) if kind == "stall" and options.get("after_headers") else None
         corrupt_pending = kind == "corrupt"
         sent = 0
@@ -423,9 +448,56 @@ class _Handler(BaseHTTPRequestHandler):
                 break
         if stall_at is not None:  # body shorter than after_bytes, or HEAD
             self.server.fake._stall(fault)
-        if limit is not None:
+        if kind == "reset":
+            self._reset_connection()
+        elif limit is not None:
             self.close_connection = True  # the client sees EOF before Content-Length
         elif chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def _reset_connection(self):
+        """Abort the connection: a linger of 0 makes close() send RST, not FIN.
+        detach() closes the descriptor now, whatever rfile still holds on it."""
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        os.close(self.connection.detach())
+        self.close_connection = True
+
+    def _send_framed(self, reply, fault):
+        """The reply with the framing a `framing` fault asks for, then the connection closed."""
+        options = fault.options
+        chunked = options.get("chunked", False)
+        lengths = options.get("content_length", None if chunked else reply.length)
+        if not isinstance(lengths, (list, tuple)):
+            lengths = [] if lengths is None else [lengths]
+        replaced = {name.lower() for name in options.get("headers", {})}
+        self.send_response(reply.status)
+        for name, value in reply.headers:
+            if name.lower() not in replaced:
+                self.send_header(name, value)
+        for name, value in options.get("headers", {}).items():
+            if value is not None:
+                self.send_header(name, value)
+        for length in lengths:
+            self.send_header("Content-Length", str(length))
+        if chunked:
+            self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.close_connection = True
+        if self.command == "HEAD":
+            return
+        limit, stall_at, sent = options.get("nbytes"), options.get("stall_after"), 0
+        for chunk in reply.chunks:
+            if limit is not None:
+                chunk = chunk[:limit - sent]
+            if stall_at is not None and sent + len(chunk) >= stall_at:
+                cut = stall_at - sent
+                sent += self._write_piece(chunk[:cut], chunked)
+                self.server.fake._stall(fault)
+                stall_at, chunk = None, chunk[cut:]
+            sent += self._write_piece(chunk, chunked)
+            if limit is not None and sent >= limit:
+                return  # cut: no last chunk either
+        if chunked:
             self.wfile.write(b"0\r\n\r\n")
 
     def _write_piece(self, data, chunked):
@@ -700,6 +772,12 @@ class FakeRegistry:
     def clear_faults(self):
         with self._lock:
             self._faults = []
+
+    def known_digests(self):
+        """Every blob and manifest digest the fake holds, in any repository."""
+        with self._lock:
+            manifests = {digest for by_digest in self._manifests.values() for digest in by_digest}
+            return set(self._blobs) | manifests
 
     def _take_fault(self, server, target, method):
         with self._lock:

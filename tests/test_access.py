@@ -37,35 +37,41 @@ def happened(clock, events):
     clock.advance(start - now)
 
 
-# linked, anonymous pull (seconds ago), grant (authorization, seconds ago), client, stale, allowed
+# linked, anonymous pull, grant (authorization, when): each in seconds ago; client, stale, allowed
+LONG_AGO = OLD * 2
 MAY_SERVE = [
     # rule 1: an object not linked to the repository is never served from the cache alone
-    (False, 0, None, None, False, False),
-    (False, 0, (ALICE, 0), ALICE, False, False),
-    (False, 0, None, None, True, False),
+    (None, 0, None, None, False, False),
+    (None, 0, (ALICE, 0), ALICE, False, False),
+    (None, 0, None, None, True, False),
     # rule 2, anonymous pulls: anyone, within ACCESS_TTL, at any age while upstream is down
-    (True, 0, None, None, False, True),
-    (True, 0, None, ALICE, False, True),
-    (True, 0, None, PLACEHOLDER, False, True),
-    (True, OLD, None, None, False, False),
-    (True, OLD, None, ALICE, False, False),
-    (True, OLD, None, None, True, True),
-    (True, None, None, None, True, False),
+    (LONG_AGO, 0, None, None, False, True),
+    (LONG_AGO, 0, None, ALICE, False, True),
+    (LONG_AGO, 0, None, PLACEHOLDER, False, True),
+    (LONG_AGO, OLD, None, None, False, False),
+    (LONG_AGO, OLD, None, ALICE, False, False),
+    (LONG_AGO, OLD, None, None, True, True),
+    (LONG_AGO, None, None, None, True, False),
+    # ... but only for what was in the repository then: linked after the last anonymous pull, never
+    (0, 5, None, None, False, False),
+    (0, 5, None, None, True, False),
+    (OLD, LONG_AGO, None, None, True, False),
     # rule 2, grants: only the credentials upstream accepted, only within ACCESS_TTL
-    (True, None, (ALICE, 0), ALICE, False, True),
-    (True, None, (ALICE, 0), BOB, False, False),
-    (True, None, (ALICE, 0), None, False, False),
-    (True, None, (ALICE, 0), PLACEHOLDER, False, False),
-    (True, None, (ALICE, OLD), ALICE, False, False),
-    (True, None, (ALICE, OLD), ALICE, True, False),
+    (LONG_AGO, None, (ALICE, 0), ALICE, False, True),
+    (0, 5, (ALICE, 0), ALICE, False, True),
+    (LONG_AGO, None, (ALICE, 0), BOB, False, False),
+    (LONG_AGO, None, (ALICE, 0), None, False, False),
+    (LONG_AGO, None, (ALICE, 0), PLACEHOLDER, False, False),
+    (LONG_AGO, None, (ALICE, OLD), ALICE, False, False),
+    (LONG_AGO, None, (ALICE, OLD), ALICE, True, False),
 ]
 
 
-@pytest.mark.parametrize("linked, anonymous_ago, grant, client, stale, allowed", MAY_SERVE)
-def test_may_serve(access, clock, linked, anonymous_ago, grant, client, stale, allowed):
+@pytest.mark.parametrize("linked_ago, anonymous_ago, grant, client, stale, allowed", MAY_SERVE)
+def test_may_serve(access, clock, linked_ago, anonymous_ago, grant, client, stale, allowed):
     events = []
-    if linked:
-        events.append((OLD * 2, lambda: access.records.link(UPSTREAM, REPOSITORY, [DIGEST])))
+    if linked_ago is not None:
+        events.append((linked_ago, lambda: access.records.link(UPSTREAM, REPOSITORY, [DIGEST])))
     if anonymous_ago is not None:
         events.append((anonymous_ago, lambda: access.record(None, UPSTREAM, REPOSITORY, [])))
     if grant is not None:
@@ -111,21 +117,26 @@ MAY_JOIN = [
     (ALICE, BOB, "public", True),       # a public repository: anyone
     (ALICE, BOB, "granted to client", True),
     (ALICE, BOB, "public long ago", False),
+    (ALICE, None, "public, then the fill started", False),  # maybe private by then
 ]
 
 
 @pytest.mark.parametrize("started_by, client, state, allowed", MAY_JOIN)
 def test_may_join_a_fill(access, clock, started_by, client, state, allowed):
-    if state == "public":
+    started_at = clock.time()
+    if state in ("public", "public long ago"):
         access.record(None, UPSTREAM, REPOSITORY, [])
     elif state == "granted to client":
         access.record(access.identity(client), UPSTREAM, REPOSITORY, [])
-    elif state == "public long ago":
+    elif state == "public, then the fill started":
+        clock.advance(-5)
         access.record(None, UPSTREAM, REPOSITORY, [])
+        clock.advance(5)
+    if state == "public long ago":
         clock.advance(OLD)
     starter = access.identity(started_by) if started_by else None
     identity = access.identity(client) if client else None
-    assert access.may_join(identity, starter, UPSTREAM, REPOSITORY) is allowed
+    assert access.may_join(identity, starter, UPSTREAM, REPOSITORY, started_at) is allowed
 
 
 def test_without_a_cache_nothing_is_served_from_one(clock):

@@ -4,6 +4,7 @@ import base64
 import hashlib
 import http.client
 import json
+import socket
 from urllib.parse import urlencode, urljoin, urlsplit
 
 import pytest
@@ -319,6 +320,86 @@ def test_fault_no_length(fake):
     status, headers, body = http_request(url)
     assert headers["Transfer-Encoding"] == "chunked" and "Content-Length" not in headers
     assert body == b"x" * 200000
+
+
+def raw_get(url, headers=None):
+    """GET on a raw socket, read to EOF: (status line and headers, every byte after them).
+    Shows what http.client hides: bytes beyond Content-Length, a missing last chunk."""
+    parts = urlsplit(url)
+    lines = ["GET %s HTTP/1.1" % (parts.path + ("?" + parts.query if parts.query else "")), "Host: " + parts.netloc]
+    lines += ["%s: %s" % item for item in (headers or {}).items()]
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as connection:
+        connection.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        received = b"".join(iter(lambda: connection.recv(65536), b""))
+    head, _, rest = received.partition(b"\r\n\r\n")
+    return head.decode("latin-1").split("\r\n"), rest
+
+
+def test_fault_reset_sends_part_of_the_body_then_a_reset_not_an_end(fake):
+    url = cdn_blob(fake, b"r" * 300000)
+    fault = fake.fault("cdn", "/blobs/", "reset", nbytes=1000)
+    with pytest.raises(ConnectionResetError):
+        http_request(url)
+    assert fault.hits == 1 and http_request(url)[2] == b"r" * 300000
+
+
+def test_fault_framing_announces_less_than_it_sends(fake):
+    data = bytes(range(256)) * 100
+    fake.fault("cdn", "/blobs/", "framing", content_length=len(data) - 100)
+    head, rest = raw_get(cdn_blob(fake, data))
+    assert head[0] == "HTTP/1.1 200 OK" and "Content-Length: %d" % (len(data) - 100) in head
+    assert rest == data  # all of it, then the connection closed
+
+
+def test_fault_framing_chunked_with_two_content_lengths(fake):
+    data = b"c" * 100000
+    fake.fault("cdn", "/blobs/", "framing", chunked=True, content_length=[10, 20])
+    head, rest = raw_get(cdn_blob(fake, data))
+    assert "Transfer-Encoding: chunked" in head
+    lengths = [line for line in head if line.startswith("Content-Length")]
+    assert lengths == ["Content-Length: 10", "Content-Length: 20"]
+    assert rest.endswith(b"\r\n0\r\n\r\n") and rest.count(b"c") == len(data)
+
+
+def test_fault_framing_holds_the_rest_of_the_body_after_stall_after_bytes(fake):
+    data = bytes(range(256)) * 1000
+    fake.fault("cdn", "/blobs/", "framing", stall_after=70000)
+    connection = open_request(cdn_blob(fake, data))
+    response = connection.getresponse()
+    assert fake.wait_stalled(1) and response.read(70000) == data[:70000]
+    fake.release.set()
+    assert response.read() == data[70000:]
+    connection.close()
+
+
+def test_fault_framing_close_delimited_cut_without_a_header(fake):
+    image = fake.add_image("library/alpine", "3", [b"l"])
+    token = get_token(fake, "repository:library/alpine:pull")
+    fake.fault("registry", "/manifests/3", "framing", content_length=None, nbytes=50,
+               headers={"Docker-Content-Digest": None, "X-Extra": "yes"})
+    head, rest = raw_get(fake.url + "/v2/library/alpine/manifests/3", bearer(token))
+    names = [line.split(":")[0].lower() for line in head[1:]]
+    assert "content-length" not in names and "transfer-encoding" not in names
+    assert "docker-content-digest" not in names and "x-extra" in names
+    assert rest == image["manifest"][:50]
+
+
+def test_fault_redirect_to_its_own_target_loops(fake):
+    url = cdn_blob(fake, b"loop")
+    fake.fault("cdn", "/blobs/", "redirect", count=2, location="{target}")
+    status, headers, _ = http_request(url)
+    assert status == 307 and url.endswith(headers["Location"]) and headers["Location"].startswith("/blobs/")
+    fake.fault("cdn", "/blobs/", "redirect", status=302, location="ftp://127.0.0.1/x")
+    assert http_request(url)[0] == 307  # the first fault's second count
+    status, headers, _ = http_request(url)
+    assert (status, headers["Location"]) == (302, "ftp://127.0.0.1/x")
+    assert http_request(url)[2] == b"loop"
+
+
+def test_known_digests_names_every_blob_and_manifest(fake):
+    image = fake.add_image("library/alpine", "3", [b"a", b"b"])
+    index = fake.add_index("library/alpine", "multi", [image])
+    assert fake.known_digests() == {image["digest"], image["config"], index, *image["layers"]}
 
 
 def test_fault_stall_before_headers(fake):

@@ -15,7 +15,7 @@ import time
 import pytest
 
 import dockerproxy
-from conftest import RegistryClient
+from conftest import RegistryClient, proxy_config
 from fakeregistry import DOCKER_MANIFEST, FakeRegistry
 from realregistry import wait_until
 
@@ -122,9 +122,10 @@ def test_connections_beyond_max_connections_get_503_with_retry_after(start_proxy
     proxy = start_proxy("--upstream", f"docker={fake.url}", "--max-connections", "2")
     held = [socket.create_connection(("127.0.0.1", proxy.port), timeout=10) for _ in range(2)]
     try:
-        for connection in held:  # both are being served: each answered once, kept alive
-            connection.sendall(head("GET", "/healthz"))
-            assert connection.recv(65536).startswith(b"HTTP/1.1 200")
+        for connection in held:  # both are busy: half a request head each, still coming
+            connection.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        wait_until(lambda: proxy.server.connections.count == 2 and not any(
+            reader.idle_since for reader in proxy.server.connections.readers), what="both heads begun")
         answer = raw_exchange(proxy, head("GET", "/healthz"))
         assert statuses(answer) == [503] and b"Retry-After: 1" in answer
         assert json.loads(answer.partition(b"\r\n\r\n")[2])["errors"][0]["code"] == "UNAVAILABLE"
@@ -343,10 +344,15 @@ MANIFEST = json.dumps({"schemaVersion": 2, "mediaType": DOCKER_MANIFEST, "config
 
 def test_a_manifest_nothing_proves_complete_is_served_but_never_cached(scripted):
     upstream, proxy = scripted
-    cut = MANIFEST[:40]  # the upstream closed early; no length, no digest says so
-    upstream.script[MANIFEST_PATH] = answer(f"Content-Type: {DOCKER_MANIFEST}", "Connection: close", body=cut)
+    whole = answer(f"Content-Type: {DOCKER_MANIFEST}", "Connection: close", body=MANIFEST)  # no length, no digest
+    upstream.script[MANIFEST_PATH] = whole
     status, _, body = proxy.request("GET", MANIFEST_PATH, {"Accept": DOCKER_MANIFEST})
-    assert (status, body) == (200, cut)
+    assert (status, body) == (200, MANIFEST)
+    assert proxy.cache.wait_idle() and proxy.cache.store.objects() == []
+    cut = answer(f"Content-Type: {DOCKER_MANIFEST}", "Connection: close", body=MANIFEST[:40])
+    upstream.script[MANIFEST_PATH] = cut  # the close came mid-document: no client may take it as whole
+    status, _, body = proxy.request("GET", MANIFEST_PATH, {"Accept": DOCKER_MANIFEST})
+    assert status == 502 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
     assert proxy.cache.wait_idle() and proxy.cache.store.objects() == []
     upstream.script[MANIFEST_PATH] = b"HTTP/1.1 503 X\r\nContent-Length: 0\r\n\r\n"
     status, headers, body = proxy.request("GET", MANIFEST_PATH, {"Accept": DOCKER_MANIFEST})
@@ -535,8 +541,24 @@ class RefusingUpstreams:
     ("https://registry.example/v2/a/manifests/1", "http://registry.example/token", ()),
     ("https://registry.example/v2/a/manifests/1", "ftp://registry.example/token", ()),
     ("https://registry.example/v2/a/manifests/1", "", ()),
-    ("http://registry.example/v2/a/manifests/1", "http://registry.example/token", ("other.example",)),
+    ("http://registry.example/v2/a/manifests/1", "http://registry.example/token", ("other=http://other.example",)),
 ])
-def test_a_redirect_targets_realm_in_the_clear_is_never_asked(target, realm, trusted):
-    auth = dockerproxy.UpstreamAuth(RefusingUpstreams(), dockerproxy.Clock(), {}, trusted)
+def test_a_redirect_targets_realm_in_the_clear_is_never_asked(tmp_path, target, realm, trusted):
+    config = proxy_config(tmp_path, *[flag for route in trusted for flag in ("--extra-routes", route)])
+    auth = dockerproxy.UpstreamAuth(RefusingUpstreams(), dockerproxy.Clock(), config)
     assert auth.target_token(target, {"realm": realm}) is None
+
+
+
+def test_at_max_connections_the_longest_idle_connection_makes_room(start_proxy, fake):
+    proxy = start_proxy("--upstream", f"docker={fake.url}", "--max-connections", "3")
+    silent = [socket.create_connection(("127.0.0.1", proxy.port), timeout=10) for _ in range(3)]
+    try:
+        wait_until(lambda: proxy.server.connections.count == 3, what="three silent connections admitted")
+        for _ in range(5):  # real clients keep getting in, one silent socket closed for each
+            assert statuses(raw_exchange(proxy, head("GET", "/healthz", "Connection: close"))) == [200]
+        wait_until(lambda: any(peer_closed(connection) for connection in silent),
+                   what="a silent connection closed to make room")
+    finally:
+        for connection in silent:
+            connection.close()

@@ -125,9 +125,9 @@ def test_links_and_anonymous_pull_markers_per_upstream_and_repository(backend):
     _, _, records, clock = backend
     digest = digest_of(b"layer")
     records.link(UPSTREAM, "library/a", [digest])
-    assert records.is_linked(UPSTREAM, "library/a", digest)
-    assert not records.is_linked(UPSTREAM, "library/b", digest)
-    assert not records.is_linked("https://ghcr.io", "library/a", digest)
+    assert records.linked_since(UPSTREAM, "library/a", digest) is not None
+    assert records.linked_since(UPSTREAM, "library/b", digest) is None
+    assert records.linked_since("https://ghcr.io", "library/a", digest) is None
     assert records.public_since(UPSTREAM, "library/a") is None
     records.mark_public(UPSTREAM, "library/a")
     marked = records.public_since(UPSTREAM, "library/a")
@@ -163,8 +163,8 @@ def fill(store, data, digest, length=None):
     budget = dockerproxy.Budget(0, lambda: None)
     fills = dockerproxy.Fills(store, budget, dockerproxy.DiskTrouble(), 4)
     seen = []
-    job, leader = fills.begin(("key",), None)
-    assert leader and fills.begin(("key",), "other")[0] is job
+    job, leader = fills.begin(("key",), None, 0.0)
+    assert leader and fills.begin(("key",), "other", 0.0)[0] is job
     reader = fills.start(job, Answer(data, length), digest, [], None, lambda d, spool: seen.append(d))
     assert fills.wait_idle(30) and fills.in_flight() == []
     fills.close_reader(job, reader)
@@ -194,7 +194,7 @@ def test_a_bad_fill_stores_nothing(backend, body, digest, length):
 def test_wait_idle_waits_for_a_running_fill(backend):
     store = backend[0]
     fills = dockerproxy.Fills(store, dockerproxy.Budget(0, lambda: None), dockerproxy.DiskTrouble(), 4)
-    job, _ = fills.begin(("key",), None)
+    job, _ = fills.begin(("key",), None, 0.0)
     assert fills.wait_idle(0.01) is False
     ended = threading.Thread(target=fills.end, args=(job, dockerproxy.Fill.DECLINED))
     ended.start()
@@ -247,9 +247,9 @@ def test_fills_beyond_max_fills_are_refused_and_reservations_beyond_the_budget_t
     store = backend[0]
     budget = dockerproxy.Budget(1000, lambda: None)
     fills = dockerproxy.Fills(store, budget, dockerproxy.DiskTrouble(), 2)
-    first, second = fills.begin(("a",), None)[0], fills.begin(("b",), None)[0]
-    assert fills.begin(("c",), None) == (None, False)          # MAX_FILLS running
-    assert fills.begin(("a",), "x") == (first, False)          # joining is not a new fill
+    first, second = fills.begin(("a",), None, 0.0)[0], fills.begin(("b",), None, 0.0)[0]
+    assert fills.begin(("c",), None, 0.0) == (None, False)          # MAX_FILLS running
+    assert fills.begin(("a",), "x", 0.0) == (first, False)          # joining is not a new fill
     assert fills.start(first, Answer(b"x" * 600), None, [], None, lambda d, s: None) is not None
     assert fills.start(second, Answer(b"y" * 600), None, [], None, lambda d, s: None) is None  # 1200 > 1000
     fills.end(second, dockerproxy.Fill.DECLINED)
@@ -262,7 +262,7 @@ def test_a_fill_whose_clients_left_stops_unless_it_fits_without_eviction(backend
         budget = dockerproxy.Budget(1000, lambda: None)
         budget.stored(size_stored)
         fills = dockerproxy.Fills(store, budget, dockerproxy.DiskTrouble(), 2)
-        job, _ = fills.begin(("k", size_stored), None)
+        job, _ = fills.begin(("k", size_stored), None, 0.0)
         stalled = threading.Event()
         answer = Answer(b"z" * 500)
         read = answer.readinto
