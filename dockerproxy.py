@@ -1503,6 +1503,10 @@ class Recent:
                 self._seen.clear()  # crude, but bounded: the cost is a few re-checks
             self._seen[key] = self.clock.monotonic()
 
+    def discard(self, key) -> None:
+        with self._lock:
+            self._seen.pop(key, None)
+
     def fresh(self, key) -> bool:
         seen = self._seen.get(key)
         return seen is not None and self.clock.monotonic() - seen < self.ttl
@@ -1578,6 +1582,14 @@ class Access:
                  repository: str, started_at: float) -> bool:
         """This client may follow a fill that `started_by` began at `started_at`."""
         return identity == started_by or self.repository_open(identity, upstream, repository, started_at)
+
+    def refused(self, identity: str | None, upstream: str, repository: str) -> None:
+        """Upstream refused this client (401 or 403 to a request that carried a token
+        or credentials): what it knew of the repository no longer opens it."""
+        if identity is not None:
+            self.grants.discard((identity, upstream, repository))
+        elif self.records is not None:
+            self.records.drop_public(upstream, repository)
 
     def record(self, identity: str | None, upstream: str, repository: str, digests: list) -> None:
         """Upstream let this client have `digests` of `repository`: link them, open the repository."""
@@ -1955,6 +1967,9 @@ class AccessRecords:
             return os.stat(public_marker_path(self.root, upstream, repository)).st_mtime
         except OSError:
             return None
+
+    def drop_public(self, upstream: str, repository: str) -> None:
+        remove_quietly(public_marker_path(self.root, upstream, repository))
 
     def mark_public(self, upstream: str, repository: str) -> None:
         path = public_marker_path(self.root, upstream, repository)
@@ -3114,10 +3129,19 @@ class PassThrough(Part):
         own_account = headers.get("authorization") not in (None, self.request.authorization)
         if response.status == 401 and own_account and same_origin(response.url, self.route.upstream):
             self.proxy.auth.forget_account_token(self.route, self.target.repository)
+        if self.refused(response, headers):
+            identity = self.proxy.access.identity(self.request.authorization)
+            self.proxy.access.refused(identity, self.route.upstream, self.target.repository)
         if response.status == 401 and not same_origin(response.url, self.route.upstream):
             headers = forwarded_request_headers(self.request.headers, same_host=False)
             response = self.proxy.auth.retry_at_redirect_target(response, method, headers)
         return response
+
+    def refused(self, response: UpstreamResponse, headers: dict) -> bool:
+        """The route's upstream refused this client access: 401 or 403.  (A 401 to
+        a request without a token may only ask for one; a client then comes back
+        with it, and a success opens the repository again.)"""
+        return response.status in (401, 403) and same_origin(response.url, self.route.upstream)
 
     def upstream_url(self) -> str:
         query = self.endpoint.query
@@ -3366,12 +3390,12 @@ class CachedObject(PassThrough):
     def join_fill(self, fill: Fill) -> None:
         """Follow another client's fill if Access lets this client, else fetch alone."""
         config = self.proxy.config
-        state = fill.wait_started(config.connect_timeout + config.read_timeout)
         allowed = self.access.may_join(self.identity, fill.identity, self.route.upstream,
                                        self.target.repository, fill.started_at)
-        if state in (Fill.STREAMING, Fill.DONE) and allowed and self.follow(fill):
+        if allowed and fill.wait_started(config.connect_timeout + config.read_timeout) in (
+                Fill.STREAMING, Fill.DONE) and self.follow(fill):
             return
-        self.pass_through()
+        self.pass_through()  # upstream decides, for this client alone
 
     def follow(self, fill: Fill, reader=None) -> bool:
         """Send a fill's bytes as they land; False if it failed before we began."""

@@ -17,6 +17,7 @@ import pytest
 import dockerproxy
 from conftest import RegistryClient, proxy_config
 from fakeregistry import DOCKER_MANIFEST, FakeRegistry
+from rawupstream import ScriptedUpstream
 from realregistry import wait_until
 
 
@@ -218,53 +219,6 @@ def test_a_get_of_a_cached_blob_refused_upstream_gets_a_whole_answer(proxy, fake
 
 
 # Upstreams that break the protocol ########################################
-
-class ScriptedUpstream:
-    """A registry on loopback that answers /v2/ with 200 and each other path
-    with the raw bytes scripted for it, then closes the connection; a script
-    entry may be a list of byte strings with threading.Events between them,
-    which the upstream waits for (a stalled or slow upstream)."""
-
-    def __init__(self):
-        self.script = {}
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.url = "http://127.0.0.1:%d" % self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                connection, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
-
-    def _answer(self, connection):
-        with connection:
-            data = b""
-            while b"\r\n\r\n" not in data:
-                chunk = connection.recv(65536)
-                if not chunk:
-                    return
-                data += chunk
-            path = data.split(b" ", 2)[1].decode().partition("?")[0]
-            answer = self.script.get(path)
-            if answer is None:
-                answer = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
-            for part in answer if isinstance(answer, list) else [answer]:
-                if isinstance(part, threading.Event):
-                    part.wait(30)
-                else:
-                    try:
-                        connection.sendall(part)
-                    except OSError:
-                        return
-
-    def close(self):
-        self.listener.close()
-
 
 @pytest.fixture
 def scripted(start_proxy):
