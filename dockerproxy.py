@@ -2527,6 +2527,7 @@ class UpstreamResponse:
         self.framing, self.length = body_framing(method, response.status, response.headers)
         self._left = self.length      # bytes left of the length, or of the current chunk
         self._chunk_ended = False     # a chunk's data was read: its CRLF comes next
+        self._buffered = True         # http.client's reader may hold body bytes read with the head
         self.complete = self.framing == "none" or self.length == 0
 
     def readinto(self, buffer) -> int:
@@ -2537,7 +2538,7 @@ class UpstreamResponse:
         if self.framing == "chunked":
             return self._read_chunked(fp, buffer)
         view = buffer if self._left is None else buffer[:min(len(buffer), self._left)]
-        count = fp.readinto1(view)
+        count = self._read_arrived(fp, view)
         if self._left is not None:
             self._left -= count
             self.complete = self._left == 0
@@ -2547,6 +2548,7 @@ class UpstreamResponse:
 
     def _read_chunked(self, fp, buffer) -> int:
         if not self._left:
+            self._buffered = True  # reading a line may read past it
             if self._chunk_ended and fp.readline(3) not in (b"\r\n", b"\n"):
                 raise BrokenBody("chunk data not followed by CRLF")
             self._left, self._chunk_ended = self._chunk_size(fp), False
@@ -2554,14 +2556,25 @@ class UpstreamResponse:
                 self._read_trailers(fp)
                 self.complete = True
                 return 0
-        count = fp.readinto1(buffer[:min(len(buffer), self._left)])
+        count = self._read_arrived(fp, buffer[:min(len(buffer), self._left)])
         if count:
             self._left -= count
             self._chunk_ended = self._left == 0
         return count
 
-    @staticmethod
-    def _chunk_size(fp) -> int:
+    def _read_arrived(self, fp, view) -> int:
+        """Bytes that have arrived, into view: those the reader holds first, with no
+        read (its readinto1 would copy them and then wait on the socket for the
+        rest), then, once it holds none, one recv straight into view."""
+        if self._buffered:
+            data = fp.read1(len(view))
+            view[:len(data)] = data
+            self._buffered = len(data) == len(view)  # fewer than asked: it holds none now
+            return len(data)
+        return fp.readinto1(view)
+
+    def _chunk_size(self, fp) -> int:
+        self._buffered = True  # reading a line may read past it
         line = fp.readline(MAX_CHUNK_LINE + 1)
         size = line.split(b";", 1)[0].strip()
         if not line.endswith(b"\n") or not re.fullmatch(rb"[0-9A-Fa-f]{1,15}", size):

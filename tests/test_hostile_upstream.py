@@ -12,6 +12,8 @@ address (169.254.0.0/16, fe80::/10) in tests/test_hardening.py.
 """
 
 import base64
+import contextlib
+import fcntl
 import hashlib
 import http.client
 import json
@@ -20,6 +22,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 
 import pytest
@@ -224,26 +227,40 @@ def metadata_service(request):
             pytest.fail("REQUIRE_INTEROP is set: root and ip(8) are needed for an address on lo", pytrace=False)
         pytest.skip("needs root and ip(8) to put a metadata address on lo")
     family, prefix, options = (socket.AF_INET6, "128", ["nodad"]) if ":" in address else (socket.AF_INET, "32", [])
-    subprocess.run(["ip", "addr", "add", f"{address}/{prefix}", "dev", "lo", *options],
-                   check=True, capture_output=True)
-    try:
-        with socket.create_server((address, 0), family=family) as listener:
-            asked = []
+    with open(os.path.join(tempfile.gettempdir(), "dockerproxy-tests-lo.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another test run on this host may have the address on lo now
+        added = subprocess.run(["ip", "addr", "add", f"{address}/{prefix}", "dev", "lo", *options],
+                               capture_output=True, text=True)
+        if added.returncode != 0:
+            pytest.fail(f"ip addr add {address}/{prefix} dev lo: {added.stderr.strip()}", pytrace=False)
+        try:
+            with metadata_server(address, family) as (url, asked):
+                yield url, asked
+        finally:
+            subprocess.run(["ip", "addr", "del", f"{address}/{prefix}", "dev", "lo"], capture_output=True)
 
-            def serve():
-                while True:
+
+@contextlib.contextmanager
+def metadata_server(address, family):
+    """(URL, requests received) of a metadata service on `address`, which hands out a credential."""
+    with socket.create_server((address, 0), family=family) as listener:
+        asked = []
+
+        def serve():
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except OSError:
+                    return  # the listener closed: the test is over
+                with connection:
                     try:
-                        connection, _ = listener.accept()
-                    except OSError:
-                        return  # the listener closed: the test is over
-                    with connection:
                         asked.append(connection.recv(4096))
                         connection.sendall(response(headers=["Content-Length: 19"], body=b"instance-credential"))
-            threading.Thread(target=serve, daemon=True).start()
-            host = f"[{address}]" if family == socket.AF_INET6 else address
-            yield f"http://{host}:{listener.getsockname()[1]}/latest/meta-data/iam/security-credentials/", asked
-    finally:
-        subprocess.run(["ip", "addr", "del", f"{address}/{prefix}", "dev", "lo"], capture_output=True)
+                    except OSError:
+                        pass  # the proxy hung up
+        threading.Thread(target=serve, daemon=True).start()
+        host = f"[{address}]" if family == socket.AF_INET6 else address
+        yield f"http://{host}:{listener.getsockname()[1]}/latest/meta-data/iam/security-credentials/", asked
 
 
 def test_an_upstream_cannot_redirect_the_proxy_to_a_cloud_metadata_service(start_proxy, metadata_service):
