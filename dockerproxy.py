@@ -1784,7 +1784,7 @@ class BlobStore:
         """(file, size) of a stored object, counted as being read; None if absent."""
         path = object_path(self.root, digest)
         try:
-            file = open(path, "rb")
+            file = open(path, "rb", buffering=0)  # read with sendfile or pread, never through a buffer
         except FileNotFoundError:
             return None
         with self._lock:
@@ -2050,7 +2050,7 @@ class Fill:
                 file = opened[0] if opened else None
             else:
                 try:
-                    file = open(self.spool_path, "rb")
+                    file = open(self.spool_path, "rb", buffering=0)  # no read-ahead of bytes not yet written
                 except FileNotFoundError:
                     file = None
             if file is not None:
@@ -3636,9 +3636,24 @@ class Answers:
         self.send_file_part(file, start, count)
 
     def send_file_part(self, file, offset: int, count: int, chunked: bool = False) -> None:
+        """`count` bytes of `file` from `offset`: sendfile, or over TLS pread into the reused buffer.
+
+        Never through the file object's own buffer: a file being filled is
+        allocated to its full length, so a buffer read ahead holds zeros
+        where bytes land later (socket.sendfile's TLS fallback read that way).
+        """
         if chunked:
             self.wfile.write(b"%x\r\n" % count)
-        self.connection.sendfile(file, offset, count)
+        if isinstance(self.connection, ssl.SSLSocket):
+            buffer, end = thread_buffer(), offset + count
+            while offset < end:
+                read = os.preadv(file.fileno(), [buffer[:min(end - offset, CHUNK_SIZE)]], offset)
+                if not read:
+                    raise ConnectionAbortedError("file shorter than announced")
+                self.wfile.write(buffer[:read])
+                offset += read
+        else:
+            self.connection.sendfile(file, offset, count)
         if chunked:
             self.wfile.write(b"\r\n")
         self.bytes_sent += count

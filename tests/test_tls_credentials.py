@@ -1,6 +1,7 @@
 """HTTPS serving (TLS_CERT/TLS_KEY) and the proxy's own upstream credentials."""
 
 import base64
+import hashlib
 import http.client
 import json
 import logging
@@ -8,6 +9,7 @@ import os
 import shutil
 import ssl
 import subprocess
+import threading
 import warnings
 
 import pytest
@@ -15,6 +17,8 @@ import pytest
 import dockerproxy
 from conftest import ROOT, RegistryClient, http_request
 from fakeregistry import DOCKER_MANIFEST, FakeRegistry
+from rawupstream import ScriptedUpstream
+from realregistry import wait_until
 
 MANIFEST_ACCEPT = {"Accept": DOCKER_MANIFEST}
 OPENSSL = shutil.which("openssl")
@@ -39,6 +43,27 @@ def tls_request(proxy, cert, method, path, headers=None):
 
 
 # TLS ########################################################################
+
+def test_a_fill_followed_over_tls_sends_the_bytes_as_they_land_not_a_stale_read_ahead(start_proxy, certificate):
+    """The spool is allocated to its full length: a read-ahead buffer would hold zeros where bytes land later."""
+    cert, key = certificate
+    data = bytes(range(256)) * 1200
+    digest = "sha256:" + hashlib.sha256(data).hexdigest()
+    path = f"/v2/library/a/blobs/{digest}"
+    upstream, stall = ScriptedUpstream(), threading.Event()
+    head = (f"HTTP/1.1 200 OK\r\nContent-Length: {len(data)}\r\n\r\n").encode()
+    upstream.script[path] = [head + data[:100], stall, data[100:]]  # a little, then the rest
+    proxy = start_proxy("--upstream", f"docker={upstream.url}", "--tls-cert", cert, "--tls-key", key)
+    answers = []
+    client = threading.Thread(target=lambda: answers.append(tls_request(proxy, cert, "GET", path)))
+    client.start()
+    wait_until(lambda: any(fill.written >= 100 for fill in proxy.cache.fills.in_flight()), what="the first bytes")
+    stall.set()
+    client.join(30)
+    status, headers, body = answers[0]
+    assert status == 200 and hashlib.sha256(body).hexdigest() == digest.partition(":")[2]
+    upstream.close()
+
 
 def test_tls_serves_https_and_the_realm_says_https(start_proxy, fake, certificate):
     cert, key = certificate
