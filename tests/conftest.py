@@ -2,6 +2,7 @@
 
 import http.client
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -134,6 +135,20 @@ def run_main(tmp_path, monkeypatch, capsys):
         out, err = capsys.readouterr()
         return status, out, err
     return run
+
+
+@pytest.fixture(scope="session")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1, made with the openssl command now: (cert.pem, key.pem)."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.fail("openssl is required (test.sh installs it)")
+    directory = tmp_path_factory.mktemp("tls")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    return str(cert), str(key)
 
 
 @pytest.fixture

@@ -19,10 +19,8 @@ import base64
 import collections
 import http.client
 import json
-import shutil
 import socket
 import ssl
-import subprocess
 import threading
 
 import pytest
@@ -427,22 +425,6 @@ def test_a_corrupted_manifest_fetched_by_tag_is_never_cached_nor_sent_as_a_clean
 
 
 # (f) An https upstream naming an http realm ##################################
-
-OPENSSL = shutil.which("openssl")
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1: (cert.pem, key.pem)."""
-    if not OPENSSL:
-        pytest.fail("openssl is required (test.sh installs it)")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return str(cert), str(key)
-
 
 class TLSFront:
     """https on a port of its own, relayed as plain bytes to a server of the fake."""

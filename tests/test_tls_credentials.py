@@ -6,9 +6,7 @@ import http.client
 import json
 import logging
 import os
-import shutil
 import ssl
-import subprocess
 import threading
 import warnings
 
@@ -21,20 +19,6 @@ from rawupstream import ScriptedUpstream
 from realregistry import wait_until
 
 MANIFEST_ACCEPT = {"Accept": DOCKER_MANIFEST}
-OPENSSL = shutil.which("openssl")
-
-
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory):
-    """A self-signed certificate for 127.0.0.1, made with the openssl command now."""
-    if not OPENSSL:
-        pytest.fail("openssl is required (test.sh installs it)")
-    directory = tmp_path_factory.mktemp("tls")
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run([OPENSSL, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
-    return str(cert), str(key)
 
 
 def tls_request(proxy, cert, method, path, headers=None):
