@@ -89,7 +89,7 @@ from __future__ import annotations
 
 import argparse
 import base64
-import dataclasses
+import collections
 import errno
 import fcntl
 import functools
@@ -359,25 +359,33 @@ class ConfigError(Exception):
 
 # Configuration #############################################################
 
-@dataclasses.dataclass(frozen=True)
-class Route:
-    """One upstream registry and the names clients use for it."""
+# The records below are named tuples, not dataclasses: importing dataclasses
+# (and the inspect, ast and dis modules it brings) costs 1.3 MiB of memory.
 
-    name: str                       # "ghcr": host route ghcr.{CUSTOM_DOMAIN}
-    upstream: str                   # "https://ghcr.io", no path
-    registry_hosts: tuple = ()      # names for ?ns= and path prefixes
-    dockerhub: bool = False         # library/ redirect and scope rewrite
-    # The proxy's own account upstream, for clients that bring no credentials.
-    # Never printed: repr=False keeps it out of logs and tracebacks.
-    credentials: Credentials | None = dataclasses.field(default=None, repr=False, compare=False)
+class Route(collections.namedtuple("Route", "name upstream registry_hosts dockerhub credentials",
+                                   defaults=((), False, None))):
+    """One upstream registry and the names clients use for it.
+
+    name: "ghcr" (host route ghcr.{CUSTOM_DOMAIN}); upstream: "https://ghcr.io",
+    no path; registry_hosts: the names for ?ns= and path prefixes; dockerhub:
+    the library/ redirect and scope rewrite; credentials: the proxy's own
+    account upstream, for clients that bring none (never printed).
+    """
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Route({self.name!r}, {self.upstream!r}, {self.registry_hosts!r}, {self.dockerhub!r})"
 
 
-@dataclasses.dataclass(frozen=True)
-class Credentials:
-    """A username and password for an upstream (from the environment or an auth file)."""
+class Credentials(collections.namedtuple("Credentials", "username password")):
+    """A username and password for an upstream (from the environment or an auth file);
+    the password is never printed."""
 
-    username: str
-    password: str = dataclasses.field(repr=False)
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"Credentials({self.username!r}, ***)"
 
     def basic(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
@@ -408,34 +416,16 @@ BUILTIN_ROUTES = (
 ROUTE_NAME = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*\Z")
 
 
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """Every setting, parsed and checked.  Built by load_config(); the defaults are in SETTINGS."""
+class Config(collections.namedtuple("Config", (
+        "host port cache_dir custom_domain default_route mode target_upstream trust_proxy_headers "
+        "connect_timeout read_timeout client_timeout header_timeout max_connections max_fills "
+        "manifest_ttl cache_max_size cache_max_age tls_cert tls_key registry_auth_file debug "
+        "routes accounts"), defaults=({},))):
+    """Every setting, parsed and checked.  Built by load_config(); the defaults
+    are in SETTINGS.  routes: the Route table; accounts: the auth file's
+    accounts by host, for realms and redirect targets."""
 
-    host: str
-    port: int
-    cache_dir: str
-    custom_domain: str
-    default_route: str
-    mode: str
-    target_upstream: str
-    trust_proxy_headers: bool
-    connect_timeout: float
-    read_timeout: float
-    client_timeout: float
-    header_timeout: float
-    max_connections: int
-    max_fills: int
-    manifest_ttl: float
-    cache_max_size: int
-    cache_max_age: float
-    tls_cert: str
-    tls_key: str
-    registry_auth_file: str
-    debug: bool
-    routes: tuple
-    # The auth file's accounts by host, for realms and redirect targets (never printed).
-    accounts: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    __slots__ = ()
 
 
 def parse_port(text: str) -> int:
@@ -549,14 +539,10 @@ def parse_extra_routes(text: str) -> tuple:
     return tuple(routes)
 
 
-@dataclasses.dataclass(frozen=True)
-class Setting:
+class Setting(collections.namedtuple("Setting", "env default parse help")):
     """One setting: its environment name, default, parser and help."""
 
-    env: str
-    default: str
-    parse: object
-    help: str
+    __slots__ = ()
 
     @property
     def field(self) -> str:
@@ -684,7 +670,7 @@ def load_config(argv: list, environ: dict) -> Config:
     accounts = read_auth_file(values["registry_auth_file"]) if values["registry_auth_file"] else {}
     credentials = route_accounts(accounts, routes)
     credentials.update(upstream_credentials({**dotenv, **environ}, routes))
-    routes = tuple(dataclasses.replace(route, credentials=credentials.get(route.name)) for route in routes)
+    routes = tuple(route._replace(credentials=credentials.get(route.name)) for route in routes)
     config = Config(routes=routes, accounts=accounts, **values)
     check_config(config)
     if config.tls_cert or config.tls_key:
@@ -796,7 +782,7 @@ def build_routes(extra_routes: tuple, overrides: dict) -> tuple:
             upstream = parse_upstream_url(url)
         except ValueError as err:
             raise ConfigError(f"UPSTREAM_{env_name(name)}={shown(url)}: {err}") from None
-        routes[name] = dataclasses.replace(routes[name], upstream=upstream)
+        routes[name] = routes[name]._replace(upstream=upstream)
     return tuple(routes.values())
 
 
@@ -834,15 +820,13 @@ def check_config(config: Config) -> None:
 
 # Routing and dispatch (pure: no I/O) #######################################
 
-@dataclasses.dataclass(frozen=True)
-class Target:
-    """What a registry API request asks for, once routed."""
+class Target(collections.namedtuple("Target", "route kind repository reference prefix", defaults=("",))):
+    """What a registry API request asks for, once routed: its Route; kind,
+    "manifests", "blobs", "tags" or "referrers"; repository, the name the
+    upstream knows ("library/nginx"); reference, a tag or digest ("list" for
+    tags); prefix, the registry host the client put before the name."""
 
-    route: Route
-    kind: str                 # "manifests", "blobs", "tags" or "referrers"
-    repository: str           # the name the upstream knows ("library/nginx")
-    reference: str            # tag or digest; "list" for tags
-    prefix: str = ""          # registry host the client put before the name
+    __slots__ = ()
 
     @property
     def upstream_path(self) -> str:
@@ -991,15 +975,14 @@ def library_redirect(target: Target, query: str) -> str | None:
     return f"{location}?{query}" if query else location
 
 
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    """What a request asks for, as dispatch() found it."""
+class Endpoint(collections.namedtuple("Endpoint", "name route target query location",
+                                      defaults=(None, None, "", ""))):
+    """What a request asks for, as dispatch() found it: its name (one of
+    ENDPOINTS); the Route it is for, once known; a registry object's Target;
+    the client's query string, passed upstream as it came; where a
+    "redirect" points."""
 
-    name: str                    # one of the names in ENDPOINTS
-    route: Route | None = None   # the route it is for, once known
-    target: Target | None = None  # a registry object's parsed name and reference
-    query: str = ""              # the client's query string, passed upstream as it came
-    location: str = ""           # where a "redirect" points
+    __slots__ = ()
 
 
 # Endpoint names, as the access log, and later the metrics, call them.
@@ -1742,13 +1725,10 @@ class Spool:
         os.close(self.fd)
 
 
-@dataclasses.dataclass(frozen=True)
-class StoredObject:
+class StoredObject(collections.namedtuple("StoredObject", "digest size last_used")):
     """One object of a BlobStore, as eviction and the operator commands see it."""
 
-    digest: str
-    size: int
-    last_used: float
+    __slots__ = ()
 
 
 class BlobStore:
@@ -2988,16 +2968,14 @@ class UpstreamAuth:
 # objects: passed through, or through the cache (blobs, manifests by digest,
 # tags).
 
-@dataclasses.dataclass(frozen=True)
-class ClientRequest:
-    """What the serving parts know of a client's request; the handler parses it."""
+class ClientRequest(collections.namedtuple("ClientRequest", "method headers host scheme implied form")):
+    """What the serving parts know of a client's request; the handler parses it:
+    its method; its headers (an http.client.HTTPMessage); the host it
+    addressed, checked by dispatch(); "http" or "https", as it reached us;
+    the Route of a request on that host that names no registry; the form of
+    a POST to /v2/auth, else empty."""
 
-    method: str
-    headers: object           # the request's headers (an http.client.HTTPMessage)
-    host: str                 # the host the client addressed, checked by dispatch()
-    scheme: str               # "http" or "https", as the client reached us
-    implied: Route | None     # the route of a request on this host that names no registry
-    form: dict                # the form of a POST to /v2/auth, else empty
+    __slots__ = ()
 
     @property
     def authorization(self) -> str:
@@ -4203,6 +4181,20 @@ def cannot_use(err: OSError, config: Config) -> int:
     return 1
 
 
+def return_freed_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim).
+
+    Run as a script, this module is compiled before it starts, and the
+    compiler's scratch memory (about 8 MiB for this file) stays in the heap,
+    counted in RSS, until it is trimmed.  Elsewhere (musl, macOS) this does nothing.
+    """
+    try:
+        import ctypes  # here: importing it costs memory where it is of no use
+        ctypes.CDLL(None).malloc_trim(0)
+    except (ImportError, OSError, AttributeError):
+        pass
+
+
 def main(argv: list | None = None, environ: dict | None = None) -> int:
     """The command line: serve, or run a cache command.  argv and environ
     default to the process's own; tests pass theirs."""
@@ -4222,5 +4214,38 @@ def main(argv: list | None = None, environ: dict | None = None) -> int:
     return cache_command(action, config) if action else serve(config)
 
 
+# Run as a script, a module keeps its whole syntax tree (about 8 MiB for this
+# file) alive until the script ends: CPython frees it only after the code it
+# compiled to has run.  Imported, the tree is freed as soon as it is
+# compiled.  So the script starts again in the same process (same PID, same
+# arguments, its path still on the command line) as an import of this file;
+# python3 -m dockerproxy imports it directly.
+LEAN_START = ("import importlib.machinery as m, importlib.util as u, sys; "
+              "f = m.SourceFileLoader('dockerproxy', sys.argv[1]); "
+              "d = u.module_from_spec(u.spec_from_loader('dockerproxy', f)); "
+              "sys.modules['dockerproxy'] = d; f.exec_module(d); d.run_imported()")
+
+
+def start_lean() -> None:
+    """Replace this process by an interpreter that imports this file and runs it."""
+    import subprocess  # its helper copies the interpreter's own flags (-X, -W, ...)
+    flags = subprocess._args_from_interpreter_flags()
+    path = os.path.abspath(__file__)
+    try:
+        os.execv(sys.executable, [sys.executable, *flags, "-c", LEAN_START, path, *sys.argv[1:]])
+    except OSError:
+        pass  # cannot start again: run here, with the tree kept
+
+
+def run_imported() -> None:
+    """The second start (LEAN_START): argv as the script had it, then main()."""
+    sys.argv[:2] = sys.argv[1:2]
+    return_freed_memory()
+    sys.exit(main())
+
+
 if __name__ == "__main__":
+    if __spec__ is None and sys.executable:  # run as a script, not with -m
+        start_lean()
+    return_freed_memory()
     sys.exit(main())
