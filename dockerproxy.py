@@ -387,14 +387,25 @@ class Route(collections.namedtuple("Route", "name upstream registry_hosts docker
         return f"Route({self.name!r}, {self.upstream!r}, {self.registry_hosts!r}, {self.dockerhub!r})"
 
 
-class Credentials(collections.namedtuple("Credentials", "username password")):
-    """A username and password for an upstream (from the environment or an auth file);
-    the password is never printed."""
+class Credentials:
+    """A username and password for an upstream (from the environment or an auth
+    file).  Not a tuple: it cannot be formatted, unpacked or serialised with
+    its password by accident; its repr hides the password."""
 
-    __slots__ = ()
+    __slots__ = ("username", "password")
+
+    def __init__(self, username: str, password: str) -> None:
+        self.username = username
+        self.password = password
 
     def __repr__(self) -> str:
         return f"Credentials({self.username!r}, ***)"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Credentials) and (self.username, self.password) == (other.username, other.password)
+
+    def __hash__(self) -> int:
+        return hash((self.username, self.password))
 
     def basic(self) -> str:
         raw = f"{self.username}:{self.password}".encode()
@@ -432,9 +443,13 @@ class Config(collections.namedtuple("Config", (
         "routes accounts"), defaults=({},))):
     """Every setting, parsed and checked.  Built by load_config(); the defaults
     are in SETTINGS.  routes: the Route table; accounts: the auth file's
-    accounts by host, for realms and redirect targets."""
+    accounts by host, for realms and redirect targets (never printed)."""
 
     __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Config(" + ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self)
+                                     if name != "accounts") + ")"
 
 
 def parse_port(text: str) -> int:
@@ -2114,6 +2129,7 @@ class HashBeside(threading.Thread):
         self.cond = threading.Condition()
         self.written = self.hashed = 0
         self.closing = self.aborted = False
+        self.error = None            # why it could not hash what was written, if it could not
         self.start()
 
     def landed(self, chunk, written: int) -> None:
@@ -2128,13 +2144,22 @@ class HashBeside(threading.Thread):
         self.join()
 
     def finish(self) -> str:
+        """The digest of everything written; raises if any of it could not be hashed."""
         with self.cond:
             self.closing = True
             self.cond.notify()
         self.join()
+        if self.error is not None or self.hashed != self.written:
+            raise ValueError(f"could not hash what was written: {self.error or 'spool short'}")
         return f"{self.algorithm}:{self.hasher.hexdigest()}"
 
     def run(self) -> None:
+        try:
+            self.hash_as_it_lands()
+        except Exception as err:  # finish() turns it into a failed fill
+            self.error = err
+
+    def hash_as_it_lands(self) -> None:
         buffer = thread_buffer()
         while True:
             with self.cond:
@@ -2142,12 +2167,22 @@ class HashBeside(threading.Thread):
                 end, done = self.written, self.closing
             if self.aborted or (done and self.hashed >= end):
                 return
-            while self.hashed < end:
+            while self.hashed < end and not self.aborted:
                 count = os.preadv(self.spool.fd, [buffer[:min(CHUNK_SIZE, end - self.hashed)]], self.hashed)
                 if not count:
-                    return  # the spool is shorter than written: finish() gets a digest that will not match
+                    raise ValueError("the spool is shorter than what was written to it")
                 self.hasher.update(buffer[:count])
                 self.hashed += count
+
+
+def hashing_for(spool: Spool, algorithm: str, length: int):
+    """HashBeside for a large fill, HashInline for a small one, or when no thread can start."""
+    if length >= HASH_BESIDE_MIN:
+        try:
+            return HashBeside(spool, algorithm)
+        except RuntimeError:  # "can't start new thread": a task limit (systemd TasksMax)
+            pass
+    return HashInline(spool, algorithm)
 
 
 class Fills:
@@ -2284,7 +2319,7 @@ class Fills:
     def _copy_verified(self, fill: Fill, response, spool: Spool, digest: str | None) -> str:
         """Upstream bytes to the spool, hashed as they land; their digest if all is well."""
         algorithm = digest.partition(":")[0] if digest else "sha256"
-        hashing = (HashBeside if fill.length >= HASH_BESIDE_MIN else HashInline)(spool, algorithm)
+        hashing = hashing_for(spool, algorithm, fill.length)
         buffer = memoryview(bytearray(min(FILL_BUFFER, fill.length) or 1))
         try:
             while True:
@@ -3633,10 +3668,11 @@ def cork(sock, on: bool) -> None:
             pass  # the client is gone: the next write says so
 
 
-def sendfile_all(sock, fd: int, offset: int, count: int) -> None:
+def sendfile_all(sock, fd: int, offset: int, count: int) -> int:
     """`count` bytes of `fd` from `offset` to a socket with os.sendfile, waiting
-    (at most the socket's timeout) only when it is full; socket.sendfile polls
-    before every call."""
+    (at most the socket's timeout) only when it is full (socket.sendfile polls
+    before every call).  Returns where it stopped: the end, or where the file
+    system refused sendfile (the caller sends the rest another way)."""
     end, out = offset + count, sock.fileno()
     while offset < end:
         try:
@@ -3645,9 +3681,14 @@ def sendfile_all(sock, fd: int, offset: int, count: int) -> None:
             if not writable(sock, sock.gettimeout()):
                 raise socket.timeout("the client stopped reading") from None
             continue
+        except OSError as err:
+            if err.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                return offset
+            raise
         if not sent:
             raise ConnectionAbortedError("the file is shorter than announced")
         offset += sent
+    return offset
 
 
 def writable(sock, timeout: float | None) -> bool:
@@ -3744,16 +3785,16 @@ class Answers:
         allocated to its full length, so a buffer read ahead holds zeros
         where bytes land later (socket.sendfile's TLS fallback read that way).
         """
-        if isinstance(self.connection, ssl.SSLSocket):
-            buffer, end = thread_buffer(), offset + count
-            while offset < end:
-                read = os.preadv(file.fileno(), [buffer[:min(end - offset, CHUNK_SIZE)]], offset)
-                if not read:
-                    raise ConnectionAbortedError("file shorter than announced")
-                self.wfile.write(buffer[:read])
-                offset += read
-        else:
-            sendfile_all(self.connection, file.fileno(), offset, count)
+        end = offset + count
+        if not isinstance(self.connection, ssl.SSLSocket):
+            offset = sendfile_all(self.connection, file.fileno(), offset, count)
+        buffer = thread_buffer()
+        while offset < end:  # TLS, or where this file system refused sendfile
+            read = os.preadv(file.fileno(), [buffer[:min(end - offset, CHUNK_SIZE)]], offset)
+            if not read:
+                raise ConnectionAbortedError("file shorter than announced")
+            self.wfile.write(buffer[:read])
+            offset += read
         self.bytes_sent += count
 
     def send_fill(self, fill: Fill, reader, patience: float) -> None:
@@ -4337,21 +4378,32 @@ def main(argv: list | None = None, environ: dict | None = None) -> int:
 # file) alive until the script ends: CPython frees it only after the code it
 # compiled to has run.  Imported, the tree is freed as soon as it is
 # compiled.  So the script starts again in the same process (same PID, same
-# arguments, its path still on the command line) as an import of this file;
-# python3 -m dockerproxy imports it directly.
-LEAN_START = ("import importlib.machinery as m, importlib.util as u, sys; "
+# interpreter and options, same arguments, its path still on the command
+# line) as an import of this file; python3 -m dockerproxy imports it directly.
+# -c would put the working directory first on sys.path: the script's own
+# directory takes its place, as in a script run, before anything is imported.
+LEAN_START = ("import sys; sys.dont_write_bytecode = True; "
+              "sys.path[0:1] = [sys.argv[1].rpartition('/')[0] or '/'] if sys.path[:1] == [''] else sys.path[:1]; "
+              "import importlib.machinery as m, importlib.util as u; "
               "f = m.SourceFileLoader('dockerproxy', sys.argv[1]); "
               "d = u.module_from_spec(u.spec_from_loader('dockerproxy', f)); "
               "sys.modules['dockerproxy'] = d; f.exec_module(d); d.run_imported()")
 
 
 def start_lean() -> None:
-    """Replace this process by an interpreter that imports this file and runs it."""
-    import subprocess  # its helper copies the interpreter's own flags (-X, -W, ...)
-    flags = subprocess._args_from_interpreter_flags()
+    """Replace this process by the same interpreter, with the same options,
+    importing this file and running it; nothing if this is not a plain script
+    run (standard input, a pipe, runpy in a host program) or not on Linux."""
     path = os.path.abspath(__file__)
     try:
-        os.execv(sys.executable, [sys.executable, *flags, "-c", LEAN_START, path, *sys.argv[1:]])
+        interpreter = os.readlink("/proc/self/exe")  # not sys.executable, which argv[0] can name
+        with open("/proc/self/cmdline", "rb") as file:
+            original = [os.fsdecode(part) for part in file.read().split(b"\0")[:-1]]
+        options = original[1:len(original) - len(sys.argv)]
+        if not (os.path.isfile(path) and os.path.samefile(sys.argv[0], path)
+                and original[len(original) - len(sys.argv):] == sys.argv):
+            return
+        os.execv(interpreter, [interpreter, *options, "-c", LEAN_START, path, *sys.argv[1:]])
     except OSError:
         pass  # cannot start again: run here, with the tree kept
 
@@ -4364,7 +4416,7 @@ def run_imported() -> None:
 
 
 if __name__ == "__main__":
-    if __spec__ is None and sys.executable:  # run as a script, not with -m
+    if __spec__ is None:  # run as a script, not with -m
         start_lean()
     return_freed_memory()
     sys.exit(main())

@@ -464,3 +464,13 @@ def test_readme_daemon_json_snippet_is_valid_json_naming_the_proxy():
     for block in blocks:
         daemon = json.loads(block)
         assert daemon["registry-mirrors"] == ["http://proxy.example:8080"]
+
+
+def test_config_repr_shows_no_auth_file_accounts(tmp_path):
+    """accounts was repr=False on the dataclass ("never printed"); the namedtuple's repr
+    prints every account: host and username (the password stays ***)."""
+    auth = tmp_path / "auth.json"
+    auth.write_text(json.dumps({"auths": {"ghcr.io": {"username": "deploy-bot-7", "password": "s3cret"}}}))
+    config = proxy_config(tmp_path, "--registry-auth-file", str(auth))
+    assert "s3cret" not in repr(config)
+    assert "deploy-bot-7" not in repr(config)

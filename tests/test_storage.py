@@ -4,8 +4,11 @@ Each seam is tested through its operations only, so a second backend can be
 run through the same tests by adding it to the `backend` fixture.
 """
 
+import errno
 import hashlib
+import http.client
 import io
+import json
 import os
 import threading
 
@@ -13,6 +16,7 @@ import pytest
 
 import dockerproxy
 from conftest import MovableClock
+from rawupstream import ScriptedUpstream
 
 UPSTREAM = "https://registry-1.docker.io"
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
@@ -276,3 +280,103 @@ def test_a_fill_whose_clients_left_stops_unless_it_fits_without_eviction(backend
         stalled.set()
         assert fills.wait_idle(30)
         assert (job.state == dockerproxy.Fill.FAILED) is stops, size_stored
+
+
+# A fill's digest, computed beside it #######################################
+
+MiB = 1024 * 1024
+
+
+def make_spool(tmp_path, data):
+    spool = dockerproxy.Spool(str(tmp_path), "review")
+    spool.reserve(len(data))
+    spool.write(data)
+    return spool
+
+
+@pytest.mark.parametrize("failure", ["EIO on read-back", "spool shorter than written"])
+def test_a_hasher_that_failed_gives_no_digest(tmp_path, monkeypatch, failure):
+    """A read-back that fails, or a spool shorter than what was written, is a failure,
+    never the digest of the prefix that was hashed."""
+    data = os.urandom(5 * MiB)
+    spool = make_spool(tmp_path, data)
+    if failure == "spool shorter than written":
+        os.ftruncate(spool.fd, 2 * MiB)
+    else:
+        real = os.preadv
+
+        def preadv(fd, buffers, offset):
+            if threading.current_thread().name == "hash" and offset >= 2 * MiB:
+                raise OSError(errno.EIO, "Input/output error")
+            return real(fd, buffers, offset)
+        monkeypatch.setattr(dockerproxy.os, "preadv", preadv)
+        monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    hashing = dockerproxy.HashBeside(spool, "sha256")
+    hashing.landed(None, len(data))
+    try:
+        digest = hashing.finish()
+    except Exception:
+        return  # a failure reported: what the fill needs
+    finally:
+        spool.close()
+    assert digest == "sha256:" + hashlib.sha256(data).hexdigest(), "a digest of a prefix, as if all was hashed"
+
+
+def test_a_fill_is_hashed_as_it_lands_when_no_thread_can_start(tmp_path, monkeypatch):
+    def no_thread(self):
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(dockerproxy.HashBeside, "start", no_thread)
+    spool = make_spool(tmp_path, b"x")
+    assert isinstance(dockerproxy.hashing_for(spool, "sha256", 8 * MiB), dockerproxy.HashInline)
+    spool.close()
+
+
+def exactly_4_mib_manifest():
+    document = {"schemaVersion": 2, "mediaType": dockerproxy.OCI_MANIFEST,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                           "digest": "sha256:" + "0" * 64, "size": 2},
+                "layers": [], "annotations": {"pad": ""}}
+    base = len(json.dumps(document).encode())
+    document["annotations"]["pad"] = "x" * (dockerproxy.MAX_MANIFEST_SIZE - base)
+    body = json.dumps(document).encode()
+    assert len(body) == dockerproxy.MAX_MANIFEST_SIZE == dockerproxy.HASH_BESIDE_MIN
+    return body
+
+
+def test_a_tag_manifest_is_never_stored_under_a_digest_it_does_not_have(start_proxy, monkeypatch):
+    """A tag's manifest with no Docker-Content-Digest is filled with digest=None, so
+    nothing checks HashBeside's answer: at exactly MAX_MANIFEST_SIZE (== HASH_BESIDE_MIN)
+    a read-back error stores it under the digest of the prefix hashed (here the empty
+    string's, sha256:e3b0...), and the tag points there."""
+    body = exactly_4_mib_manifest()
+    upstream = ScriptedUpstream()
+    path = "/v2/library/a/manifests/1"
+    upstream.script[path] = (f"HTTP/1.1 200 OK\r\nContent-Type: {dockerproxy.OCI_MANIFEST}\r\n"
+                             f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode() + body
+    real = os.preadv
+
+    def preadv(fd, buffers, offset):
+        if threading.current_thread().name == "hash":
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+    monkeypatch.setattr(dockerproxy.os, "preadv", preadv)
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    try:
+        proxy = start_proxy("--upstream", f"docker={upstream.url}")
+        try:
+            proxy.request("GET", path, {"Accept": dockerproxy.OCI_MANIFEST})
+        except http.client.IncompleteRead:
+            pass  # the fill failed, and the client sees it: what must happen
+        assert proxy.cache.wait_idle(20)
+        for stored in proxy.cache.store.objects():
+            file, size = proxy.cache.store.open(stored.digest)
+            try:
+                content = os.pread(file.fileno(), size, 0)
+            finally:
+                proxy.cache.store.close(file)
+            actual = "sha256:" + hashlib.sha256(content).hexdigest()
+            assert stored.digest == actual, f"{len(content)} bytes stored as {stored.digest}"
+    finally:
+        upstream.close()
+
+
