@@ -4271,6 +4271,8 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             try:
                 request.setblocking(False)
                 request.send(OVERLOADED_ANSWER)
+                request.shutdown(socket.SHUT_WR)  # the answer, then the end, before anything unread
+                request.recv(MAX_HEAD_BYTES)      # what came already: read, so closing sends no reset
             except OSError:
                 pass
         self.shutdown_request(request)
