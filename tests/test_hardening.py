@@ -3,6 +3,7 @@
 Each was seen to fail on the code before its fix.
 """
 
+import base64
 import hashlib
 import http.client
 import json
@@ -520,3 +521,37 @@ def test_at_max_connections_the_longest_idle_connection_makes_room(start_proxy, 
     finally:
         for connection in silent:
             connection.close()
+
+
+class TokenRealm:
+    """Upstreams whose only answer is a token, recording what was asked."""
+
+    def __init__(self):
+        self.asked = []
+
+    def fetch(self, method, url, headers, body=None):
+        self.asked.append((url, headers))
+        raise dockerproxy.UpstreamUnavailable("no network in this test")
+
+
+@pytest.mark.parametrize("upstream, realm, auth_file_hosts, sent", [
+    ("http://mirror.local", "http://mirror.local:5001/token", (), True),     # the same host: ports aside
+    ("http://mirror.local", "http://tokens.example/token", (), False),       # named in the clear: not there
+    ("http://mirror.local", "http://tokens.example/token", ("tokens.example",), True),  # the auth file names it
+    ("https://registry.example", "https://auth.example/token", (), True),    # named over https
+])
+def test_the_proxys_account_goes_to_a_realm_on_another_host_only_when_that_is_safe(
+        tmp_path, upstream, realm, auth_file_hosts, sent):
+    auth = tmp_path / "auth.json"
+    entries = {host: {"auth": base64.b64encode(b"u:p").decode()} for host in auth_file_hosts}
+    auth.write_text(json.dumps({"auths": entries}))
+    config = proxy_config(tmp_path, "--upstream", f"docker={upstream}", "--registry-auth-file", str(auth),
+                          UPSTREAM_DOCKER_USERNAME="proxyuser", UPSTREAM_DOCKER_PASSWORD="pr0xy-pa55")
+    realms = TokenRealm()
+    route = {route.name: route for route in config.routes}["docker"]
+    auth = dockerproxy.UpstreamAuth(realms, dockerproxy.Clock(), config)
+    try:
+        auth.account_token(route, {"realm": realm, "service": "s"}, "library/a")
+    except dockerproxy.UpstreamUnavailable:
+        pass
+    assert bool(realms.asked) is sent
