@@ -276,11 +276,14 @@ def local_proxy(*flags):
                 fakes[route.upstream] = stack.enter_context(FakeRegistry())
             env["UPSTREAM_" + dockerproxy.env_name(route.name)] = fakes[route.upstream].url
         running = LocalProxy(free_port(), fakes)
+        # the log goes to a file: a pipe read only at the end fills up (64 KiB)
+        # and then blocks the proxy's next log line, and with it a request
+        log_file = stack.enter_context(tempfile.TemporaryFile("w+", prefix="smoke-log-"))
         process = subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--env-file", os.devnull,
              "--host", "127.0.0.1", "--port", str(running.port), "--custom-domain", "example.test",
              "--default-route", "docker", "--cache-dir", cache, *flags],
-            env=env, stderr=subprocess.PIPE, text=True)
+            env=env, stderr=log_file, text=True)
         try:
             probe = Checker(f"http://127.0.0.1:{running.port}")
 
@@ -289,13 +292,16 @@ def local_proxy(*flags):
                     return probe.get("/healthz")[0] == 200
                 except OSError:
                     if process.poll() is not None:
-                        raise RuntimeError("dockerproxy.py exited: " + process.stderr.read())
+                        log_file.seek(0)
+                        raise RuntimeError("dockerproxy.py exited: " + log_file.read())
                     return False
             wait_until(listening, what="dockerproxy.py listening")
             yield running
         finally:
             process.terminate()
-            _, running.log = process.communicate(timeout=10)
+            process.wait(timeout=10)
+            log_file.seek(0)
+            running.log = log_file.read()
 
 
 def run_local():
