@@ -64,7 +64,7 @@ Settings (command-line flag > environment > .env file > default):
   EXTRA_ROUTES=             more routes: name=https://registry.example,...
   MODE=                     "debug": every request goes to TARGET_UPSTREAM
   TARGET_UPSTREAM=          the upstream of MODE=debug
-  TRUST_PROXY_HEADERS=false honour X-Forwarded-Proto/X-Forwarded-Host
+  TRUST_PROXY_HEADERS=false honour X-Forwarded-Proto/-Host/-For
   TLS_CERT=, TLS_KEY=       PEM certificate and key: serve HTTPS (TLS 1.2+)
   REGISTRY_AUTH_FILE=       docker config.json whose auths are the proxy's accounts
   UPSTREAM_<ROUTE>_USERNAME=, UPSTREAM_<ROUTE>_PASSWORD=
@@ -77,6 +77,17 @@ Settings (command-line flag > environment > .env file > default):
   MAX_CONNECTIONS=512       client connections at once (more get 503)
   MAX_FILLS=16              downloads into the cache at once (more pass through)
   DEBUG=false               log upstream requests, redirects, token fetches
+  LOG_FORMAT=text           text: readable lines; json: one JSON object per line
+  METRICS=on                Prometheus metrics at /metrics (off: 404)
+  METRICS_PUBLIC=false      /metrics to anyone, not only as ADMIN_* allow
+  ADMIN_ALLOW=              addresses/CIDRs that may see /status, /metrics, /admin/
+  ADMIN_TOKEN=              bearer token or login for them (environment only)
+  READY_MIN_FREE=512M       /readyz is 503 below this much free cache disk
+
+Operators' pages: /healthz (alive), /readyz (should get traffic), /metrics
+(Prometheus), /status and /status.json (hit ratio, pulls, upstreams), and
+POST /admin/purge and /admin/evict; the last three need ADMIN_ALLOW or
+ADMIN_TOKEN.
 
 Run ``python3 dockerproxy.py --help`` for the same list with the flags, and
 ``python3 dockerproxy.py cache verify|stats|prune`` to check, count or trim
@@ -94,6 +105,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import hmac
 import http.client
 import http.server
 import io
@@ -258,6 +270,10 @@ MAX_SIZE_OVERSHOOT = 2
 # announcing a large length and then trickling must not hold the budget.
 ORPHAN_MIN_RATE = 64 * 1024
 ORPHAN_GRACE = 30.0
+
+# Digests a purge left for the next sweep to check, at most (100 bytes each):
+# beyond, objects of purged repositories wait for ordinary eviction.
+MAX_PURGED = 100_000
 
 # Eviction frees down to 90% of CACHE_MAX_SIZE, so one sweep makes room for
 # many fills instead of one sweep per fill at the limit.
@@ -440,16 +456,18 @@ class Config(collections.namedtuple("Config", (
         "host port cache_dir custom_domain default_route mode target_upstream trust_proxy_headers "
         "connect_timeout read_timeout client_timeout header_timeout max_connections max_fills "
         "manifest_ttl cache_max_size cache_max_age tls_cert tls_key registry_auth_file debug "
+        "metrics admin_token admin_allow metrics_public ready_min_free log_format "
         "routes accounts"), defaults=({},))):
     """Every setting, parsed and checked.  Built by load_config(); the defaults
     are in SETTINGS.  routes: the Route table; accounts: the auth file's
-    accounts by host, for realms and redirect targets (never printed)."""
+    accounts by host, for realms and redirect targets (never printed, nor
+    is the admin token)."""
 
     __slots__ = ()
 
     def __repr__(self) -> str:
         return "Config(" + ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self)
-                                     if name != "accounts") + ")"
+                                     if name not in ("accounts", "admin_token")) + ")"
 
 
 def parse_port(text: str) -> int:
@@ -548,6 +566,37 @@ def parse_route_name(text: str) -> str:
     return name
 
 
+def parse_networks(text: str) -> tuple:
+    """'10.0.0.0/8, 192.168.1.5' -> (IPv4Network('10.0.0.0/8'), IPv4Network('192.168.1.5/32'))."""
+    networks = []
+    for item in text.replace(",", " ").split():
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ValueError(f"{item!r} is not an address or CIDR network") from None
+    return tuple(networks)
+
+
+# An admin token is checked on every request that brings one, with no limit
+# on tries: it must be too long to guess (openssl rand -hex 24 gives 48).
+MIN_ADMIN_TOKEN_LENGTH = 16
+
+
+def parse_admin_token(text: str) -> str:
+    token = text.strip()
+    if token and (len(token) < MIN_ADMIN_TOKEN_LENGTH or not re.fullmatch(r"[!-~]+", token)):
+        raise ValueError(f"needs at least {MIN_ADMIN_TOKEN_LENGTH} visible ASCII characters, no spaces "
+                         "(e.g. openssl rand -hex 24)")
+    return token
+
+
+def parse_log_format(text: str) -> str:
+    value = text.strip().lower() or "text"
+    if value not in ("text", "json"):
+        raise ValueError("not text or json")
+    return value
+
+
 def parse_extra_routes(text: str) -> tuple:
     """EXTRA_ROUTES: name=url pairs, separated by commas or spaces."""
     routes = []
@@ -563,8 +612,10 @@ def parse_extra_routes(text: str) -> tuple:
     return tuple(routes)
 
 
-class Setting(collections.namedtuple("Setting", "env default parse help")):
-    """One setting: its environment name, default, parser and help."""
+class Setting(collections.namedtuple("Setting", "env default parse help secret", defaults=(False,))):
+    """One setting: its environment name, default, parser and help; a secret
+    one is read from the environment or .env only, never a flag (a command
+    line is visible to every user), and its value is never printed."""
 
     __slots__ = ()
 
@@ -596,7 +647,7 @@ SETTINGS = (
     Setting("MODE", "", parse_mode, "debug: send every request to TARGET_UPSTREAM"),
     Setting("TARGET_UPSTREAM", "", parse_optional_url, "the upstream of MODE=debug"),
     Setting("TRUST_PROXY_HEADERS", "false", parse_bool,
-            "honour X-Forwarded-Proto/-Host (only behind a TLS-terminating reverse proxy)"),
+            "honour X-Forwarded-Proto/-Host/-For (only behind a TLS-terminating reverse proxy)"),
     Setting("TLS_CERT", "", str.strip, "PEM certificate (chain): serve HTTPS (with TLS_KEY)"),
     Setting("TLS_KEY", "", str.strip, "PEM private key of TLS_CERT"),
     Setting("REGISTRY_AUTH_FILE", "", str.strip,
@@ -615,6 +666,18 @@ SETTINGS = (
             "downloads into the cache at once; more requests are passed through uncached"),
     Setting("DEBUG", "false", parse_bool,
             "log every upstream request, redirect and token fetch"),
+    Setting("LOG_FORMAT", "text", parse_log_format,
+            "text: one readable line per request; json: one JSON object per line"),
+    Setting("METRICS", "on", parse_bool, "serve Prometheus metrics at /metrics (off: 404)"),
+    Setting("METRICS_PUBLIC", "false", parse_bool,
+            "serve /metrics to anyone, not only as ADMIN_ALLOW and ADMIN_TOKEN allow"),
+    Setting("ADMIN_ALLOW", "", parse_networks,
+            "addresses or CIDR networks whose connections may see /status, /metrics and "
+            "use /admin/ (the socket peer; empty: none)"),
+    Setting("ADMIN_TOKEN", "", parse_admin_token,
+            "bearer token (or login) for /status, /metrics and /admin/", secret=True),
+    Setting("READY_MIN_FREE", "512M", parse_size,
+            "/readyz answers 503 when the cache's file system has less free space, K/M/G/T"),
 )
 
 UPSTREAM_PREFIX = "UPSTREAM_"
@@ -626,7 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pull-through proxy for container registries.",
         epilog="UPSTREAM_<ROUTE>_USERNAME and UPSTREAM_<ROUTE>_PASSWORD (environment or .env "
                "only, never a flag: argv is visible to every user) give the proxy an upstream "
-               "account for clients that bring no credentials.  "
+               "account for clients that bring no credentials.  ADMIN_TOKEN (environment or "
+               ".env only, for the same reason) is the bearer token of /status, /metrics and "
+               "/admin/.  "
                "Commands: 'cache verify' re-hashes every cached object and removes bad ones; "
                "'cache stats' prints counts and sizes; 'cache prune' applies CACHE_MAX_SIZE and "
                "CACHE_MAX_AGE now.  "
@@ -635,6 +700,8 @@ def build_parser() -> argparse.ArgumentParser:
                "ROUTE=URL) points a route at another registry, e.g. "
                "UPSTREAM_DOCKER=http://127.0.0.1:5000 for a local mirror of Docker Hub.")
     for setting in SETTINGS:
+        if setting.secret:
+            continue
         default = setting.default or "empty"
         # A boolean flag alone means true (--debug), or takes a value (--debug false).
         switch = {"nargs": "?", "const": "true"} if setting.parse is parse_bool else {}
@@ -678,13 +745,13 @@ def load_config(argv: list, environ: dict) -> Config:
         raise ConfigError(f"--env-file {env_file}: {err.strerror}") from None
     values = {}
     for setting in SETTINGS:
-        raw = getattr(args, setting.field)
+        raw = None if setting.secret else getattr(args, setting.field)
         if raw is None:
             raw = environ.get(setting.env, dotenv.get(setting.env, setting.default))
         try:
             values[setting.field] = setting.parse(raw)
         except ValueError as err:
-            raise ConfigError(f"{setting.env}={shown(raw)}: {err}") from None
+            raise ConfigError(f"{setting.env}={'***' if setting.secret else shown(raw)}: {err}") from None
     extra_routes = values.pop("extra_routes")
     overrides = {**upstream_overrides(dotenv), **upstream_overrides(environ)}
     for item in args.upstream:
@@ -1009,9 +1076,18 @@ class Endpoint(collections.namedtuple("Endpoint", "name route target query locat
     __slots__ = ()
 
 
-# Endpoint names, as the access log, and later the metrics, call them.
-ENDPOINTS = ("redirect", "health", "routes", "base", "token",
+# Endpoint names, as the access log and the metrics call them.
+ENDPOINTS = ("redirect", "health", "ready", "routes", "metrics", "status", "status.json",
+             "login", "logout", "purge", "evict", "base", "token",
              "manifest", "tag", "blob", "tags", "referrers")
+
+# The proxy's own pages, by path (GET and HEAD).
+OWN_PAGES = {"/healthz": "health", "/health": "health", "/readyz": "ready", "/routes": "routes",
+             "/metrics": "metrics", "/status": "status", "/status.json": "status.json"}
+
+# The operator's actions, by path (POST only).
+ADMIN_ACTIONS = {"/admin/login": "login", "/admin/logout": "logout",
+                 "/admin/purge": "purge", "/admin/evict": "evict"}
 
 # A registry object's kind in its path -> its endpoint (manifests: by digest
 # or by tag, which the cache treats differently).
@@ -1025,15 +1101,17 @@ def dispatch(routes: RouteTable, method: str, path: str, query: str, host: str) 
     path that is not a registry endpoint (404), a malformed Host, an
     unknown registry or a bad name (400, 403, 404).
     """
+    if path in ADMIN_ACTIONS:
+        if method != "POST":
+            raise RegistryError(405, "UNSUPPORTED", f"{path} takes POST", headers=(("Allow", "POST"),))
+        return Endpoint(ADMIN_ACTIONS[path])
     if method not in ("GET", "HEAD") and not (method == "POST" and path == "/v2/auth"):
         raise RegistryError(405, "UNSUPPORTED", f"{method} is not supported: this is a pull-only mirror",
                             headers=(("Allow", "GET, HEAD"),), close=True)
     if path == "/":
         return Endpoint("redirect", location="/v2/")
-    if path in ("/healthz", "/health"):
-        return Endpoint("health")
-    if path == "/routes":
-        return Endpoint("routes")
+    if path in OWN_PAGES:
+        return Endpoint(OWN_PAGES[path], query=query)
     if path != "/v2" and not path.startswith("/v2/"):
         raise RegistryError(404, "UNSUPPORTED", "not a registry endpoint", path)
     checked_host(host)
@@ -1235,6 +1313,37 @@ def request_problem(method: str, headers) -> str:
     if method in ("GET", "HEAD") and lengths and int(lengths.pop()):
         return "a body on a GET or HEAD"
     return ""
+
+
+def json_form(body: bytes) -> dict:
+    """A JSON object's string members as a form: {"image": "x"} -> {"image": ["x"]}; else 400."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        document = None
+    if not isinstance(document, dict):
+        raise RegistryError(400, "UNSUPPORTED", "the body is not a JSON object")
+    return {key: [value] for key, value in document.items() if isinstance(value, str)}
+
+
+def object_answer(status: int) -> bool:
+    """An answer that gives the client the object (200, 206, 304), which the cache
+    outcome counts; a challenge, a 404 or an error is only counted by its status,
+    so the hit ratio is of the objects served."""
+    return 200 <= status < 300 or status == 304
+
+
+def client_address(peer: str, headers, trust_proxy_headers: bool) -> str:
+    """Who a request is from, for logs and the status page: the socket peer, or
+    behind a trusted reverse proxy the address it appended to X-Forwarded-For
+    (the last one; those before it the client wrote itself)."""
+    if not trust_proxy_headers or headers is None:
+        return peer
+    forwarded = ",".join(headers.get_all("x-forwarded-for") or []).rpartition(",")[2].strip()
+    try:
+        return str(ipaddress.ip_address(forwarded))
+    except ValueError:
+        return peer
 
 
 def forwarded_request_headers(headers, same_host: bool = True) -> dict:
@@ -1609,6 +1718,467 @@ class Access:
             self.grants.add((identity, upstream, repository))
 
 
+# Metrics and activity: what /metrics and /status report ####################
+#
+# Running totals, kept in memory as requests end, so a scrape walks no
+# directory.  Every label value comes from a bounded set: route names,
+# endpoint names, status codes and the kinds below, never a repository name,
+# a client address or anything else a client chooses, so no client can grow
+# the number of series.  The status page's tables of images and clients are
+# bounded by count instead (Activity).
+
+# Request latency buckets, in seconds: a cached manifest takes milliseconds,
+# a cold layer of a gigabyte minutes.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+# dispatch()'s endpoint names as the endpoint label has them ("other": the
+# proxy's own pages, redirects, refusals before dispatch).
+METRIC_ENDPOINTS = {"manifest": "manifest", "tag": "manifest", "blob": "blob", "tags": "tags",
+                    "referrers": "referrers", "token": "auth", "base": "base"}
+ENDPOINT_LABELS = ("manifest", "blob", "tags", "referrers", "auth", "base", "other")
+CACHE_RESULTS = ("hit", "miss", "stale", "bypass")
+OBJECT_TYPES = ("blob", "manifest")
+OBJECT_KINDS = {"blobs": "blob", "manifests": "manifest"}  # a Target's kind -> its type label
+UPSTREAM_ERROR_KINDS = ("timeout", "refused", "reset", "tls", "5xx", "429", "other")
+BYTE_SOURCES = ("cache", "upstream")
+
+# name -> (type, help, label names).  The registry_proxy_ families are
+# distribution's proxy-mode counters, by its names, so its dashboards work.
+METRIC_FAMILIES = {
+    "dockerproxy_http_requests_total": (
+        "counter", "Client requests answered, by route, method, endpoint and status code.",
+        ("route", "method", "endpoint", "code")),
+    "dockerproxy_http_request_duration_seconds": (
+        "histogram", "Time from a request's head to the end of its answer.", ("endpoint",)),
+    "dockerproxy_cache_requests_total": (
+        "counter", "Blob and manifest requests by cache outcome: hit (from the cache, after an "
+        "access HEAD too), miss (fetched into the cache, or followed a fill), stale (from the "
+        "cache, upstream failing), bypass (relayed from upstream, not stored).", ("type", "result")),
+    "dockerproxy_cache_bytes_served_total": (
+        "counter", "Blob and manifest bytes sent to clients, by where they came from.", ("source",)),
+    "dockerproxy_cache_size_bytes": ("gauge", "Bytes stored in the cache.", ()),
+    "dockerproxy_cache_limit_bytes": ("gauge", "CACHE_MAX_SIZE (0: no limit).", ()),
+    "dockerproxy_cache_objects": ("gauge", "Blobs and manifests stored in the cache.", ()),
+    "dockerproxy_cache_disk_free_bytes": (
+        "gauge", "Free space for the proxy on the cache directory's file system.", ()),
+    "dockerproxy_cache_disk_size_bytes": ("gauge", "Size of the cache directory's file system.", ()),
+    "dockerproxy_cache_evictions_total": ("counter", "Objects the evictor removed.", ()),
+    "dockerproxy_cache_fill_waiters_total": (
+        "counter", "Clients that followed another client's download instead of starting one.", ()),
+    "dockerproxy_cache_verify_failures_total": (
+        "counter", "Upstream bodies whose bytes did not match their digest (never stored).", ()),
+    "dockerproxy_upstream_requests_total": (
+        "counter", "Requests to upstreams answered, by route, method and status code.",
+        ("route", "method", "code")),
+    "dockerproxy_upstream_errors_total": (
+        "counter", "Upstream failures by route and kind (timeout, refused, reset, tls, 5xx, 429, other).",
+        ("route", "kind")),
+    "dockerproxy_upstream_bytes_total": ("counter", "Body bytes read from upstreams.", ("route",)),
+    "dockerproxy_upstream_ratelimit_remaining": (
+        "gauge", "The last RateLimit-Remaining an upstream sent (Docker Hub: pulls left).", ("route",)),
+    "dockerproxy_upstream_ratelimit_limit": (
+        "gauge", "The last RateLimit-Limit an upstream sent (Docker Hub: pulls per window).", ("route",)),
+    "dockerproxy_connections_open": ("gauge", "Client connections open.", ()),
+    "dockerproxy_threads": ("gauge", "Threads of the process.", ()),
+    "dockerproxy_fills_in_flight": ("gauge", "Downloads into the cache in progress.", ()),
+    "dockerproxy_start_time_seconds": ("gauge", "When the process started, Unix time.", ()),
+    "dockerproxy_build_info": ("gauge", "Always 1; the version and Python in its labels.", ("version", "python")),
+    "process_resident_memory_bytes": ("gauge", "Resident memory of the process.", ()),
+    "process_cpu_seconds_total": ("counter", "CPU time of the process, user and system.", ()),
+    "process_open_fds": ("gauge", "File descriptors open.", ()),
+    "registry_proxy_requests_total": (
+        "counter", "Blob and manifest requests served (distribution's name).", ("type",)),
+    "registry_proxy_hits_total": (
+        "counter", "Of those, served from the cache, stale ones too (distribution's name).", ("type",)),
+    "registry_proxy_misses_total": (
+        "counter", "Of those, not served from the cache (distribution's name).", ("type",)),
+    "registry_proxy_pulled_bytes_total": (
+        "counter", "Body bytes read from upstreams for blobs and manifests (distribution's name).", ("type",)),
+    "registry_proxy_pushed_bytes_total": (
+        "counter", "Blob and manifest bytes sent to clients (distribution's name).", ("type",)),
+}
+
+
+# The families Metrics counts; the others are read at scrape time (render()'s gauges).
+COUNTED_FAMILIES = tuple(name for name, (kind, _, _) in METRIC_FAMILIES.items()
+                         if kind == "counter" and not name.startswith("process_"))
+
+
+class Served(collections.namedtuple("Served", (
+        "time client method endpoint route status bytes duration cache source joined "
+        "repository reference upstream_status"))):
+    """One request as it ended, for the metrics, the status page and the access log:
+    wall time; the client's address; method; dispatch()'s endpoint name; route
+    name ("-": none); status sent (0: none); body bytes sent; seconds taken;
+    the cache outcome ("" or one of CACHE_RESULTS); where the bytes came from
+    ("cache" or "upstream"); whether it followed another client's fill; the
+    repository and reference of a registry object (else ""); the last
+    upstream status (0: none)."""
+
+    __slots__ = ()
+
+
+def status_label(status: int) -> str:
+    """A status code as a label: 100-599 as they are, anything else "other", none "none"."""
+    if not status:
+        return "none"
+    return str(status) if 100 <= status <= 599 else "other"
+
+
+def method_label(method: str) -> str:
+    return method if method in ("GET", "HEAD", "POST") else "other"
+
+
+def object_type(endpoint: str) -> str:
+    return "blob" if endpoint == "blob" else "manifest"
+
+
+def parse_ratelimit(value: str | None) -> int | None:
+    """RateLimit-Remaining: '76;w=21600' -> 76; None if absent or not a count."""
+    count = (value or "").partition(";")[0].strip()
+    return int(count) if count.isdigit() and len(count) <= 12 else None
+
+
+def upstream_error_kind(err: BaseException) -> str:
+    """One of UPSTREAM_ERROR_KINDS for an exception of the upstream client."""
+    if isinstance(err, socket.timeout):
+        return "timeout"
+    if isinstance(err, ConnectionRefusedError):
+        return "refused"
+    if isinstance(err, ssl.SSLError):
+        return "tls"
+    if isinstance(err, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError,
+                        http.client.RemoteDisconnected, http.client.IncompleteRead)):
+        return "reset"
+    return "other"
+
+
+def label_text(names: tuple, values: tuple) -> str:
+    """'{a="x",b="y"}', values escaped as the exposition format says ("" for no labels)."""
+    if not names:
+        return ""
+    escaped = (str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") for value in values)
+    return "{" + ",".join(f'{name}="{value}"' for name, value in zip(names, escaped)) + "}"
+
+
+def number_text(value: float) -> str:
+    if value == int(value) and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
+
+
+class Histogram:
+    """One histogram series: counts per DURATION_BUCKETS bound, their sum and count."""
+
+    def __init__(self) -> None:
+        self.buckets = [0] * len(DURATION_BUCKETS)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        for index, bound in enumerate(DURATION_BUCKETS):
+            if value <= bound:
+                self.buckets[index] += 1
+                break
+        self.sum += value
+        self.count += 1
+
+    def lines(self, name: str, names: tuple, values: tuple) -> list:
+        lines, cumulative = [], 0
+        for bound, count in zip(DURATION_BUCKETS, self.buckets):
+            cumulative += count
+            lines.append(f"{name}_bucket{label_text(names + ('le',), values + (number_text(bound),))} {cumulative}")
+        lines.append(f"{name}_bucket{label_text(names + ('le',), values + ('+Inf',))} {self.count}")
+        lines.append(f"{name}_sum{label_text(names, values)} {repr(self.sum)}")
+        lines.append(f"{name}_count{label_text(names, values)} {self.count}")
+        return lines
+
+
+class RouteHealth(collections.namedtuple("RouteHealth", "status latency when ratelimit_remaining ratelimit_limit")):
+    """What a route's upstream last answered: status, seconds to its head, when
+    (wall time), and the rate limit it announced (None: never)."""
+
+    __slots__ = ()
+
+
+class Metrics:
+    """The running totals of METRIC_FAMILIES, and each route's last upstream answer.
+
+    Counters only go up; the gauges of live things (cache size, connections)
+    are read from them at scrape time and passed to render().  The series of
+    fixed label sets start at 0, so rate() works from the first scrape.
+    """
+
+    def __init__(self, route_names=(), started: float | None = None) -> None:
+        self.started = time.time() if started is None else started
+        self._lock = threading.Lock()
+        self._values = {name: {} for name in COUNTED_FAMILIES}
+        self._durations = {endpoint: Histogram() for endpoint in ENDPOINT_LABELS}
+        self.route_health = {}        # route name -> RouteHealth
+        for type_ in OBJECT_TYPES:
+            for result in CACHE_RESULTS:
+                self._values["dockerproxy_cache_requests_total"][(type_, result)] = 0
+            for family in ("requests", "hits", "misses", "pulled_bytes", "pushed_bytes"):
+                self._values[f"registry_proxy_{family}_total"][(type_,)] = 0
+        for source in BYTE_SOURCES:
+            self._values["dockerproxy_cache_bytes_served_total"][(source,)] = 0
+        for name in ("evictions", "fill_waiters", "verify_failures"):
+            self._values[f"dockerproxy_cache_{name}_total"][()] = 0
+        for route in route_names:
+            self._values["dockerproxy_upstream_requests_total"][(route, "GET", "200")] = 0
+            self._values["dockerproxy_upstream_bytes_total"][(route,)] = 0
+            for kind in UPSTREAM_ERROR_KINDS:
+                self._values["dockerproxy_upstream_errors_total"][(route, kind)] = 0
+
+    def add(self, name: str, labels: tuple = (), amount: float = 1) -> None:
+        with self._lock:
+            series = self._values[name]
+            series[labels] = series.get(labels, 0) + amount
+
+    def value(self, name: str, labels: tuple = ()) -> float:
+        """A series' value now (0 if it never counted): for the status page and tests."""
+        with self._lock:
+            return self._values[name].get(labels, 0)
+
+    def total(self, name: str, **match) -> float:
+        """The sum of a family's series whose labels have the values given."""
+        names = METRIC_FAMILIES[name][2]
+        with self._lock:
+            return sum(value for labels, value in self._values[name].items()
+                       if all(dict(zip(names, labels)).get(key) == wanted for key, wanted in match.items()))
+
+    # What the proxy reports -----------------------------------------------------
+
+    def served(self, served: Served) -> None:
+        """A client request ended."""
+        endpoint = METRIC_ENDPOINTS.get(served.endpoint, "other")
+        with self._lock:
+            self._count("dockerproxy_http_requests_total",
+                        (served.route, method_label(served.method), endpoint, status_label(served.status)))
+            self._durations[endpoint].observe(max(served.duration, 0.0))
+            if served.cache:
+                self._count_cache(served)
+
+    def _count(self, name: str, labels: tuple, amount: float = 1) -> None:
+        series = self._values[name]
+        series[labels] = series.get(labels, 0) + amount
+
+    def _count_cache(self, served: Served) -> None:
+        type_ = object_type(served.endpoint)
+        self._count("dockerproxy_cache_requests_total", (type_, served.cache))
+        self._count("dockerproxy_cache_bytes_served_total", (served.source,), served.bytes)
+        self._count("registry_proxy_requests_total", (type_,))
+        self._count("registry_proxy_pushed_bytes_total", (type_,), served.bytes)
+        self._count("registry_proxy_hits_total" if served.cache in ("hit", "stale")
+                    else "registry_proxy_misses_total", (type_,))
+        if served.joined:
+            self._count("dockerproxy_cache_fill_waiters_total", ())
+
+    def upstream_answer(self, route: str, method: str, status: int, latency: float, headers) -> None:
+        """An upstream answered (every hop of a redirect counts)."""
+        remaining = parse_ratelimit(headers.get("ratelimit-remaining"))
+        limit = parse_ratelimit(headers.get("ratelimit-limit"))
+        with self._lock:
+            self._count("dockerproxy_upstream_requests_total", (route, method_label(method), status_label(status)))
+            if status >= 500 or status == 429:
+                self._count("dockerproxy_upstream_errors_total", (route, "429" if status == 429 else "5xx"))
+            known = self.route_health.get(route)
+            if remaining is None and known is not None:
+                remaining, limit = known.ratelimit_remaining, known.ratelimit_limit
+            self.route_health[route] = RouteHealth(status, latency, time.time(), remaining, limit)
+
+    def upstream_failed(self, route: str, kind: str) -> None:
+        self.add("dockerproxy_upstream_errors_total", (route, kind))
+
+    def upstream_bytes(self, route: str, type_: str, count: int) -> None:
+        with self._lock:
+            self._count("dockerproxy_upstream_bytes_total", (route,), count)
+            if type_:
+                self._count("registry_proxy_pulled_bytes_total", (type_,), count)
+
+    # The exposition --------------------------------------------------------------
+
+    def render(self, gauges: dict) -> str:
+        """The text exposition format 0.0.4: the totals, and `gauges` (name -> value,
+        or name -> {labels: value}) for the live values."""
+        lines = []
+        with self._lock:
+            for route, health in self.route_health.items():
+                if health.ratelimit_remaining is not None:
+                    gauges.setdefault("dockerproxy_upstream_ratelimit_remaining", {})[(route,)] = health.ratelimit_remaining
+                if health.ratelimit_limit is not None:
+                    gauges.setdefault("dockerproxy_upstream_ratelimit_limit", {})[(route,)] = health.ratelimit_limit
+            for name, (kind, help_text, names) in METRIC_FAMILIES.items():
+                if kind == "histogram":
+                    series = [lines for endpoint, histogram in self._durations.items()
+                              for lines in histogram.lines(name, names, (endpoint,))]
+                else:
+                    values = self._values[name] if name in self._values else gauges.get(name)
+                    if values is None:
+                        continue
+                    if not isinstance(values, dict):
+                        values = {(): values}
+                    series = [f"{name}{label_text(names, labels)} {number_text(value)}"
+                              for labels, value in sorted(values.items())]
+                if series:
+                    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"] + series
+        return "\n".join(lines) + "\n"
+
+
+# The status page's tables are bounded by count: the last RECENT_PULLS
+# pulls, and per hour of the last day at most TOP_KEYS images and TOP_KEYS
+# clients (more are counted as OTHER): 24 x 2 x 256 entries of about 300
+# bytes, under 4 MiB whatever clients send.
+RECENT_PULLS = 50
+TOP_KEYS = 256
+TOP_ROWS = 10
+OTHER = "(other)"
+
+# A client's requests of one repository make one pull until it has been
+# quiet this long (docker fetches a manifest, then each layer; containerd
+# resolves with a HEAD first).
+PULL_QUIET = 60.0
+
+# Pulls being assembled at once (one per client and repository); beyond, the
+# one quiet the longest is closed early.
+MAX_OPEN_PULLS = 256
+
+
+class Pull:
+    """One client's pull of one image: its requests from the first until it
+    has been quiet PULL_QUIET seconds, their bytes and their cache outcomes."""
+
+    def __init__(self, started: float, client: str, image: str, tag: str) -> None:
+        self.started = started
+        self.last = started          # when its latest request ended
+        self.client = client
+        self.image = image
+        self.tag = tag               # the tag it resolved, if it began with one
+        self.bytes = 0
+        self.results = collections.Counter()  # cache outcome -> requests
+
+    def outcome(self) -> str:
+        """"hit", "miss", ... when all its requests had one outcome, else "mixed"."""
+        kinds = [result for result in CACHE_RESULTS if self.results[result]]
+        return kinds[0] if len(kinds) == 1 else ("mixed" if kinds else "-")
+
+    def document(self) -> dict:
+        return {"time": self.started, "client": self.client, "image": self.image,
+                "outcome": self.outcome(), "requests": dict(self.results), "bytes": self.bytes,
+                "duration_seconds": round(self.last - self.started, 3)}
+
+
+def image_name(route: Route | None, repository: str) -> str:
+    """How the page names an image: the route's registry host and the repository."""
+    if route is None:
+        return repository
+    host = route.registry_hosts[0] if route.registry_hosts else route.name
+    return f"{host}/{repository}"
+
+
+class Tally:
+    """Counts of one period (a minute or an hour): requests by cache outcome,
+    bytes by source, and pulls and bytes by image and by client (TOP_KEYS each)."""
+
+    def __init__(self, period: int) -> None:
+        self.period = period
+        self.results = collections.Counter()
+        self.bytes = collections.Counter()
+        self.images = {}              # image -> [pulls, bytes]
+        self.clients = {}             # client -> [pulls, bytes]
+
+    @staticmethod
+    def bump(table: dict, key: str, pulls: int, count: int) -> None:
+        if key not in table and len(table) >= TOP_KEYS:
+            key = OTHER
+        entry = table.setdefault(key, [0, 0])
+        entry[0] += pulls
+        entry[1] += count
+
+
+class Activity:
+    """Who pulled what, for the status page: pulls assembled from the requests
+    of each client and repository, the last RECENT_PULLS of them, and per-minute
+    and per-hour tallies for "the last hour" and "the last day"."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._lock = threading.Lock()
+        self.recent = collections.deque(maxlen=RECENT_PULLS)
+        self._open = collections.OrderedDict()    # (client, route, repository) -> Pull, quietest first
+        self._minutes = collections.deque(maxlen=60)
+        self._hours = collections.deque(maxlen=24)
+
+    def served(self, served: Served, route: Route | None) -> None:
+        """A request ended: count it, and add it to its pull if it is a registry object's."""
+        with self._lock:
+            minute = self._tally(self._minutes, int(served.time // 60))
+            hour = self._tally(self._hours, int(served.time // 3600))
+            if served.cache:
+                minute.results[served.cache] += 1
+                minute.bytes[served.source] += served.bytes
+            if not served.repository:
+                return
+            pull, new = self._pull_of(served, route)
+            pull.bytes += served.bytes
+            pull.last = max(pull.last, served.time)
+            if served.cache:
+                pull.results[served.cache] += 1
+            Tally.bump(hour.images, pull.image, int(new), served.bytes)
+            Tally.bump(hour.clients, pull.client, int(new), served.bytes)
+
+    @staticmethod
+    def _tally(tallies: collections.deque, period: int) -> Tally:
+        if not tallies or tallies[-1].period < period:
+            tallies.append(Tally(period))
+        return tallies[-1]  # a request ending a moment before another's counts with it
+
+    def _pull_of(self, served: Served, route: Route | None) -> tuple:
+        """(the pull this request belongs to, whether it is new)."""
+        key = (served.client, served.route, served.repository)
+        tag = served.reference if served.endpoint == "tag" else ""
+        pull = self._open.pop(key, None)
+        if pull is not None and served.time - pull.last < PULL_QUIET and not (tag and pull.tag and tag != pull.tag):
+            self._open[key] = pull  # the most recent last
+            return pull, False
+        while len(self._open) >= MAX_OPEN_PULLS:
+            self._open.popitem(last=False)
+        image = image_name(route, served.repository)
+        if tag:
+            image += f":{tag}"
+        elif served.endpoint == "manifest":
+            image += f"@{served.reference[:19]}"
+        pull = self._open[key] = Pull(served.time, served.client, image, tag)
+        self.recent.append(pull)
+        return pull, True
+
+    def document(self, now: float) -> dict:
+        """The last hour's outcomes and bytes, the day's top images and clients, the recent pulls."""
+        with self._lock:
+            minutes = [tally for tally in self._minutes if tally.period > now // 60 - 60]
+            hours = [tally for tally in self._hours if tally.period > now // 3600 - 24]
+            results = sum((tally.results for tally in minutes), collections.Counter())
+            sources = sum((tally.bytes for tally in minutes), collections.Counter())
+            return {
+                "last_hour": {"requests": {result: results[result] for result in CACHE_RESULTS},
+                              "bytes": {source: sources[source] for source in BYTE_SOURCES}},
+                "top_images": self._top(hours, "images", "image"),
+                "top_clients": self._top(hours, "clients", "client"),
+                "recent_pulls": [pull.document() for pull in reversed(self.recent)],
+            }
+
+    @staticmethod
+    def _top(hours: list, table: str, key_name: str) -> list:
+        totals = {}
+        for tally in hours:
+            for key, (pulls, count) in getattr(tally, table).items():
+                entry = totals.setdefault(key, [0, 0])
+                entry[0] += pulls
+                entry[1] += count
+        ranked = sorted(totals.items(), key=lambda item: (-item[1][0], -item[1][1], item[0]))[:TOP_ROWS]
+        return [{key_name: key, "pulls": pulls, "bytes": count} for key, (pulls, count) in ranked]
+
+
 # Storage: blob store, tag index, access records ############################
 #
 # The three seams a second backend (a bucket several instances share) will
@@ -1913,6 +2483,16 @@ class TagIndex:
         directory = os.path.dirname(tag_path(self.root, upstream, repository, tag, "x"))
         shutil.rmtree(directory, ignore_errors=True)
 
+    def drop_all(self, upstream: str, repository: str) -> int:
+        """Every tag of the repository; how many tags there were."""
+        directory = os.path.join(repository_dir(self.root, upstream, repository), "_tags")
+        try:
+            count = len(os.listdir(directory))
+        except OSError:
+            return 0
+        shutil.rmtree(directory, ignore_errors=True)
+        return count
+
     def entry_files(self) -> list:
         """Every entry's file (entries being written included)."""
         found = []
@@ -1975,6 +2555,30 @@ class AccessRecords:
     def drop_public(self, upstream: str, repository: str) -> None:
         remove_quietly(public_marker_path(self.root, upstream, repository))
 
+    def forget(self, upstream: str, repository: str) -> list:
+        """Drop the repository's links and marker; the digests it linked."""
+        directory = os.path.join(repository_dir(self.root, upstream, repository), "_links")
+        digests = self._linked_in(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+        self.drop_public(upstream, repository)
+        return digests
+
+    def linked_anywhere(self) -> set:
+        """Every digest some repository links."""
+        found = set()
+        for directory, subdirectories, _ in os.walk(os.path.join(self.root, "repos")):
+            if "_links" in subdirectories:
+                found.update(self._linked_in(os.path.join(directory, "_links")))
+        return found
+
+    @staticmethod
+    def _linked_in(directory: str) -> list:
+        try:
+            return [f"{algorithm}:{name}" for algorithm in os.listdir(directory)
+                    for name in os.listdir(os.path.join(directory, algorithm))]
+        except OSError:
+            return []
+
     def mark_public(self, upstream: str, repository: str) -> None:
         path = public_marker_path(self.root, upstream, repository)
         now = self.clock.time()
@@ -2002,6 +2606,10 @@ def fill_key(target: Target, tag_kind: str | None) -> tuple:
 
 class FillAbandoned(Exception):
     """Every client of a fill left, and finishing it would evict cached content."""
+
+
+class DigestMismatch(ValueError):
+    """An upstream body whose bytes are not the digest they were asked or named for."""
 
 
 class Fill:
@@ -2198,11 +2806,13 @@ class Fills:
     otherwise it stops at once.
     """
 
-    def __init__(self, store: BlobStore, budget: Budget, trouble: DiskTrouble, max_fills: int) -> None:
+    def __init__(self, store: BlobStore, budget: Budget, trouble: DiskTrouble, max_fills: int,
+                 metrics: Metrics | None = None) -> None:
         self.store = store
         self.budget = budget
         self.trouble = trouble
         self.max_fills = max_fills
+        self.metrics = metrics or Metrics()
         self._changed = threading.Condition()
         self._running = {}            # key -> Fill
         self._storing = {}            # digest -> verified Fill being fsynced and renamed
@@ -2307,6 +2917,8 @@ class Fills:
             self.trouble.cleared()
         except Exception as err:  # nothing is stored; clients not yet verified are cut short
             log.warning("cache fill of %s stopped: %s", digest or "manifest", printable(str(err)))
+            if isinstance(err, DigestMismatch):
+                self.metrics.add("dockerproxy_cache_verify_failures_total")
             spool.discard()
             response.close()
         finally:
@@ -2340,7 +2952,7 @@ class Fills:
         if fill.written != fill.length:
             raise ValueError(f"upstream sent {fill.written} of {fill.length} bytes")
         if digest and actual != digest:
-            raise ValueError(f"upstream sent bytes of {actual}, not {digest}")
+            raise DigestMismatch(f"upstream sent bytes of {actual}, not {digest}")
         return actual
 
     def _release_verified(self, fill: Fill, digest: str, spool: Spool, on_verified) -> None:
@@ -2366,7 +2978,7 @@ class Fills:
         with fill.cond:
             is_new = self.store.put(spool, digest, media_type)
             fill.stored_digest = digest
-        self.budget.stored(fill.written if is_new else 0)
+        self.budget.stored(fill.written if is_new else 0, 1 if is_new else 0)
 
 
 # Cache: the stores, the fills, eviction, the operator commands #############
@@ -2382,6 +2994,7 @@ class Budget:
         self.max_size = max_size      # 0: no limit
         self.on_over = on_over        # called when stored + reserved passes max_size
         self.size = 0                 # bytes stored, as the last sweep counted and fills added
+        self.objects = 0              # objects stored, counted the same way
         self.reserved = 0
         self._lock = threading.Lock()
 
@@ -2397,17 +3010,19 @@ class Budget:
         with self._lock:
             self.reserved -= length or 0
 
-    def stored(self, added: int) -> None:
+    def stored(self, added: int, objects: int = 1) -> None:
         with self._lock:
             self.size += added
+            self.objects += objects
             over = self.max_size and self.size > self.max_size
         if over:
             self.on_over()
 
-    def counted(self, size: int) -> None:
-        """A sweep's count of the bytes stored."""
+    def counted(self, size: int, objects: int) -> None:
+        """A sweep's count of the bytes and objects stored."""
         with self._lock:
             self.size = size
+            self.objects = objects
 
     def fits_without_eviction(self) -> bool:
         with self._lock:
@@ -2419,19 +3034,22 @@ class Cache:
     them, kept under CACHE_MAX_SIZE and CACHE_MAX_AGE by an evictor thread."""
 
     def __init__(self, root: str, max_size: int, max_age: float, clock: Clock | None = None,
-                 max_fills: int = 16) -> None:
+                 max_fills: int = 16, metrics: Metrics | None = None) -> None:
         self.root = root
         self.max_size = max_size
         self.max_age = max_age
         self.clock = clock = clock or Clock()
+        self.metrics = metrics or Metrics()
         trouble = DiskTrouble()
         self._sweep_now = threading.Event()
+        self._sweep_lock = threading.Lock()  # the evictor's sweep and an operator's run one at a time
+        self._purged = set()                 # digests a purge unlinked, for the next sweep
         self.budget = Budget(max_size, self._sweep_now.set)
         self.store = BlobStore(root, clock)
         remove_abandoned_temps(root)
         self.tags = TagIndex(root, clock, trouble)
         self.records = AccessRecords(root, clock, trouble)
-        self.fills = Fills(self.store, self.budget, trouble, max_fills)
+        self.fills = Fills(self.store, self.budget, trouble, max_fills, self.metrics)
 
     def tag(self, upstream: str, repository: str, tag: str, kind: str) -> dict | None:
         """A tag's entry, with the media type stored with the manifest's bytes
@@ -2465,26 +3083,53 @@ class Cache:
             self._sweep_now.clear()
 
     def sweep(self) -> dict:
-        """Remove objects unused for CACHE_MAX_AGE, then, over CACHE_MAX_SIZE, the
-        least recently used down to the low-water mark; never one being read."""
-        objects = sorted(self.store.objects(), key=lambda stored: (stored.last_used, stored.size, stored.digest))
-        total = sum(stored.size for stored in objects)
-        low_water = self.max_size * EVICTION_LOW_WATER if self.max_size and total > self.max_size else None
-        now, removed, freed = self.clock.time(), 0, 0
-        for stored in objects:  # least recently used first
-            expired = self.max_age and now - stored.last_used > self.max_age
-            if not expired and (low_water is None or total <= low_water):
-                break  # everything after is younger
-            if self.store.in_use(stored.digest):
-                continue
-            self.store.delete(stored.digest)
-            total, removed, freed = total - stored.size, removed + 1, freed + stored.size
-        self.budget.counted(total)
-        dropped = self.tags.prune(self.store.exists)
+        """Remove the objects a purge left unlinked everywhere, those unused for
+        CACHE_MAX_AGE, then, over CACHE_MAX_SIZE, the least recently used down to
+        the low-water mark; never one being read."""
+        with self._sweep_lock:
+            objects = sorted(self.store.objects(), key=lambda stored: (stored.last_used, stored.size, stored.digest))
+            purged = self._unlinked_purged()
+            total = sum(stored.size for stored in objects)
+            low_water = self.max_size * EVICTION_LOW_WATER if self.max_size and total > self.max_size else None
+            now, removed, freed, kept = self.clock.time(), 0, 0, len(objects)
+            for stored in objects:  # least recently used first
+                expired = self.max_age and now - stored.last_used > self.max_age
+                over = low_water is not None and total > low_water
+                if not (expired or over or stored.digest in purged) or self.store.in_use(stored.digest):
+                    continue
+                self.store.delete(stored.digest)
+                total, removed, freed, kept = total - stored.size, removed + 1, freed + stored.size, kept - 1
+            self.budget.counted(total, kept)
+            self._purged |= {digest for digest in purged if self.store.exists(digest)}  # in use: next time
+            dropped = self.tags.prune(self.store.exists)
+        self.metrics.add("dockerproxy_cache_evictions_total", (), removed)
         if removed:
             log.info("cache evicted %d objects (%d bytes) and %d tag entries; %d bytes remain",
                      removed, freed, dropped, total)
         return {"removed": removed, "freed_bytes": freed, "tags_dropped": dropped, "size_bytes": total}
+
+    # Purge -------------------------------------------------------------------
+
+    def purge(self, upstream: str, repository: str, tag: str | None = None) -> dict:
+        """The operator's purge: one tag's entries, or all of a repository's, with
+        its links and anonymous-pull marker.  The objects it linked that no other
+        repository links go at the next sweep; the next pull asks upstream again."""
+        if tag:
+            entries = len(self.tags.kinds(upstream, repository, tag))
+            self.tags.drop(upstream, repository, tag)
+            return {"tag_entries_removed": entries, "objects_unlinked": 0}
+        tags = self.tags.drop_all(upstream, repository)
+        digests = self.records.forget(upstream, repository)
+        with self._sweep_lock:
+            self._purged.update(digests[:max(MAX_PURGED - len(self._purged), 0)])
+        return {"tags_removed": tags, "objects_unlinked": len(digests)}
+
+    def _unlinked_purged(self) -> set:
+        """Of the digests purges unlinked, those no repository links now (the caller holds the lock)."""
+        if not self._purged:
+            return set()
+        candidates, self._purged = self._purged, set()
+        return candidates - self.records.linked_anywhere()
 
     # Operator commands -------------------------------------------------------
 
@@ -2612,7 +3257,8 @@ class UpstreamResponse:
     to the pool only after a complete body with nothing after it.
     """
 
-    def __init__(self, response: http.client.HTTPResponse, connection, pool, url: str, method: str) -> None:
+    def __init__(self, response: http.client.HTTPResponse, connection, pool, url: str, method: str,
+                 purpose: tuple = ("-", "")) -> None:
         self.response = response
         self.status = response.status
         self.headers = response.headers
@@ -2625,12 +3271,29 @@ class UpstreamResponse:
         self._chunk_ended = False     # a chunk's data was read: its CRLF comes next
         self._buffered = True         # http.client's reader may hold body bytes read with the head
         self.complete = self.framing == "none" or self.length == 0
+        # (route name, "blob", "manifest" or ""): what the metrics count its bytes as;
+        # an error's or a redirect's body is no object pulled
+        self.purpose = purpose if 200 <= self.status < 300 else (purpose[0], "")
+        self._metrics = pool.metrics if pool is not None else Metrics()  # no pool: a test's answer
+        self._failed = False
 
     def readinto(self, buffer) -> int:
         """What has arrived, at most len(buffer) bytes; 0 at the end, or where the body broke off."""
         fp = self.response.fp
         if self.complete or fp is None:
             return 0
+        try:
+            count = self._read_body(fp, buffer)
+        except (OSError, http.client.HTTPException) as err:
+            self._count_failure(upstream_error_kind(err))
+            raise
+        if count:
+            self._metrics.upstream_bytes(*self.purpose, count)
+        elif not self.complete:
+            self._count_failure("reset")  # ended before its framing said it would
+        return count
+
+    def _read_body(self, fp, buffer) -> int:
         if self.framing == "chunked":
             return self._read_chunked(fp, buffer)
         view = buffer if self._left is None else buffer[:min(len(buffer), self._left)]
@@ -2641,6 +3304,11 @@ class UpstreamResponse:
         elif not count:
             self.complete = True  # close-delimited: the close is the end
         return count
+
+    def _count_failure(self, kind: str) -> None:
+        if not self._failed:
+            self._failed = True
+            self._metrics.upstream_failed(self.purpose[0], kind)
 
     def _read_chunked(self, fp, buffer) -> int:
         if not self._left:
@@ -2741,11 +3409,12 @@ class Upstreams:
     """HTTP/1.1 client for the upstreams: keep-alive pools, timeouts, redirects."""
 
     def __init__(self, connect_timeout: float, read_timeout: float, configured_hosts=(),
-                 clock: Clock | None = None) -> None:
+                 clock: Clock | None = None, metrics: Metrics | None = None) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.configured_hosts = frozenset(configured_hosts)  # may be link-local: the operator chose them
         self.clock = clock or Clock()
+        self.metrics = metrics or Metrics()
         self._tls = None
         self._idle = {}               # (scheme, host, port) -> [(connection, idle since)], newest last
         self._lock = threading.Lock()
@@ -2814,8 +3483,10 @@ class Upstreams:
                 del self._idle[key]
         return [connection for _, _, connection in expired]
 
-    def send(self, method: str, url: str, headers: dict, body: bytes | None = None) -> UpstreamResponse:
-        """One request, one answer; a stale pooled connection is retried once."""
+    def send(self, method: str, url: str, headers: dict, body: bytes | None = None,
+             purpose: tuple = ("-", "")) -> UpstreamResponse:
+        """One request, one answer; a stale pooled connection is retried once.
+        `purpose` is what the metrics count it as: (route name, object type or "")."""
         parts = urllib.parse.urlsplit(url)
         try:
             key = (parts.scheme, parts.hostname, parts.port)
@@ -2826,17 +3497,23 @@ class Upstreams:
         try:
             if connection is not None:
                 try:
-                    return self._exchange(connection, method, url, target, headers, body)
+                    return self._exchange(connection, method, url, target, headers, body, purpose)
                 except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                     connection.close()  # the server closed it while idle: reconnect
             connection = self._new_connection(*key)
-            return self._exchange(connection, method, url, target, headers, body)
+            return self._exchange(connection, method, url, target, headers, body, purpose)
         except socket.timeout:
+            self.metrics.upstream_failed(purpose[0], "timeout")
             raise UpstreamTimeout(f"upstream {parts.netloc} did not answer in time") from None
         except (OSError, http.client.HTTPException, ValueError) as err:  # ValueError: IDNA, bad header
+            self.metrics.upstream_failed(purpose[0], upstream_error_kind(err))
             raise UpstreamUnavailable(f"upstream {parts.netloc} unreachable: {err.__class__.__name__}") from None
+        except UpstreamUnavailable:  # a link-local address refused
+            self.metrics.upstream_failed(purpose[0], "other")
+            raise
 
-    def _exchange(self, connection, method, url, target, headers, body) -> UpstreamResponse:
+    def _exchange(self, connection, method, url, target, headers, body, purpose) -> UpstreamResponse:
+        started = time.monotonic()
         try:
             connection.request(method, target, body=body, headers=headers)
             response = connection.getresponse()
@@ -2844,20 +3521,24 @@ class Upstreams:
             connection.close()
             raise
         log.debug("upstream %s %s -> %d", method, redacted_url(url), response.status)
+        self.metrics.upstream_answer(purpose[0], method, response.status, time.monotonic() - started,
+                                     response.headers)
         try:
-            return UpstreamResponse(response, connection, self, url, method)
+            return UpstreamResponse(response, connection, self, url, method, purpose)
         except ValueError as err:  # framing we must not guess at
             connection.close()
+            self.metrics.upstream_failed(purpose[0], "other")
             raise UpstreamUnavailable(f"upstream {urllib.parse.urlsplit(url).netloc}: {err}") from None
 
-    def fetch(self, method: str, url: str, headers: dict, body: bytes | None = None) -> UpstreamResponse:
+    def fetch(self, method: str, url: str, headers: dict, body: bytes | None = None,
+              purpose: tuple = ("-", "")) -> UpstreamResponse:
         """send(), following redirects the way a registry client must.
 
         Authorization never goes to another host (S3 and R2 refuse it with
         400), Range and Accept go everywhere, https never downgrades to http.
         """
         for _ in range(MAX_REDIRECTS + 1):
-            response = self.send(method, url, headers, body)
+            response = self.send(method, url, headers, body, purpose)
             location = response.headers.get("location")
             if response.status not in REDIRECT_STATUSES or not location:
                 return response
@@ -2987,7 +3668,7 @@ class UpstreamAuth:
         known = self.challenges.get(route)
         if known:
             return known if known[0] else None
-        response = self.upstreams.fetch("GET", route.upstream + "/v2/", {})
+        response = self.upstreams.fetch("GET", route.upstream + "/v2/", {}, purpose=(route.name, ""))
         response.consume()
         own = response.status == 401 and same_origin(response.url, route.upstream)
         header = response.headers.get("www-authenticate", "") if own else ""
@@ -3023,7 +3704,7 @@ class UpstreamAuth:
                         "the proxy's credentials are not sent there", route.name)
             return "", 0.0
         scope = f"repository:{repository}:pull"
-        token, expires_in = self.request_token(realm, service, scope, route.credentials)
+        token, expires_in = self.request_token(realm, service, scope, route.credentials, route.name)
         if token:
             log.debug("proxy token for %s on route %s, %d s", repository, route.name, expires_in)
         else:
@@ -3034,15 +3715,15 @@ class UpstreamAuth:
                                  headers: dict) -> UpstreamResponse:
         """A registry the upstream redirected to asks for a token: one more try with an anonymous one."""
         scheme, params = parse_challenge(response.headers.get("www-authenticate", ""))
-        token = self.target_token(response.url, params) if scheme == "bearer" else None
+        token = self.target_token(response.url, params, response.purpose[0]) if scheme == "bearer" else None
         if not token:
             return response
         url = response.url
         response.consume()
         headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
-        return self.upstreams.fetch(method, url, {**headers, "authorization": token})
+        return self.upstreams.fetch(method, url, {**headers, "authorization": token}, purpose=response.purpose)
 
-    def target_token(self, url: str, params: dict) -> str | None:
+    def target_token(self, url: str, params: dict, route_name: str = "-") -> str | None:
         """An anonymous token (or the auth file's, for that host) from a redirect target's realm."""
         target, realm = urllib.parse.urlsplit(url), params.get("realm", "")
         realm_scheme = urllib.parse.urlsplit(realm).scheme
@@ -3057,15 +3738,16 @@ class UpstreamAuth:
         token = self.tokens.get(key)
         if token is None:
             account = self.route_accounts.get(target.netloc.lower())
-            token, expires_in = self.request_token(realm, params.get("service", ""), scope, account)
+            token, expires_in = self.request_token(realm, params.get("service", ""), scope, account, route_name)
             self.tokens.put(key, token, expires_in)
         return token or None
 
-    def request_token(self, realm: str, service: str, scope: str, account: Credentials | None) -> tuple:
+    def request_token(self, realm: str, service: str, scope: str, account: Credentials | None,
+                      route_name: str) -> tuple:
         """("Bearer ...", lifetime) from a realm, ("", 0) if it gave none."""
         fields = [(name, value) for name, value in (("service", service), ("scope", scope)) if value]
         headers = {"authorization": account.basic()} if account else {}
-        response = self.upstreams.fetch("GET", realm_url(realm, fields), headers)
+        response = self.upstreams.fetch("GET", realm_url(realm, fields), headers, purpose=(route_name, ""))
         body = response.consume()
         try:
             answer = json.loads(body) if response.status == 200 else {}
@@ -3078,6 +3760,295 @@ class UpstreamAuth:
         return f"Bearer {token}", min(max(expires_in, 0.0), MAX_TOKEN_LIFETIME)
 
 
+# Status page (pure: a document in, HTML out) ###############################
+#
+# Server-rendered, no script, no external asset: it reads the same in a
+# phone's browser, a desktop one, dark or light, and lynx.  Every value is
+# escaped: image names and client addresses come from clients.
+
+def escape_html(text: str) -> str:
+    """Text safe in an element or a quoted attribute (html.escape's rule, without
+    importing html.entities, a table of 2,000 names this page never uses)."""
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#x27;"))
+
+
+def human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(count) < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return ""
+
+
+def human_duration(seconds: float) -> str:
+    seconds = max(int(seconds), 0)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    parts = [(days, "d"), (hours, "h"), (minutes, "min"), (seconds, "s")]
+    shown = [f"{value} {unit}" for value, unit in parts if value][:2]
+    return " ".join(shown) or "0 s"
+
+
+def clock_time(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
+
+
+def percent(part: float, whole: float) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+STATUS_STYLE = """
+:root{color-scheme:light dark;--fg:#1b1f24;--muted:#5b6470;--bg:#f6f7f9;--card:#fff;--line:#d9dde3;
+--accent:#1f6feb;--good:#1a7f37;--warn:#9a6700;--bad:#cf222e}
+@media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--muted:#9aa5b1;--bg:#0d1117;--card:#161b22;
+--line:#30363d;--accent:#4493f8;--good:#3fb950;--warn:#d29922;--bad:#f85149}}
+*{box-sizing:border-box}
+body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif}
+header,main{max-width:72rem;margin:0 auto;padding:0 1rem}
+header{display:flex;flex-wrap:wrap;align-items:baseline;gap:.25rem 1rem;padding-top:1rem}
+h1{font-size:1.4rem;margin:0}h2{font-size:1.05rem;margin:0 0 .6rem}
+.muted{color:var(--muted)}nav a{margin-right:.6rem}a{color:var(--accent)}
+section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:1rem;margin:1rem 0}
+.cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(11rem,1fr));gap:.75rem}
+.card{border:1px solid var(--line);border-radius:6px;padding:.6rem .75rem}
+.card b{display:block;font-size:1.35rem}
+.bar{height:.8rem;border-radius:4px;background:var(--line);overflow:hidden;margin:.4rem 0}
+.bar span{display:block;height:100%;background:var(--accent)}
+.bar.warn span{background:var(--warn)}.bar.bad span{background:var(--bad)}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:.92rem}
+th,td{text-align:left;padding:.3rem .5rem;border-bottom:1px solid var(--line);vertical-align:top}
+th{color:var(--muted);font-weight:600}
+td.num,th.num{text-align:right;white-space:nowrap}
+td.name{word-break:break-all;min-width:10rem}
+.hit,.ok{color:var(--good)}.miss,.mixed{color:var(--warn)}.stale,.bypass,.bad{color:var(--bad)}
+form{display:flex;flex-wrap:wrap;gap:.5rem;align-items:center;margin:.4rem 0}
+input[type=text],input[type=password]{flex:1 1 12rem;min-width:0;padding:.4rem;border:1px solid var(--line);
+border-radius:4px;background:var(--bg);color:var(--fg)}
+button{padding:.4rem .8rem;border:1px solid var(--line);border-radius:4px;background:var(--card);
+color:var(--fg);cursor:pointer}
+"""
+
+
+def html_table(headings: list, rows: list, empty: str) -> str:
+    """A table in a scrolling box (a narrow screen scrolls the table, never the page).
+    Headings starting with '#' are numeric columns; cells are escaped HTML already."""
+    if not rows:
+        return f'<p class="muted">{empty}</p>'
+    head = "".join(f'<th class="num">{h[1:]}</th>' if h.startswith("#") else f"<th>{h}</th>"
+                   for h in headings)
+    body = "".join("<tr>" + "".join(
+        f'<td class="num">{cell}</td>' if heading.startswith("#") else
+        f'<td class="name">{cell}</td>' if heading in ("Image", "Upstream") else f"<td>{cell}</td>"
+        for heading, cell in zip(headings, row)) + "</tr>" for row in rows)
+    return f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def traffic_section(document: dict) -> str:
+    cards = []
+    for title, period in (("since start", document["traffic"]["since_start"]),
+                          ("last hour", document["traffic"]["last_hour"])):
+        requests = period["requests"]
+        total = sum(requests.values())
+        served_from_cache = requests["hit"] + requests["stale"]
+        cards.append(f'<div class="card">Hit ratio, {title}<b>{percent(served_from_cache, total)}</b>'
+                     f'<span class="muted">{served_from_cache} of {total} blob and manifest requests</span></div>')
+        cards.append(f'<div class="card">Saved, {title}<b>{human_bytes(period["bytes"]["cache"])}</b>'
+                     f'<span class="muted">sent from the cache; {human_bytes(period["bytes"]["upstream"])} '
+                     f'from upstream</span></div>')
+    return f'<section id="traffic"><h2>Traffic</h2><div class="cards">{"".join(cards)}</div></section>'
+
+
+def cache_section(document: dict) -> str:
+    cache = document["cache"]
+    if not cache["enabled"]:
+        return '<section id="cache"><h2>Cache</h2><p class="muted">No cache (CACHE_DIR is empty).</p></section>'
+    size, limit = cache["size_bytes"], cache["limit_bytes"]
+    share = min(size / limit, 1.0) if limit else 0.0
+    level = "bad" if share >= 0.95 else "warn" if share >= 0.8 else ""
+    limit_text = f"of {human_bytes(limit)} ({percent(size, limit)})" if limit else "(no limit)"
+    fills = [[escape_html(fill["image"]), escape_html(fill["digest"][:19]),
+              f'{human_bytes(fill["bytes"])} of {human_bytes(fill["length"])}',
+              f'{human_bytes(fill["rate_bytes_per_second"])}/s', str(fill["clients"])]
+             for fill in cache["fills"]]
+    return (f'<section id="cache"><h2>Cache</h2><p>{human_bytes(size)} {limit_text}, '
+            f'{cache["objects"]} objects; free on disk {human_bytes(cache["free_bytes"])}</p>'
+            f'<div class="bar {level}" role="img" aria-label="{percent(size, limit)} full">'
+            f'<span style="width:{share * 100:.1f}%"></span></div>'
+            f'<h2>Downloads in progress</h2>'
+            + html_table(["Image", "Digest", "Progress", "#Rate", "#Clients"], fills, "None now.")
+            + "</section>")
+
+
+def routes_section(document: dict) -> str:
+    rows = []
+    for route in document["routes"]:
+        status = route["last_status"]
+        status_cell = (f'<span class="{"ok" if status and status < 500 and status != 429 else "bad"}">'
+                       f'{status}</span> {escape_html(human_duration(document["now"] - route["last_seen"]))} ago'
+                       if status else '<span class="muted">not asked yet</span>')
+        latency = f'{route["last_latency_seconds"] * 1000:.0f} ms' if status else "-"
+        quota = (f'{route["ratelimit_remaining"]} of {route["ratelimit_limit"]}'
+                 if route["ratelimit_remaining"] is not None else "-")
+        rows.append([escape_html(route["name"]), escape_html(route["upstream"]), status_cell, latency, quota])
+    return ('<section id="routes"><h2>Upstreams</h2>'
+            + html_table(["Route", "Upstream", "Last answer", "#Latency", "#Pulls left"], rows, "No routes.")
+            + "</section>")
+
+
+def top_section(section_id: str, title: str, entries: list, key: str) -> str:
+    rows = [[escape_html(entry[key]), str(entry["pulls"]), human_bytes(entry["bytes"])] for entry in entries]
+    heading = "Image" if key == "image" else "Client"
+    return (f'<section id="{section_id}"><h2>{title}</h2>'
+            + html_table([heading, "#Pulls", "#Bytes"], rows, "No pulls in the last 24 hours.") + "</section>")
+
+
+def pulls_section(document: dict) -> str:
+    rows = [[escape_html(clock_time(pull["time"])[11:19]), escape_html(pull["client"]),
+             escape_html(pull["image"]), f'<span class="{pull["outcome"]}">{pull["outcome"]}</span>',
+             human_bytes(pull["bytes"]), f'{pull["duration_seconds"]:.1f} s']
+            for pull in document["recent_pulls"]]
+    return (f'<section id="pulls"><h2>Last {RECENT_PULLS} pulls</h2>'
+            + html_table(["Time (UTC)", "Client", "Image", "Cache", "#Bytes", "#Took"], rows, "No pulls yet.")
+            + "</section>")
+
+
+def actions_section(csrf: str, cache_enabled: bool, logout: bool) -> str:
+    token = f'<input type="hidden" name="csrf" value="{escape_html(csrf)}">'
+    parts = ['<section id="actions"><h2>Actions</h2>']
+    if cache_enabled:
+        parts.append(f'<form method="post" action="/admin/purge">{token}'
+                     '<label for="image">Purge an image</label>'
+                     '<input type="text" id="image" name="image" placeholder="docker.io/library/alpine:3.20" '
+                     'required><button type="submit">Purge</button></form>'
+                     f'<form method="post" action="/admin/evict">{token}'
+                     '<button type="submit">Run eviction now</button></form>')
+    if logout:
+        parts.append(f'<form method="post" action="/admin/logout">{token}<button type="submit">Log out</button></form>')
+    return "".join(parts) + "</section>"
+
+
+def page(title: str, body: str, refresh: int = 0) -> str:
+    refresh_tag = f'<meta http-equiv="refresh" content="{refresh}">' if refresh else ""
+    return ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">'
+            f'<meta name="color-scheme" content="light dark">{refresh_tag}<title>{escape_html(title)}</title>'
+            f'<style>{STATUS_STYLE}</style></head><body>{body}</body></html>')
+
+
+def status_page(document: dict, csrf: str, refresh: int = 0, logout: bool = False) -> str:
+    """/status: the document of /status.json, as HTML."""
+    refresh_links = " ".join(f'<a href="/status?refresh={seconds}">every {seconds} s</a>' for seconds in (5, 30))
+    header = (f'<header><h1>dockerproxy</h1><span class="muted">{escape_html(document["version"])}, '
+              f'up {human_duration(document["uptime_seconds"])}, '
+              f'{escape_html(clock_time(document["now"]))}</span>'
+              f'<nav>Refresh: <a href="/status">off</a> {refresh_links} · <a href="/status.json">JSON</a> · '
+              '<a href="/metrics">metrics</a></nav></header>')
+    sections = [traffic_section(document), cache_section(document), routes_section(document),
+                top_section("images", "Most pulled images, last 24 h", document["top_images"], "image"),
+                top_section("clients", "Clients that pulled most, last 24 h", document["top_clients"], "client"),
+                pulls_section(document), actions_section(csrf, document["cache"]["enabled"], logout)]
+    return page("dockerproxy status", header + "<main>" + "".join(sections) + "</main>", refresh)
+
+
+def login_page(message: str = "") -> str:
+    """The form that trades ADMIN_TOKEN for a session cookie."""
+    note = f'<p class="bad">{escape_html(message)}</p>' if message else ""
+    return page("dockerproxy: log in", '<main><section><h1>dockerproxy</h1>'
+                '<p>The status page needs the admin token (ADMIN_TOKEN).</p>' + note +
+                '<form method="post" action="/admin/login"><label for="token">Admin token</label>'
+                '<input type="password" id="token" name="token" autocomplete="current-password" required>'
+                '<button type="submit">Log in</button></form></section></main>')
+
+
+def message_page(title: str, message: str) -> str:
+    return page(f"dockerproxy: {title}", f'<main><section><h1>{escape_html(title)}</h1>'
+                f'<p>{escape_html(message)}</p><p><a href="/status">Back to the status page</a></p></section></main>')
+
+
+# The session cookie a login sets, and how long it lasts: a working day.
+SESSION_COOKIE = "dockerproxy_session"
+SESSION_LIFETIME = 12 * 3600
+
+
+def cookie_value(header: str, name: str) -> str:
+    """The value of cookie `name` in a Cookie header, or ""."""
+    for part in header.split(";"):
+        key, _, value = part.strip().partition("=")
+        if key == name:
+            return value.strip()
+    return ""
+
+
+class AdminGate:
+    """Who may see /status and /status.json, use /admin/, and scrape /metrics
+    (unless METRICS_PUBLIC): a connection whose socket peer is in ADMIN_ALLOW,
+    or a request bearing ADMIN_TOKEN, as a bearer token or as the session
+    cookie a login with it set.  Without either setting, no one.
+
+    A session cookie is "<expiry>.<HMAC of it>", keyed by the token, so no
+    session is stored and every instance sharing the token accepts it.  A
+    form's POST must also carry the page's CSRF token (an HMAC of the session,
+    or of "peer" for ADMIN_ALLOW), which another site's page cannot read; a
+    bearer token is never sent by a browser on its own, so it needs none.
+    """
+
+    def __init__(self, token: str, allow: tuple, clock: Clock) -> None:
+        self.token = token
+        self.allow = allow
+        self.clock = clock
+        self.key = hashlib.sha256(b"dockerproxy admin session\0" + token.encode()).digest() if token \
+            else os.urandom(32)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.token or self.allow)
+
+    def _sign(self, text: str) -> str:
+        return hmac.new(self.key, text.encode(), hashlib.sha256).hexdigest()
+
+    def token_matches(self, candidate: str) -> bool:
+        return bool(self.token) and hmac.compare_digest(candidate.encode(), self.token.encode())
+
+    def peer_allowed(self, peer: str) -> bool:
+        try:
+            address = ipaddress.ip_address(peer.partition("%")[0])
+        except ValueError:
+            return False
+        address = getattr(address, "ipv4_mapped", None) or address
+        return any(address.version == network.version and address in network for network in self.allow)
+
+    def new_session(self) -> str:
+        expiry = str(int(self.clock.time() + SESSION_LIFETIME))
+        return f"{expiry}.{self._sign('session:' + expiry)}"
+
+    def session_valid(self, value: str) -> bool:
+        expiry, _, signature = value.partition(".")
+        return (bool(self.token) and expiry.isdigit() and len(expiry) < 16 and int(expiry) > self.clock.time()
+                and hmac.compare_digest(signature.encode(), self._sign("session:" + expiry).encode()))
+
+    def admits(self, peer: str, authorization: str, cookie: str) -> str | None:
+        """How a request is admitted: "bearer", "session:<value>", "peer", or None."""
+        scheme, _, credential = authorization.partition(" ")
+        if scheme.lower() == "bearer" and self.token_matches(credential.strip()):
+            return "bearer"
+        session = cookie_value(cookie, SESSION_COOKIE)
+        if session and self.session_valid(session):
+            return "session:" + session
+        if self.peer_allowed(peer):
+            return "peer"
+        return None
+
+    def csrf_token(self, admitted: str) -> str:
+        return self._sign("csrf:" + admitted)
+
+    def csrf_ok(self, admitted: str, form_value: str) -> bool:
+        """A POST from a browser: the page's CSRF token; a bearer request needs none."""
+        return admitted == "bearer" or hmac.compare_digest(form_value.encode(), self.csrf_token(admitted).encode())
+
+
 # Serving: the endpoints ####################################################
 #
 # Each endpoint is a part that reads a ClientRequest, uses the proxy's shared
@@ -3086,12 +4057,13 @@ class UpstreamAuth:
 # objects: passed through, or through the cache (blobs, manifests by digest,
 # tags).
 
-class ClientRequest(collections.namedtuple("ClientRequest", "method headers host scheme implied form")):
+class ClientRequest(collections.namedtuple("ClientRequest", "method headers host scheme implied form peer",
+                                           defaults=("",))):
     """What the serving parts know of a client's request; the handler parses it:
     its method; its headers (an http.client.HTTPMessage); the host it
     addressed, checked by dispatch(); "http" or "https", as it reached us;
     the Route of a request on that host that names no registry; the form of
-    a POST to /v2/auth, else empty."""
+    a POST to /v2/auth or /admin/, else empty; the socket peer's address."""
 
     __slots__ = ()
 
@@ -3139,10 +4111,12 @@ class BaseEndpoint(Part):
                                           (("Docker-Distribution-Api-Version", "registry/2.0"),))
         try:
             response = self.proxy.upstreams.fetch(
-                self.request.method, route.upstream + "/v2/", forwarded_request_headers(self.request.headers))
+                self.request.method, route.upstream + "/v2/", forwarded_request_headers(self.request.headers),
+                purpose=(route.name, ""))
         except (UpstreamUnavailable, UpstreamTimeout) as err:
             log.warning("route %s: %s; answering /v2/ from memory", route.name, err.message)
             raise self.unauthorized(route) from None
+        self.answer.note_upstream(response.status)
         if response.status == 200 and not self.request.authorization:
             response.consume()
             raise self.unauthorized(route)
@@ -3195,12 +4169,13 @@ class TokenEndpoint(Part):
             form = {**self.request.form, "service": [service], "scope": [" ".join(scopes)]}
             body = urllib.parse.urlencode(form, doseq=True).encode()
             headers["content-type"] = "application/x-www-form-urlencoded"
-            response = self.proxy.upstreams.fetch("POST", realm, headers, body)
+            response = self.proxy.upstreams.fetch("POST", realm, headers, body, purpose=(route.name, ""))
         else:
             fields = [("service", service)] + [("scope", scope) for scope in scopes]
             fields += [(k, v) for k, values in query.items() if k not in ("service", "scope", "ns") for v in values]
-            response = self.proxy.upstreams.fetch("GET", realm_url(realm, fields), headers)
+            response = self.proxy.upstreams.fetch("GET", realm_url(realm, fields), headers, purpose=(route.name, ""))
         log.debug("token %s for %s -> %d", redacted_url(realm), printable(" ".join(scopes)), response.status)
+        self.answer.note_upstream(response.status)
         return response
 
     def send_anonymous_token(self) -> None:
@@ -3234,7 +4209,8 @@ class PassThrough(Part):
 
     def fetch(self, method: str) -> UpstreamResponse:
         headers = self.upstream_headers()
-        response = self.proxy.upstreams.fetch(method, self.upstream_url(), headers)
+        purpose = (self.route.name, OBJECT_KINDS.get(self.target.kind, ""))
+        response = self.proxy.upstreams.fetch(method, self.upstream_url(), headers, purpose=purpose)
         own_account = headers.get("authorization") not in (None, self.request.authorization)
         if response.status == 401 and own_account and same_origin(response.url, self.route.upstream):
             self.proxy.auth.forget_account_token(self.route, self.target.repository)
@@ -3244,6 +4220,7 @@ class PassThrough(Part):
         if response.status == 401 and not same_origin(response.url, self.route.upstream):
             headers = forwarded_request_headers(self.request.headers, same_host=False)
             response = self.proxy.auth.retry_at_redirect_target(response, method, headers)
+        self.answer.note_upstream(response.status)
         return response
 
     def refused(self, response: UpstreamResponse, headers: dict) -> bool:
@@ -3353,6 +4330,10 @@ class CachedObject(PassThrough):
         """Answer from the cache when upstream fails; only a tag can (TagEndpoint)."""
         return False
 
+    def pass_through(self) -> None:
+        self.answer.note_cache("bypass")
+        super().pass_through()
+
     def relay_unless_stale(self, response: UpstreamResponse) -> None:
         """An upstream answer to the client, unless it is a failure the cache answers instead."""
         if is_upstream_failure(response.status) and self.try_serve_stale(f"upstream answered {response.status}"):
@@ -3390,6 +4371,7 @@ class CachedObject(PassThrough):
         if opened is None:  # evicted since we looked
             return self.pass_through()
         file, size = opened
+        self.answer.note_cache("stale" if x_cache == "STALE" else "hit")
         try:
             byte_range = None
             if_range = self.request.headers.get("if-range")
@@ -3425,6 +4407,7 @@ class CachedObject(PassThrough):
 
     def lead_fill(self, fill: Fill, digest: str | None, manifest: bool, tag_kind: str | None) -> None:
         fills = self.cache.fills
+        self.answer.note_cache("miss")  # asked upstream to fill the cache, whatever it answers
         try:
             response = self.fetch("GET")
         except RegistryError as err:
@@ -3434,6 +4417,8 @@ class CachedObject(PassThrough):
             raise
         if response.status != 200 or not cacheable(response, manifest):
             fills.end(fill, Fill.DECLINED)
+            if response.status == 200:
+                self.answer.note_cache("bypass")  # an answer the cache does not keep
             return self.relay_unless_stale(response)
         if digest is None and DIGEST.match(response.headers.get("docker-content-digest", "")):
             digest = response.headers["docker-content-digest"]
@@ -3453,6 +4438,7 @@ class CachedObject(PassThrough):
         reader = fills.start(fill, response, digest, headers, media_type, record)
         if reader is None:
             fills.end(fill, Fill.DECLINED)
+            self.answer.note_cache("bypass")  # no room
             return self.send_uncached(response, headers)
         self.follow(fill, reader)
 
@@ -3471,6 +4457,7 @@ class CachedObject(PassThrough):
         body = read_at_most(response, MAX_MANIFEST_SIZE + 1)
         if len(body) > MAX_MANIFEST_SIZE:
             self.cache.fills.end(fill, Fill.DECLINED)
+            self.answer.note_cache("bypass")
             self.answer.relay(response, self.route, self.target.prefix, x_cache="MISS", head=body)
             return None
         if not response.complete:
@@ -3480,6 +4467,7 @@ class CachedObject(PassThrough):
         response.release()
         if digest and bytes_digest(body, digest) != digest and not is_schema1(body, response.headers):
             self.cache.fills.end(fill, Fill.DECLINED)
+            self.proxy.metrics.add("dockerproxy_cache_verify_failures_total")
             raise UpstreamUnavailable(f"upstream sent a manifest that is not {digest}")
         if not digest and response.framing == "close" and not is_json(body):
             self.cache.fills.end(fill, Fill.DECLINED)  # the close came before the end of the document
@@ -3487,6 +4475,7 @@ class CachedObject(PassThrough):
         if (bytes_digest(body, digest) != digest) if digest else response.framing == "close":
             log.info("manifest %s not cached: nothing verifies it", printable(self.target.upstream_path))
             self.cache.fills.end(fill, Fill.DECLINED)
+            self.answer.note_cache("bypass")
             self.answer.send_small(200, body, headers=headers)
             return None
         return WholeAnswer(body, response.headers)
@@ -3502,8 +4491,11 @@ class CachedObject(PassThrough):
         allowed = self.access.may_join(self.identity, fill.identity, self.route.upstream,
                                        self.target.repository, fill.started_at)
         if allowed and fill.wait_started(config.connect_timeout + config.read_timeout) in (
-                Fill.STREAMING, Fill.DONE) and self.follow(fill):
-            return
+                Fill.STREAMING, Fill.DONE):
+            self.answer.note_cache("miss", joined=True)
+            if self.follow(fill):
+                return
+        self.answer.note_cache("bypass")
         self.pass_through()  # upstream decides, for this client alone
 
     def follow(self, fill: Fill, reader=None) -> bool:
@@ -3642,11 +4634,179 @@ class TagEndpoint(CachedObject):
         return False
 
 
+# The operator's pages ------------------------------------------------------
+
+def purge_target(routes: RouteTable, name: str) -> tuple:
+    """An image name as docker writes it -> (Route, repository, tag or None), or 400.
+
+    'alpine' and 'docker.io/alpine' are library/alpine on Docker Hub's route;
+    'ghcr.io/owner/app:1.0' is owner/app on the route of ghcr.io; a name
+    without a registry host is on DEFAULT_ROUTE."""
+    name = name.strip()
+    if "@" in name:
+        raise RegistryError(400, "NAME_INVALID", "purge takes name or name:tag, not a digest")
+    path, tag = name, None
+    if ":" in name.rpartition("/")[2]:
+        path, _, tag = name.rpartition(":")
+        check_reference("manifests", tag)
+    components = path.split("/")
+    if routes.debug_target:
+        route = routes.debug_target
+    elif len(components) >= 2 and looks_like_registry_host(components[0]):
+        route, components = routes.for_registry(components[0]), components[1:]
+    elif routes.default is not None:
+        route = routes.default
+    else:
+        raise RegistryError(400, "NAME_INVALID", "name the registry: there is no DEFAULT_ROUTE")
+    repository = check_repository(components)
+    if route.dockerhub and "/" not in repository:
+        repository = "library/" + repository
+    return route, repository, tag
+
+
+def page_refresh(query: str) -> int:
+    """?refresh=N: reload the status page every N seconds (2 to 3600; else not)."""
+    value = urllib.parse.parse_qs(query).get("refresh", [""])[0]
+    return int(value) if value.isdigit() and 2 <= int(value) <= 3600 else 0
+
+
+class ReadyEndpoint(Part):
+    """/readyz: 200 when this instance should get traffic, else 503 with the reasons.
+    It answers anyone: a load balancer or kubelet brings no token."""
+
+    def serve(self) -> None:
+        problems = self.proxy.readiness()
+        self.answer.send_json(503 if problems else 200,
+                              {"status": "not ready" if problems else "ready", "problems": problems})
+
+
+class AdminPart(Part):
+    """A page or action behind the AdminGate."""
+
+    def admitted(self) -> str | None:
+        return self.proxy.gate.admits(self.request.peer, self.request.authorization,
+                                      self.request.headers.get("cookie", ""))
+
+    def wants_html(self) -> bool:
+        return "text/html" in self.request.accept
+
+    def refuse(self) -> None:
+        """No admission: off, a login form, a bearer challenge, or a refused address."""
+        gate = self.proxy.gate
+        if not gate.enabled:
+            raise RegistryError(404, "UNSUPPORTED", "the status page and admin actions are off: "
+                                "set ADMIN_TOKEN or ADMIN_ALLOW")
+        if gate.token and self.wants_html():
+            return self.answer.send_page(401, login_page())
+        if gate.token:
+            raise RegistryError(401, "UNAUTHORIZED", "the admin token is required",
+                                headers=(("WWW-Authenticate", 'Bearer realm="dockerproxy admin"'),))
+        raise RegistryError(403, "DENIED", "this address is not in ADMIN_ALLOW")
+
+
+class MetricsEndpoint(AdminPart):
+    """/metrics: Prometheus text format 0.0.4, to ADMIN_ALLOW and ADMIN_TOKEN, or anyone with METRICS_PUBLIC."""
+
+    def serve(self) -> None:
+        config = self.proxy.config
+        if not config.metrics:
+            raise RegistryError(404, "UNSUPPORTED", "metrics are off (METRICS=off)")
+        if not config.metrics_public and self.admitted() is None:
+            return self.refuse()
+        self.answer.send_small(200, self.proxy.metrics_text().encode(), "text/plain; version=0.0.4; charset=utf-8",
+                               (("Cache-Control", "no-store"),))
+
+
+class StatusEndpoint(AdminPart):
+    """/status (HTML) and /status.json: the operator's view (client addresses are the operator's data)."""
+
+    def serve(self) -> None:
+        admitted = self.admitted()
+        if admitted is None:
+            return self.refuse()
+        document = self.proxy.status()
+        if self.endpoint.name == "status.json":
+            return self.answer.send_small(200, json.dumps(document, indent=1).encode(), "application/json",
+                                          (("Cache-Control", "no-store"),))
+        text = status_page(document, self.proxy.gate.csrf_token(admitted), page_refresh(self.endpoint.query),
+                           logout=admitted.startswith("session:"))
+        self.answer.send_page(200, text)
+
+
+class AdminAction(AdminPart):
+    """POST /admin/login, /admin/logout, /admin/purge, /admin/evict.
+
+    A browser's form gets a page back, anything else JSON.  Every action but
+    the login needs admission and, from a browser, the page's CSRF token and
+    no foreign Origin."""
+
+    def serve(self) -> None:
+        gate = self.proxy.gate
+        if not gate.enabled:
+            return self.refuse()
+        if self.endpoint.name == "login":
+            return self.login()
+        admitted = self.admitted()
+        if admitted is None:
+            return self.refuse()
+        if not self.same_origin() or not gate.csrf_ok(admitted, self.field("csrf")):
+            raise RegistryError(403, "DENIED", "missing or wrong CSRF token, or a foreign Origin")
+        if self.endpoint.name == "logout":
+            return self.end_session()
+        report = self.purge() if self.endpoint.name == "purge" else self.evict()
+        log.info("admin %s from %s: %s", self.endpoint.name, self.request.peer, printable(json.dumps(report)))
+        if self.wants_html():
+            return self.answer.send_page(200, message_page(f"{self.endpoint.name} done", json.dumps(report)))
+        self.answer.send_json(200, report)
+
+    def field(self, name: str) -> str:
+        return (self.request.form.get(name) or [""])[0]
+
+    def same_origin(self) -> bool:
+        """A browser names the page a POST came from; it must be ours (none: not a browser)."""
+        origin = self.request.headers.get("origin")
+        if origin is None:
+            return True
+        return urllib.parse.urlsplit(origin).netloc.lower() == self.request.host.lower()
+
+    def login(self) -> None:
+        gate = self.proxy.gate
+        if not gate.token:
+            raise RegistryError(404, "UNSUPPORTED", "there is no ADMIN_TOKEN to log in with")
+        if not self.same_origin() or not gate.token_matches(self.field("token")):
+            log.warning("admin login refused from %s", self.request.peer)
+            return self.answer.send_page(401, login_page("That is not the admin token."))
+        self.send_session(gate.new_session(), SESSION_LIFETIME)
+
+    def end_session(self) -> None:
+        self.send_session("", 0)
+
+    def send_session(self, value: str, lifetime: int) -> None:
+        secure = "; Secure" if self.request.scheme == "https" else ""
+        cookie = f"{SESSION_COOKIE}={value}; Path=/; Max-Age={lifetime}; HttpOnly; SameSite=Strict{secure}"
+        self.answer.send_small(303, b"", headers=PAGE_HEADERS + (("Location", "/status"), ("Set-Cookie", cookie)))
+
+    def purge(self) -> dict:
+        if self.proxy.cache is None:
+            raise RegistryError(404, "UNSUPPORTED", "there is no cache (CACHE_DIR is empty)")
+        image = self.field("image")
+        route, repository, tag = purge_target(self.proxy.routes, image)
+        report = self.proxy.cache.purge(route.upstream, repository, tag)
+        return {"image": image_name(route, repository) + (f":{tag}" if tag else ""), **report}
+
+    def evict(self) -> dict:
+        if self.proxy.cache is None:
+            raise RegistryError(404, "UNSUPPORTED", "there is no cache (CACHE_DIR is empty)")
+        return self.proxy.cache.sweep()
+
+
 # What serves each endpoint of dispatch(); the cached parts pass through
 # when there is no cache.  redirect, health and routes the handler answers.
 SERVING_PARTS = {
     "base": BaseEndpoint, "token": TokenEndpoint, "blob": BlobEndpoint,
     "manifest": ManifestEndpoint, "tag": TagEndpoint, "tags": PassThrough, "referrers": PassThrough,
+    "ready": ReadyEndpoint, "metrics": MetricsEndpoint, "status": StatusEndpoint, "status.json": StatusEndpoint,
+    "login": AdminAction, "logout": AdminAction, "purge": AdminAction, "evict": AdminAction,
 }
 
 
@@ -3714,6 +4874,17 @@ class DigestCheck:
         return self.hasher is not None and f"{self.digest.partition(':')[0]}:{self.hasher.hexdigest()}" != self.digest
 
 
+# The headers of our HTML pages: nothing but their own inline style runs or
+# loads, forms post only to us, no other site may frame them (clickjacking an
+# admin action), and no browser or proxy keeps a copy of one.
+PAGE_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+                                "frame-ancestors 'none'; base-uri 'none'"),
+    ("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"),
+)
+
+
 class Answers:
     """The answers a handler sends: small ones in one write, files with
     sendfile, upstream answers relayed, fills as they grow, errors.
@@ -3722,6 +4893,19 @@ class Answers:
     request handler's send_response, wfile and connection, and it is all
     that the serving parts use of the handler.
     """
+
+    def note_cache(self, result: str, joined: bool = False) -> None:
+        """This request's cache outcome (one of CACHE_RESULTS), for the metrics,
+        the status page and the log; the last one noted stands."""
+        self.cache_result = result
+        self.joined = joined
+
+    def note_upstream(self, status: int) -> None:
+        self.upstream_status = status
+
+    def send_page(self, status: int, text: str, headers=()) -> None:
+        """An HTML page of our own: never cached, never framed, no script, nothing fetched."""
+        self.send_small(status, text.encode(), "text/html; charset=utf-8", PAGE_HEADERS + tuple(headers))
 
     def start_response(self, status: int, headers) -> None:
         self.send_response(status)
@@ -3867,6 +5051,8 @@ class Answers:
                 count = 0
             check.update(buffer[:count])
             if not count or (count == remaining and check.failed()):
+                if count:
+                    self.proxy.metrics.add("dockerproxy_cache_verify_failures_total")
                 # Headers are out: the only honest signal left is a short body.
                 log.warning("upstream %s %s", redacted_url(response.url),
                             f"ended {remaining} bytes short" if not count else "sent bytes of another digest")
@@ -3905,6 +5091,8 @@ class Answers:
             self.wfile.write(b"\r\n" if chunked else b"")
             self.bytes_sent += count
         if not response.complete or (check and check.failed()):
+            if response.complete:
+                self.proxy.metrics.add("dockerproxy_cache_verify_failures_total")
             log.warning("upstream %s broke off its answer, or sent another digest", redacted_url(response.url))
             response.close()
             self.close_connection = True
@@ -4045,11 +5233,15 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
 
     def reset_request_state(self) -> None:
         self.started = time.monotonic()
-        self.route_name = "-"
+        self.route = None
+        self.endpoint = None
         self.response_started = False
         self.status_sent = 0
         self.bytes_sent = 0
         self.client = None
+        self.cache_result = ""        # see note_cache()
+        self.joined = False
+        self.upstream_status = 0
 
     def handle_request(self) -> None:
         self.reset_request_state()
@@ -4072,8 +5264,9 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         target_host, path, query = split_target(self.path)
         trust = self.proxy.config.trust_proxy_headers
         host = requested_host(self.headers, trust, self.server.server_address, target_host)
-        form = self.read_form() if self.command == "POST" and path == "/v2/auth" else {}
-        endpoint = dispatch(self.proxy.routes, self.command, path, query, host)
+        form = self.read_form(path in ADMIN_ACTIONS) if self.command == "POST" and (
+            path == "/v2/auth" or path in ADMIN_ACTIONS) else {}
+        endpoint = self.endpoint = dispatch(self.proxy.routes, self.command, path, query, host)
         self.log_route(endpoint.route)
         if endpoint.name == "redirect":
             return self.send_small(301, b"", headers=(("Location", endpoint.location),))
@@ -4083,11 +5276,12 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
             return self.send_json(200, self.proxy.routes.describe())
         scheme = requested_scheme(isinstance(self.connection, ssl.SSLSocket), self.headers, trust)
         self.client = ClientRequest(self.command, self.headers, host, scheme,
-                                    self.proxy.routes.implied(host), form)
+                                    self.proxy.routes.implied(host), form, self.client_address[0])
         serving_part(endpoint.name, self.proxy.cache)(self.proxy, self.client, self, endpoint).serve()
 
-    def read_form(self) -> dict:
-        """The OAuth2 form of a POST to /v2/auth, read whole (so nothing of it is left behind)."""
+    def read_form(self, json_too: bool = False) -> dict:
+        """The form of a POST to /v2/auth (OAuth2) or /admin/ (also JSON, with
+        `json_too`), read whole, so nothing of it is left behind: name -> [values]."""
         length = self.headers.get("content-length", "")
         if not re.fullmatch(r"[0-9]{1,19}", length) or int(length) > MAX_SMALL_BODY:
             raise RegistryError(400, "UNSUPPORTED", "token request body missing or too large", close=True)
@@ -4098,6 +5292,8 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
             self.reader.end_head()
         if len(body) < int(length):
             raise RegistryError(400, "UNSUPPORTED", "token request body cut short", close=True)
+        if json_too and bare_media_type(self.headers.get("content-type", "")) == "application/json":
+            return json_form(body)
         return urllib.parse.parse_qs(body.decode("utf-8", "replace"), keep_blank_values=True)
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -4117,7 +5313,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
 
     def log_route(self, route: Route | None) -> None:
         """The route the access line names, once known."""
-        self.route_name = route.name if route else "-"
+        self.route = route
 
     def log_request(self, code: object = "-", size: object = "-") -> None:
         """Replaced by log_access(), which knows the route and byte count."""
@@ -4126,39 +5322,41 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         log.info("%s %s", self.address_string(), printable(format % args))
 
     def log_access(self) -> None:
-        """One line per request; every field the client chose is escaped, the query left out."""
+        """Count the request, and log one line for it: every field the client
+        chose is escaped, the query left out."""
+        served = self.served()
+        self.proxy.observe(served, self.route)
         headers = getattr(self, "headers", None)
-        log.info('%s "%s %s %s" route=%s status=%s bytes=%d %.3fs',
-                 self.client_address[0], printable(getattr(self, "command", None) or "-"),
-                 printable(headers.get("host", "-") if headers else "-"),
-                 logged_target(getattr(self, "path", "") or ""), self.route_name,
-                 self.status_sent or "-", self.bytes_sent, time.monotonic() - self.started)
+        fields = {"client": served.client, "method": printable(served.method),
+                  "host": printable(headers.get("host", "-") if headers else "-"),
+                  "path": logged_target(getattr(self, "path", "") or ""), "route": served.route,
+                  "status": served.status, "bytes": served.bytes, "duration": round(served.duration, 3),
+                  "cache": served.cache or "-", "upstream_status": served.upstream_status}
+        log.info('%s "%s %s %s" route=%s status=%s bytes=%d %.3fs cache=%s upstream=%s',
+                 fields["client"], fields["method"], fields["host"], fields["path"], served.route,
+                 served.status or "-", served.bytes, served.duration, fields["cache"],
+                 served.upstream_status or "-", extra={"access": fields})
+
+    def served(self) -> Served:
+        """This request as it ended (see Served)."""
+        endpoint = self.endpoint.name if self.endpoint else "-"
+        target = self.endpoint.target if self.endpoint else None
+        cache = ""
+        if endpoint in ("blob", "manifest", "tag") and object_answer(self.status_sent):
+            # an object was sent: from the cache, or relayed ("bypass" when nothing
+            # was noted: no cache, or the upstream's answer passed on as it was)
+            cache = (self.cache_result if self.proxy.cache is not None else "") or "bypass"
+        headers = getattr(self, "headers", None)
+        client = client_address(self.client_address[0], headers, self.proxy.config.trust_proxy_headers)
+        return Served(
+            self.proxy.clock.time(), client, getattr(self, "command", None) or "-", endpoint,
+            self.route.name if self.route else "-", self.status_sent, self.bytes_sent,
+            time.monotonic() - self.started, cache,
+            "cache" if cache in ("hit", "stale") or self.joined else "upstream", self.joined,
+            target.repository if target else "", target.reference if target else "", self.upstream_status)
 
 
 # Server and main ###########################################################
-
-class Proxy:
-    """The parts every request shares: settings, routes, the upstream client
-    and its auth, the Access rule and the cache (None without CACHE_DIR)."""
-
-    def __init__(self, config: Config, clock: Clock | None = None) -> None:
-        self.config = config
-        self.clock = clock or Clock()
-        self.routes = RouteTable(config)
-        self.upstreams = Upstreams(config.connect_timeout, config.read_timeout,
-                                   configured_hosts(config), self.clock)
-        self.auth = UpstreamAuth(self.upstreams, self.clock, config)
-        self.cache = None
-        if config.cache_dir:
-            self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age, self.clock,
-                               config.max_fills)
-        self.access = Access(self.cache.records if self.cache else None, self.clock)
-
-    def start(self) -> None:
-        """The background work: the cache's evictor."""
-        if self.cache is not None:
-            self.cache.start_evictor()
-
 
 # The answer to a connection over MAX_CONNECTIONS, made once: it is sent from
 # the accepting thread, which must not build or block on anything.
@@ -4213,6 +5411,165 @@ class Connections:
             self.count -= 1
 
 
+class Proxy:
+    """The parts every request shares: settings, routes, the upstream client
+    and its auth, the Access rule, the cache (None without CACHE_DIR), the
+    client connections, and what the operator sees: metrics, activity,
+    readiness, and the gate of the admin pages."""
+
+    def __init__(self, config: Config, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or Clock()
+        self.routes = RouteTable(config)
+        self.metrics = Metrics([route.name for route in self.all_routes()], started=time.time())
+        self.activity = Activity(self.clock)
+        self.gate = AdminGate(config.admin_token, config.admin_allow, self.clock)
+        self.connections = Connections(config.max_connections)
+        self.draining = threading.Event()  # set when shutting down: /readyz says so
+        self.upstreams = Upstreams(config.connect_timeout, config.read_timeout,
+                                   configured_hosts(config), self.clock, self.metrics)
+        self.auth = UpstreamAuth(self.upstreams, self.clock, config)
+        self.cache = None
+        if config.cache_dir:
+            self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age, self.clock,
+                               config.max_fills, self.metrics)
+        self.access = Access(self.cache.records if self.cache else None, self.clock)
+
+    def start(self) -> None:
+        """The background work: the cache's evictor."""
+        if self.cache is not None:
+            self.cache.start_evictor()
+
+    def all_routes(self) -> list:
+        routes = list(self.routes.routes.values())
+        return routes + [self.routes.debug_target] if self.routes.debug_target else routes
+
+    def observe(self, served: Served, route: Route | None) -> None:
+        """A request ended: into the metrics and the activity of the status page."""
+        self.metrics.served(served)
+        self.activity.served(served, route)
+
+    def readiness(self) -> list:
+        """Why this instance should get no traffic now; empty when it is ready."""
+        problems = ["shutting down"] if self.draining.is_set() else []
+        if self.cache is None:
+            return problems
+        if not directory_writable(self.cache.root):
+            problems.append(f"CACHE_DIR {self.cache.root} is not writable")
+        free = free_bytes(self.cache.root)
+        if free is not None and free < self.config.ready_min_free:
+            problems.append(f"{human_bytes(free)} free on the cache's file system, "
+                            f"under READY_MIN_FREE ({human_bytes(self.config.ready_min_free)})")
+        return problems
+
+    def metrics_text(self) -> str:
+        """/metrics: the running totals, and the live values read now."""
+        gauges = {
+            "dockerproxy_connections_open": self.connections.count,
+            "dockerproxy_threads": threading.active_count(),
+            "dockerproxy_fills_in_flight": len(self.cache.fills.in_flight()) if self.cache else 0,
+            "dockerproxy_start_time_seconds": self.metrics.started,
+            "dockerproxy_build_info": {(__version__, platform_python()): 1},
+            **process_gauges(),
+        }
+        if self.cache is not None:
+            gauges.update({"dockerproxy_cache_size_bytes": self.cache.budget.size,
+                           "dockerproxy_cache_limit_bytes": self.cache.max_size,
+                           "dockerproxy_cache_objects": self.cache.budget.objects})
+            disk = disk_space(self.config.cache_dir)
+            if disk is not None:
+                gauges.update({"dockerproxy_cache_disk_free_bytes": disk[0],
+                               "dockerproxy_cache_disk_size_bytes": disk[1]})
+        return self.metrics.render(gauges)
+
+    def status(self) -> dict:
+        """/status.json, which /status renders."""
+        now = self.clock.time()
+        activity = self.activity.document(now)
+        metrics = self.metrics
+        since_start = {
+            "requests": {result: metrics.total("dockerproxy_cache_requests_total", result=result)
+                         for result in CACHE_RESULTS},
+            "bytes": {source: metrics.value("dockerproxy_cache_bytes_served_total", (source,))
+                      for source in BYTE_SOURCES}}
+        return {
+            "version": SERVER_VERSION, "python": platform_python(), "now": now,
+            "started": metrics.started, "uptime_seconds": time.time() - metrics.started,
+            "routes": [self.route_status(route) for route in self.all_routes()],
+            "cache": self.cache_status(now),
+            "traffic": {"since_start": since_start, "last_hour": activity.pop("last_hour")},
+            **activity,
+        }
+
+    def route_status(self, route: Route) -> dict:
+        health = self.metrics.route_health.get(route.name)
+        return {"name": route.name, "upstream": route.upstream,
+                "last_status": health.status if health else None,
+                "last_latency_seconds": round(health.latency, 4) if health else None,
+                "last_seen": health.when if health else None,
+                "ratelimit_remaining": health.ratelimit_remaining if health else None,
+                "ratelimit_limit": health.ratelimit_limit if health else None}
+
+    def cache_status(self, now: float) -> dict:
+        if self.cache is None:
+            return {"enabled": False}
+        by_upstream = {}
+        for route in self.all_routes():
+            by_upstream.setdefault(route.upstream, route)
+        fills = []
+        for fill in self.cache.fills.in_flight():
+            upstream, repository, _, reference, _ = fill.key
+            written = fill.written
+            fills.append({"image": image_name(by_upstream.get(upstream), repository), "digest": reference,
+                          "bytes": written, "length": fill.length or 0, "clients": fill.readers,
+                          "rate_bytes_per_second": round(written / max(now - fill.started_at, 0.001))})
+        return {"enabled": True, "size_bytes": self.cache.budget.size, "limit_bytes": self.cache.max_size,
+                "objects": self.cache.budget.objects, "free_bytes": free_bytes(self.cache.root) or 0,
+                "fills": fills}
+
+
+def directory_writable(path: str) -> bool:
+    """A file can be made in `path` now (os.access says yes to root on a read-only mount)."""
+    probe = os.path.join(path, f"{TEMP_PREFIX}ready-{os.getpid()}-{threading.get_ident()}")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.unlink(probe)
+        return True
+    except OSError:
+        return False
+
+
+def disk_space(path: str) -> tuple | None:
+    """(bytes free to an unprivileged writer, file system size), or None if unreadable."""
+    try:
+        stat = os.statvfs(path)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize, stat.f_blocks * stat.f_frsize
+
+
+def free_bytes(path: str) -> int | None:
+    space = disk_space(path)
+    return space[0] if space else None
+
+
+def platform_python() -> str:
+    return sys.version.split()[0]
+
+
+def process_gauges() -> dict:
+    """The process_ metrics of Prometheus's own clients, from /proc (Linux; elsewhere none)."""
+    try:
+        with open("/proc/self/stat", "rb") as file:
+            fields = file.read().rpartition(b")")[2].split()
+        ticks = os.sysconf("SC_CLK_TCK")
+        return {"process_resident_memory_bytes": int(fields[21]) * os.sysconf("SC_PAGE_SIZE"),
+                "process_cpu_seconds_total": (int(fields[11]) + int(fields[12])) / ticks,
+                "process_open_fds": len(os.listdir("/proc/self/fd"))}
+    except (OSError, ValueError, IndexError):
+        return {}
+
+
 def configured_hosts(config: Config) -> set:
     """The upstream host names the operator chose (redirects and realms are the upstreams' choice)."""
     urls = [route.upstream for route in config.routes] + [config.target_upstream]
@@ -4229,7 +5586,7 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.config = config
         self.proxy = proxy or Proxy(config)
         self.tls = server_tls_context(config) if config.tls_cert else None
-        self.connections = Connections(config.max_connections)
+        self.connections = self.proxy.connections
         self.refusals = 0             # connections refused over MAX_CONNECTIONS, since the last warning
         if ":" in config.host:
             self.address_family = socket.AF_INET6
@@ -4294,10 +5651,28 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             self.shutdown_request(request)
 
 
-def configure_logging(debug: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(message)s")
+class JsonLines(logging.Formatter):
+    """LOG_FORMAT=json: one JSON object per line, for Loki or Elasticsearch.
+    An access line's fields are its keys; any other line has a "message"."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                + f".{int(record.msecs):03d}Z", "level": record.levelname.lower()}
+        access = getattr(record, "access", None)
+        if access is not None:
+            line.update(access)
+        else:
+            line["message"] = record.getMessage()
+            if record.exc_info:
+                line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(debug: bool, log_format: str = "text") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
 
 
 CACHE_COMMANDS = ("verify", "stats", "prune")
@@ -4372,7 +5747,7 @@ def main(argv: list | None = None, environ: dict | None = None) -> int:
     except ConfigError as err:
         print(f"dockerproxy.py: error: {err}", file=sys.stderr)
         return 2
-    configure_logging(config.debug)
+    configure_logging(config.debug, config.log_format)
     return cache_command(action, config) if action else serve(config)
 
 

@@ -121,7 +121,7 @@ def run_main(tmp_path, monkeypatch, capsys):
     Only for runs that end before serving (a bad setting, --help): if the settings
     are good the test fails there, before any logging set-up or server. It runs
     in an empty working directory, so no ./.env is read unless the test writes one."""
-    def past_configuration(debug):
+    def past_configuration(*settings):
         raise AssertionError("main() accepted the settings and would serve")
     monkeypatch.setattr(dockerproxy, "configure_logging", past_configuration)
     monkeypatch.chdir(tmp_path)

@@ -101,7 +101,7 @@ class CannedUpstreams:
         self.answers = list(answers)
         self.asked = []
 
-    def fetch(self, method, url, headers, body=None):
+    def fetch(self, method, url, headers, body=None, purpose=("-", "")):
         self.asked.append((method, url, headers))
         raw = self.answers.pop(0)
         response = http.client.HTTPResponse(RawAnswer(raw), method=method)

@@ -529,7 +529,7 @@ class TokenRealm:
     def __init__(self):
         self.asked = []
 
-    def fetch(self, method, url, headers, body=None):
+    def fetch(self, method, url, headers, body=None, purpose=("-", "")):
         self.asked.append((url, headers))
         raise dockerproxy.UpstreamUnavailable("no network in this test")
 

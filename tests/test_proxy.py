@@ -288,7 +288,7 @@ class ScriptedUpstreams(dockerproxy.Upstreams):
         self.script = script
         self.sent = []
 
-    def send(self, method, url, headers, body=None):
+    def send(self, method, url, headers, body=None, purpose=("-", "")):
         self.sent.append((method, url, dict(headers)))
         status, location = self.script[len(self.sent) - 1]
         response = http.client.HTTPResponse(socket.socket())

@@ -120,8 +120,18 @@ def test_help_lists_every_setting_with_its_default(run_main):
     assert status == 0
     text = " ".join(out.split())
     for setting in dockerproxy.SETTINGS:
+        if setting.secret:  # named, never a flag: a command line is visible to every user
+            assert setting.env in text and setting.flag not in text
+            continue
         assert f"env {setting.env}, default {setting.default or 'empty'}" in text
     assert "UPSTREAM_<ROUTE>" in text and "--env-file" in text
+
+
+def test_a_secret_setting_is_no_flag_and_its_value_never_printed(run_main):
+    status, _, err = run_main(["--admin-token", "0123456789abcdef"], {})
+    assert status == 2 and "unrecognized arguments: --admin-token" in err
+    status, _, err = run_main([], {"ADMIN_TOKEN": "short secret"})
+    assert status == 2 and "ADMIN_TOKEN=***: needs at least 16" in err and "short secret" not in err
 
 
 def test_main_reads_the_environment_it_is_given_not_this_process(run_main, monkeypatch):
@@ -459,7 +469,7 @@ def test_readme_daemon_json_snippet_is_valid_json_naming_the_proxy():
     """docker cannot run here (no engine); at least its README snippet must be what dockerd parses."""
     import re as regex
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    blocks = regex.findall(r"```json\n(.*?)```", readme, regex.S)
+    blocks = [block for block in regex.findall(r"```json\n(.*?)```", readme, regex.S) if "registry-mirrors" in block]
     assert blocks
     for block in blocks:
         daemon = json.loads(block)
