@@ -15,10 +15,17 @@ fi
 
 say() { printf 'test.sh: %s\n' "$*"; }
 
+# pytest, and Selenium for the status page's browser test (it drives Debian's
+# chromium through Debian's chromedriver: nothing is downloaded at test time).
 ensure_pytest() {
   if ! "$1" -c 'import pytest' 2>/dev/null; then
     say "installing pytest for $1"
     "$1" -m pip install --quiet --disable-pip-version-check pytest
+  fi
+  if ! "$1" -c 'import selenium' 2>/dev/null; then
+    say "installing selenium for $1"
+    "$1" -m pip install --quiet --disable-pip-version-check selenium \
+      || say "pip could not install selenium for $1"
   fi
 }
 
@@ -33,6 +40,9 @@ ensure_packages() {
   { command -v containerd >/dev/null && command -v ctr >/dev/null; } || missing+=(containerd)
   command -v nginx >/dev/null || missing+=(nginx-light)  # bench/run's static-file ceiling
   command -v systemd-analyze >/dev/null || missing+=(systemd)  # verifies the README's unit
+  { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)  # /metrics, alert rules
+  command -v chromium >/dev/null || missing+=(chromium)         # the status page in a real browser
+  command -v chromedriver >/dev/null || missing+=(chromium-driver)
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing ${missing[*]} with apt-get"

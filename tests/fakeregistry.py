@@ -518,7 +518,10 @@ class FakeRegistry:
     """Docker-Hub-like registry + token server + CDN on 127.0.0.1.
 
     Every constructor keyword is also a plain attribute that tests may change
-    while the servers run.
+    while the servers run.  So is `ratelimit`: None (the default), or a
+    (limit, remaining) pair of header values such as ("100;w=21600",
+    "5;w=21600") that every manifest answer (GET and HEAD) then carries as
+    `ratelimit-limit` and `ratelimit-remaining`, as Docker Hub's do.
     """
 
     service = "fake.registry.test"
@@ -550,6 +553,7 @@ class FakeRegistry:
         self.cdn_require_signature = cdn_require_signature
         self.users = dict(users or {})
         self.private_repos = set(private_repos or ())
+        self.ratelimit = None  # (limit, remaining) header values for manifest answers
 
         self.release = threading.Event()  # set it to let stalled requests go on
         self.requests = []
@@ -873,7 +877,11 @@ class FakeRegistry:
         if kind == "tags":
             return self._serve_tags(request, repo)
         if kind == "manifests":
-            return self._serve_manifest(request, repo, reference)
+            reply = self._serve_manifest(request, repo, reference)
+            ratelimit = self.ratelimit
+            if ratelimit is not None:
+                reply.headers += [("ratelimit-limit", ratelimit[0]), ("ratelimit-remaining", ratelimit[1])]
+            return reply
         return self._serve_registry_blob(request, repo, reference)
 
     def _authorised(self, request, repo):

@@ -24,7 +24,10 @@ LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
 
 
 def scrape(proxy):
-    """/metrics as {(name, ((label, value), ...)): float}."""
+    """/metrics as {(name, ((label, value), ...)): float}, once every request
+    before it is counted: a request is counted after its last byte, and its
+    connection's slot is given back after that."""
+    wait_until(lambda: proxy.server.proxy.connections.count == 0, what="earlier requests counted")
     status, headers, body = proxy.request("GET", "/metrics", {"Authorization": f"Bearer {TOKEN}"})
     assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4"), body
     samples = {}
@@ -233,6 +236,7 @@ def test_json_log_lines_are_one_object_each_with_every_field(start_proxy, fake, 
     client = RegistryClient(proxy)
     pull(client, "library/app", "1")
     pull(client, "library/app", "1")
+    wait_until(lambda: proxy.server.proxy.connections.count == 0, what="every request logged")
     access = [json.loads(line) for line in json_log if '"status"' in line]
     assert access, json_log
     documented = readme_json_log_line()
