@@ -1818,11 +1818,16 @@ class Served(collections.namedtuple("Served", (
     __slots__ = ()
 
 
+# The status codes a label names as they are: the registered ones (about 60),
+# so an upstream that answers every code from 100 to 599 adds no more series.
+REGISTERED_STATUSES = frozenset(int(status) for status in http.HTTPStatus)
+
+
 def status_label(status: int) -> str:
-    """A status code as a label: 100-599 as they are, anything else "other", none "none"."""
+    """A status code as a label: a registered one as it is, any other "other", none "none"."""
     if not status:
         return "none"
-    return str(status) if 100 <= status <= 599 else "other"
+    return str(status) if status in REGISTERED_STATUSES else "other"
 
 
 def method_label(method: str) -> str:
@@ -1836,7 +1841,7 @@ def object_type(endpoint: str) -> str:
 def parse_ratelimit(value: str | None) -> int | None:
     """RateLimit-Remaining: '76;w=21600' -> 76; None if absent or not a count."""
     count = (value or "").partition(";")[0].strip()
-    return int(count) if count.isdigit() and len(count) <= 12 else None
+    return int(count) if re.fullmatch(r"[0-9]{1,12}", count) else None
 
 
 def upstream_error_kind(err: BaseException) -> str:
@@ -2217,16 +2222,23 @@ def write_all(fd: int, data) -> None:
 
 
 def write_atomic(path: str, data: bytes) -> None:
-    """Small files (tag entries, media types): temp file, then rename."""
-    fd, temp = create_temp(os.path.dirname(path), os.path.basename(path))
-    try:
-        write_all(fd, data)
-        os.replace(temp, path)
-    except BaseException:
-        remove_quietly(temp)
-        raise
-    finally:
-        os.close(fd)
+    """Small files (tag entries, media types): temp file, then rename.  A purge
+    may remove the directory in between: then once more, in a new one."""
+    for last in (False, True):
+        fd, temp = create_temp(os.path.dirname(path), os.path.basename(path))
+        try:
+            write_all(fd, data)
+            os.replace(temp, path)
+            return
+        except FileNotFoundError:
+            remove_quietly(temp)
+            if last:
+                raise
+        except BaseException:
+            remove_quietly(temp)
+            raise
+        finally:
+            os.close(fd)
 
 
 def remove_quietly(path: str) -> None:
@@ -2533,15 +2545,26 @@ class AccessRecords:
         except OSError:
             return None
 
+    @staticmethod
+    def _touch(path: str, now: float) -> None:
+        """The link file, made if missing; once more if a purge removed its directory meanwhile."""
+        for last in (False, True):
+            if os.path.exists(path):
+                return
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                with open(path, "ab"):
+                    os.utime(path, (now, now))
+                return
+            except FileNotFoundError:
+                if last:
+                    raise
+
     def link(self, upstream: str, repository: str, digests) -> None:
         now = self.clock.time()
         try:
             for digest in digests:
-                path = link_path(self.root, upstream, repository, digest)
-                if not os.path.exists(path):
-                    os.makedirs(os.path.dirname(path), exist_ok=True)
-                    with open(path, "ab"):
-                        os.utime(path, (now, now))
+                self._touch(link_path(self.root, upstream, repository, digest), now)
         except OSError as err:  # without a link the next hit asks upstream: slower, not wrong
             self.trouble.warn(err)
 
@@ -3275,7 +3298,7 @@ class UpstreamResponse:
         # an error's or a redirect's body is no object pulled
         self.purpose = purpose if 200 <= self.status < 300 else (purpose[0], "")
         self._metrics = pool.metrics if pool is not None else Metrics()  # no pool: a test's answer
-        self._failed = False
+        self._failed = self.status >= 500 or self.status == 429  # counted by upstream_answer()
 
     def readinto(self, buffer) -> int:
         """What has arrived, at most len(buffer) bytes; 0 at the end, or where the body broke off."""
@@ -3526,8 +3549,7 @@ class Upstreams:
         try:
             return UpstreamResponse(response, connection, self, url, method, purpose)
         except ValueError as err:  # framing we must not guess at
-            connection.close()
-            self.metrics.upstream_failed(purpose[0], "other")
+            connection.close()  # send() counts it ("other")
             raise UpstreamUnavailable(f"upstream {urllib.parse.urlsplit(url).netloc}: {err}") from None
 
     def fetch(self, method: str, url: str, headers: dict, body: bytes | None = None,
@@ -3543,13 +3565,18 @@ class Upstreams:
             if response.status not in REDIRECT_STATUSES or not location:
                 return response
             response.consume()
-            next_url = checked_redirect(url, location)
+            try:
+                next_url = checked_redirect(url, location)
+            except UpstreamUnavailable:
+                self.metrics.upstream_failed(purpose[0], "other")
+                raise
             if not same_origin(url, next_url):
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             if response.status == 303:
                 method, body = ("HEAD" if method == "HEAD" else "GET"), None
             log.debug("redirect %d %s -> %s", response.status, redacted_url(url), redacted_url(next_url))
             url = next_url
+        self.metrics.upstream_failed(purpose[0], "other")
         raise UpstreamUnavailable(f"more than {MAX_REDIRECTS} redirects from upstream")
 
 
@@ -4417,7 +4444,7 @@ class CachedObject(PassThrough):
             raise
         if response.status != 200 or not cacheable(response, manifest):
             fills.end(fill, Fill.DECLINED)
-            if response.status == 200:
+            if 200 <= response.status < 300:
                 self.answer.note_cache("bypass")  # an answer the cache does not keep
             return self.relay_unless_stale(response)
         if digest is None and DIGEST.match(response.headers.get("docker-content-digest", "")):

@@ -5,6 +5,7 @@ the upstream's own request log is the witness for what reached it.  Also the
 JSON log lines, /readyz, and the exposition's shape."""
 
 import hashlib
+import http.client
 import json
 import logging
 import os
@@ -314,3 +315,95 @@ def test_not_ready_while_draining(start_proxy):
     status, _, body = proxy.request("GET", "/readyz")
     assert status == 503 and json.loads(body)["problems"] == ["shutting down"]
     assert proxy.request("GET", "/healthz")[0] == 200
+
+
+# Counting under upstream faults (the broken-upstream review) ##############
+
+from rawupstream import RawUpstream, response as raw_response  # noqa: E402
+
+BLOB = os.urandom(5000)
+BLOB_DIGEST = "sha256:" + hashlib.sha256(BLOB).hexdigest()
+
+
+def raw_blob_upstream(status_line, headers, body, keep_open=True):
+    """An upstream whose every blob GET gets these exact bytes; anything else 404."""
+    def answer(request, connection):
+        if "/blobs/" in request.path:
+            connection.sendall(raw_response(status_line, headers, body))
+            return keep_open
+        connection.sendall(raw_response("404 Not Found", ["Content-Length: 2"], b"{}"))
+        return True
+    return RawUpstream(answer)
+
+
+def blob_get_deltas(start_proxy, upstream, *argv):
+    """(client status, X-Cache, {series: delta}) of one blob GET through a new proxy."""
+    proxy = start_proxy("--upstream", f"docker={upstream.url}", *argv, ADMIN_TOKEN=TOKEN)
+    before = scrape(proxy)
+    try:
+        status, headers, _ = proxy.request("GET", f"/v2/library/x/blobs/{BLOB_DIGEST}")
+    except http.client.IncompleteRead:  # relayed as it came: cut short
+        status, headers = "cut", {}
+    after = scrape(proxy)
+    changed = {key: after[key] - before.get(key, 0) for key in after
+               if key[0].startswith(("dockerproxy_upstream_errors", "dockerproxy_cache_requests"))
+               and after[key] != before.get(key, 0)}
+    return status, headers.get("X-Cache"), changed
+
+
+def series(name, **labels):
+    return (name, tuple(sorted(labels.items())))
+
+
+@pytest.mark.parametrize("argv", [(), ("--cache-dir", "")])
+def test_a_ratelimit_header_of_superscript_digits_is_ignored_not_an_error(start_proxy, argv):
+    """'²' passes str.isdigit() but not int(): it turned a good 200 into a 502."""
+    headers = [f"Content-Length: {len(BLOB)}", f"Docker-Content-Digest: {BLOB_DIGEST}", "ratelimit-remaining: \xb2"]
+    with raw_blob_upstream("200 OK", headers, BLOB) as upstream:
+        status, _, changed = blob_get_deltas(start_proxy, upstream, *argv)
+    assert status == 200
+    assert not [key for key in changed if key[0] == "dockerproxy_upstream_errors_total"], changed
+
+
+def test_an_error_answer_with_a_cut_body_is_one_error(start_proxy):
+    with raw_blob_upstream("503 Service Unavailable", ["Content-Length: 100"], b"x" * 10, keep_open=False) as upstream:
+        status, _, changed = blob_get_deltas(start_proxy, upstream)
+    assert status in (502, 503, "cut")
+    assert {key: value for key, value in changed.items() if key[0] == "dockerproxy_upstream_errors_total"} == {
+        series("dockerproxy_upstream_errors_total", route="docker", kind="5xx"): 1}
+
+
+def test_a_2xx_the_cache_does_not_keep_is_a_bypass(start_proxy):
+    with raw_blob_upstream("203 Non-Authoritative Information", [f"Content-Length: {len(BLOB)}"], BLOB) as upstream:
+        status, _, changed = blob_get_deltas(start_proxy, upstream)
+    assert status == 203
+    assert {key: value for key, value in changed.items() if key[0] == "dockerproxy_cache_requests_total"} == {
+        series("dockerproxy_cache_requests_total", type="blob", result="bypass"): 1}
+
+
+@pytest.mark.parametrize("fault", [
+    {"kind": "framing", "content_length": [200000, 100]},        # two lengths: refused, once
+    {"kind": "framing", "chunked": True, "content_length": 200000},
+    {"kind": "redirect", "location": "{target}", "count": 20},   # a loop past MAX_REDIRECTS
+    {"kind": "redirect", "location": "ftp://127.0.0.1/x"},       # a redirect the proxy refuses
+])
+def test_each_refused_upstream_answer_is_one_error(start_proxy, fake, fault):
+    digest = fake.add_blob("library/x", BLOB)
+    proxy = start_proxy("--upstream", f"docker={fake.url}", ADMIN_TOKEN=TOKEN)
+    client = RegistryClient(proxy)
+    client.request("HEAD", f"/v2/library/x/blobs/{digest}")  # the token first
+    fault = dict(fault)
+    fake.fault("cdn", digest, fault.pop("kind"), count=fault.pop("count", 1), **fault)
+    before = scrape(proxy)
+    status, _, _ = client.request("GET", f"/v2/library/x/blobs/{digest}")
+    after = scrape(proxy)
+    assert status == 502
+    assert total(after, "dockerproxy_upstream_errors_total") - total(before, "dockerproxy_upstream_errors_total") == 1
+
+
+def test_upstream_status_codes_add_at_most_the_registered_ones():
+    assert dockerproxy.status_label(404) == "404" and dockerproxy.status_label(429) == "429"
+    assert {dockerproxy.status_label(code) for code in range(100, 600)} - {"other"} <= {
+        str(code) for code in dockerproxy.REGISTERED_STATUSES}
+    assert dockerproxy.status_label(599) == dockerproxy.status_label(1000) == "other"
+    assert dockerproxy.status_label(0) == "none"

@@ -10,6 +10,7 @@ import http.client
 import io
 import json
 import os
+import shutil
 import threading
 
 import pytest
@@ -380,3 +381,37 @@ def test_a_tag_manifest_is_never_stored_under_a_digest_it_does_not_have(start_pr
         upstream.close()
 
 
+
+
+def test_a_small_file_is_written_even_when_a_purge_removes_its_directory_meanwhile(tmp_path, monkeypatch):
+    """A purge's rmtree between the temporary file and its rename made the rename
+    fail with ENOENT, logged as a disk that cannot be written (the broken-upstream
+    review's purge race)."""
+    target = tmp_path / "repos" / "library" / "app" / "_tags" / "1" / "docker-manifest.json"
+    real_write_all, purged = dockerproxy.write_all, []
+
+    def write_then_purge(fd, data):
+        real_write_all(fd, data)
+        if not purged:
+            purged.append(True)
+            shutil.rmtree(tmp_path / "repos" / "library" / "app")
+    monkeypatch.setattr(dockerproxy, "write_all", write_then_purge)
+    dockerproxy.write_atomic(str(target), b'{"digest": "sha256:x"}')
+    assert purged and target.read_bytes() == b'{"digest": "sha256:x"}'
+    assert os.listdir(target.parent) == ["docker-manifest.json"]  # no temporary file left
+
+
+def test_an_access_link_is_made_even_when_a_purge_removes_its_directory_meanwhile(tmp_path, monkeypatch):
+    records = dockerproxy.AccessRecords(str(tmp_path), dockerproxy.Clock(), dockerproxy.DiskTrouble())
+    digest = "sha256:" + "a" * 64
+    path = dockerproxy.link_path(str(tmp_path), "https://u", "library/app", digest)
+    real_makedirs, purged = os.makedirs, []
+
+    def makedirs_then_purge(name, *args, **kwargs):
+        real_makedirs(name, *args, **kwargs)
+        if name == os.path.dirname(path) and not purged:
+            purged.append(True)
+            shutil.rmtree(name)
+    monkeypatch.setattr(dockerproxy.os, "makedirs", makedirs_then_purge)
+    records.link("https://u", "library/app", [digest])
+    assert purged and os.path.exists(path)
