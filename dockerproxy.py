@@ -1341,7 +1341,7 @@ def client_address(peer: str, headers, trust_proxy_headers: bool) -> str:
         return peer
     forwarded = ",".join(headers.get_all("x-forwarded-for") or []).rpartition(",")[2].strip()
     try:
-        return str(ipaddress.ip_address(forwarded))
+        return str(ipaddress.ip_address(forwarded.partition("%")[0]))  # a zone means nothing remote
     except ValueError:
         return peer
 
@@ -2124,7 +2124,7 @@ class Activity:
                 minute.bytes[served.source] += served.bytes
             if not served.repository:
                 return
-            pull, new = self._pull_of(served, route)
+            pull, new = self._pull_of(served, route, hour)
             pull.bytes += served.bytes
             pull.last = max(pull.last, served.time)
             if served.cache:
@@ -2138,13 +2138,15 @@ class Activity:
             tallies.append(Tally(period))
         return tallies[-1]  # a request ending a moment before another's counts with it
 
-    def _pull_of(self, served: Served, route: Route | None) -> tuple:
+    def _pull_of(self, served: Served, route: Route | None, hour: Tally) -> tuple:
         """(the pull this request belongs to, whether it is new)."""
         key = (served.client, served.route, served.repository)
         tag = served.reference if served.endpoint == "tag" else ""
         pull = self._open.pop(key, None)
         if pull is not None and served.time - pull.last < PULL_QUIET and not (tag and pull.tag and tag != pull.tag):
             self._open[key] = pull  # the most recent last
+            if tag and not pull.tag:  # a blob on another connection ended before the tag's request
+                self._name(pull, f"{image_name(route, served.repository)}:{tag}", tag, hour)
             return pull, False
         while len(self._open) >= MAX_OPEN_PULLS:
             self._open.popitem(last=False)
@@ -2156,6 +2158,18 @@ class Activity:
         pull = self._open[key] = Pull(served.time, served.client, image, tag)
         self.recent.append(pull)
         return pull, True
+
+    @staticmethod
+    def _name(pull: Pull, image: str, tag: str, hour: Tally) -> None:
+        """Give a pull its tag, and move what this hour counted under its old name."""
+        counted = hour.images.get(pull.image)
+        if counted is not None and pull.started >= hour.period * 3600:
+            counted[0] -= 1
+            counted[1] -= pull.bytes
+            if counted[0] <= 0 and counted[1] <= 0:
+                del hour.images[pull.image]
+            Tally.bump(hour.images, image, 1, pull.bytes)
+        pull.image, pull.tag = image, tag
 
     def document(self, now: float) -> dict:
         """The last hour's outcomes and bytes, the day's top images and clients, the recent pulls."""
@@ -3828,7 +3842,7 @@ def percent(part: float, whole: float) -> str:
 
 STATUS_STYLE = """
 :root{color-scheme:light dark;--fg:#1b1f24;--muted:#5b6470;--bg:#f6f7f9;--card:#fff;--line:#d9dde3;
---accent:#1f6feb;--good:#1a7f37;--warn:#9a6700;--bad:#cf222e}
+--accent:#0969da;--good:#1a7f37;--warn:#9a6700;--bad:#cf222e}
 @media (prefers-color-scheme:dark){:root{--fg:#e6edf3;--muted:#9aa5b1;--bg:#0d1117;--card:#161b22;
 --line:#30363d;--accent:#4493f8;--good:#3fb950;--warn:#d29922;--bad:#f85149}}
 *{box-sizing:border-box}
@@ -3836,12 +3850,12 @@ body{margin:0;background:var(--bg);color:var(--fg);font:15px/1.45 system-ui,-app
 header,main{max-width:72rem;margin:0 auto;padding:0 1rem}
 header{display:flex;flex-wrap:wrap;align-items:baseline;gap:.25rem 1rem;padding-top:1rem}
 h1{font-size:1.4rem;margin:0}h2{font-size:1.05rem;margin:0 0 .6rem}
-.muted{color:var(--muted)}nav a{margin-right:.6rem}a{color:var(--accent)}
+.muted{color:var(--muted)}nav{display:flex;flex-wrap:wrap;gap:0 .5rem}a{color:var(--accent)}
 section{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:1rem;margin:1rem 0}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(11rem,1fr));gap:.75rem}
 .card{border:1px solid var(--line);border-radius:6px;padding:.6rem .75rem}
 .card b{display:block;font-size:1.35rem}
-.bar{height:.8rem;border-radius:4px;background:var(--line);overflow:hidden;margin:.4rem 0}
+.bar{height:.8rem;border-radius:4px;background:var(--line);overflow:hidden;margin:.4rem 0 1rem}
 .bar span{display:block;height:100%;background:var(--accent)}
 .bar.warn span{background:var(--warn)}.bar.bad span{background:var(--bad)}
 .scroll{overflow-x:auto}
@@ -3854,6 +3868,7 @@ td.name{word-break:break-all;min-width:10rem}
 form{display:flex;flex-wrap:wrap;gap:.5rem;align-items:center;margin:.4rem 0}
 input[type=text],input[type=password]{flex:1 1 12rem;min-width:0;padding:.4rem;border:1px solid var(--line);
 border-radius:4px;background:var(--bg);color:var(--fg)}
+input,button{font:inherit}
 button{padding:.4rem .8rem;border:1px solid var(--line);border-radius:4px;background:var(--card);
 color:var(--fg);cursor:pointer}
 """
@@ -3932,9 +3947,15 @@ def top_section(section_id: str, title: str, entries: list, key: str) -> str:
             + html_table([heading, "#Pulls", "#Bytes"], rows, "No pulls in the last 24 hours.") + "</section>")
 
 
+def outcome_cell(outcome: str) -> str:
+    """A pull's cache outcome, coloured by its class when it is one of ours."""
+    css = f' class="{outcome}"' if outcome in CACHE_RESULTS or outcome == "mixed" else ""
+    return f"<span{css}>{escape_html(outcome)}</span>"
+
+
 def pulls_section(document: dict) -> str:
     rows = [[escape_html(clock_time(pull["time"])[11:19]), escape_html(pull["client"]),
-             escape_html(pull["image"]), f'<span class="{pull["outcome"]}">{pull["outcome"]}</span>',
+             escape_html(pull["image"]), outcome_cell(pull["outcome"]),
              human_bytes(pull["bytes"]), f'{pull["duration_seconds"]:.1f} s']
             for pull in document["recent_pulls"]]
     return (f'<section id="pulls"><h2>Last {RECENT_PULLS} pulls</h2>'
@@ -4707,6 +4728,10 @@ class ReadyEndpoint(Part):
                               {"status": "not ready" if problems else "ready", "problems": problems})
 
 
+# What a 401 of the admin pages asks for (RFC 9110 requires one): the token as a bearer.
+ADMIN_CHALLENGE = ("WWW-Authenticate", 'Bearer realm="dockerproxy admin"')
+
+
 class AdminPart(Part):
     """A page or action behind the AdminGate."""
 
@@ -4724,10 +4749,10 @@ class AdminPart(Part):
             raise RegistryError(404, "UNSUPPORTED", "the status page and admin actions are off: "
                                 "set ADMIN_TOKEN or ADMIN_ALLOW")
         if gate.token and self.wants_html():
-            return self.answer.send_page(401, login_page())
+            return self.answer.send_page(401, login_page(), (ADMIN_CHALLENGE,))
         if gate.token:
             raise RegistryError(401, "UNAUTHORIZED", "the admin token is required",
-                                headers=(("WWW-Authenticate", 'Bearer realm="dockerproxy admin"'),))
+                                headers=(ADMIN_CHALLENGE,))
         raise RegistryError(403, "DENIED", "this address is not in ADMIN_ALLOW")
 
 
@@ -4802,7 +4827,7 @@ class AdminAction(AdminPart):
             raise RegistryError(404, "UNSUPPORTED", "there is no ADMIN_TOKEN to log in with")
         if not self.same_origin() or not gate.token_matches(self.field("token")):
             log.warning("admin login refused from %s", self.request.peer)
-            return self.answer.send_page(401, login_page("That is not the admin token."))
+            return self.answer.send_page(401, login_page("That is not the admin token."), (ADMIN_CHALLENGE,))
         self.send_session(gate.new_session(), SESSION_LIFETIME)
 
     def end_session(self) -> None:
@@ -4908,7 +4933,7 @@ PAGE_HEADERS = (
     ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
                                 "frame-ancestors 'none'; base-uri 'none'"),
     ("X-Frame-Options", "DENY"), ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "no-referrer"), ("Cache-Control", "no-store"),
+    ("Referrer-Policy", "same-origin"), ("Cache-Control", "no-store"),
 )
 
 

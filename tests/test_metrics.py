@@ -15,7 +15,7 @@ import threading
 import pytest
 
 import dockerproxy
-from conftest import RegistryClient, RunningProxy
+from conftest import MovableClock, RegistryClient, RunningProxy
 from realregistry import wait_until
 from test_cache import ACCEPT_ALL, pull, rewind_tag_checks, settled
 
@@ -407,3 +407,43 @@ def test_upstream_status_codes_add_at_most_the_registered_ones():
         str(code) for code in dockerproxy.REGISTERED_STATUSES}
     assert dockerproxy.status_label(599) == dockerproxy.status_label(1000) == "other"
     assert dockerproxy.status_label(0) == "none"
+
+
+# Activity: pulls as the status page names them #############################
+
+def served_request(when, endpoint, reference, size, cache="miss", client="10.0.0.7"):
+    return dockerproxy.Served(when, client, "GET", endpoint, "docker", 200, size, 0.01, cache,
+                              "upstream", False, "library/alpine", reference, 200)
+
+
+def test_a_pull_whose_blob_is_counted_before_its_tag_is_named_by_the_tag():
+    """Blobs come on other connections; one can end before the tag's request is
+    counted.  The pull was then named without its tag, on the page and in the
+    day's most pulled images (the browser review)."""
+    clock = MovableClock()
+    activity = dockerproxy.Activity(clock)
+    route = dockerproxy.BUILTIN_ROUTES[0]
+    now = clock.time()
+    activity.served(served_request(now, "blob", "sha256:" + "b" * 64, 1000), route)
+    activity.served(served_request(now + 0.01, "tag", "3.20", 500), route)
+    activity.served(served_request(now + 0.02, "blob", "sha256:" + "c" * 64, 2000), route)
+    document = activity.document(now + 1)
+    assert [pull["image"] for pull in document["recent_pulls"]] == ["docker.io/library/alpine:3.20"]
+    assert document["recent_pulls"][0]["bytes"] == 3500
+    assert [(entry["image"], entry["pulls"], entry["bytes"]) for entry in document["top_images"]] == [
+        ("docker.io/library/alpine:3.20", 1, 3500)]
+
+
+@pytest.mark.parametrize("forwarded, logged", [
+    ("10.0.0.7", "10.0.0.7"),
+    ("1.2.3.4, 10.0.0.7", "10.0.0.7"),              # the last: the one our reverse proxy appended
+    ("fe80::1%<img src=x onerror=alert(1)>", "fe80::1"),  # a zone (Python 3.9+ keeps it) is dropped
+    ('10.0.0.7", "level": "error', "127.0.0.1"),    # not an address: the peer
+    ("", "127.0.0.1"),
+])
+def test_the_client_address_behind_a_trusted_proxy(forwarded, logged):
+    import email.message
+    headers = email.message.Message()
+    headers["X-Forwarded-For"] = forwarded
+    assert dockerproxy.client_address("127.0.0.1", headers, True) == logged
+    assert dockerproxy.client_address("127.0.0.1", headers, False) == "127.0.0.1"
