@@ -673,7 +673,8 @@ SETTINGS = (
             "serve /metrics to anyone, not only as ADMIN_ALLOW and ADMIN_TOKEN allow"),
     Setting("ADMIN_ALLOW", "", parse_networks,
             "addresses or CIDR networks whose connections may see /status, /metrics and "
-            "use /admin/ (the socket peer; empty: none)"),
+            "use /admin/ (the socket peer, naming us by an address, localhost, this machine's "
+            "name or CUSTOM_DOMAIN; empty: none)"),
     Setting("ADMIN_TOKEN", "", parse_admin_token,
             "bearer token (or login) for /status, /metrics and /admin/", secret=True),
     Setting("READY_MIN_FREE", "512M", parse_size,
@@ -2122,8 +2123,8 @@ class Activity:
             if served.cache:
                 minute.results[served.cache] += 1
                 minute.bytes[served.source] += served.bytes
-            if not served.repository:
-                return
+            if not served.repository or not served.cache:
+                return  # a refusal, a 404, an error: no pull, and no row a stranger can add
             pull, new = self._pull_of(served, route, hour)
             pull.bytes += served.bytes
             pull.last = max(pull.last, served.time)
@@ -4019,6 +4020,10 @@ def message_page(title: str, message: str) -> str:
 # The session cookie a login sets, and how long it lasts: a working day.
 SESSION_COOKIE = "dockerproxy_session"
 SESSION_LIFETIME = 12 * 3600
+# Sessions logged out before their expiry, remembered by this process until
+# then.  Only a logged-in operator can add one (a logout needs the session and
+# its CSRF token); past the cap the oldest is forgotten.
+MAX_REVOKED_SESSIONS = 10000
 
 
 def cookie_value(header: str, name: str) -> str:
@@ -4036,8 +4041,10 @@ class AdminGate:
     or a request bearing ADMIN_TOKEN, as a bearer token or as the session
     cookie a login with it set.  Without either setting, no one.
 
-    A session cookie is "<expiry>.<HMAC of it>", keyed by the token, so no
-    session is stored and every instance sharing the token accepts it.  A
+    A session cookie is "<expiry>.<nonce>.<HMAC of both>", keyed by the token,
+    so no session is stored and every instance sharing the token accepts it;
+    a logout is remembered by the process that saw it (MAX_REVOKED_SESSIONS),
+    and changing the token ends every session.  A
     form's POST must also carry the page's CSRF token (an HMAC of the session,
     or of "peer" for ADMIN_ALLOW), which another site's page cannot read; a
     bearer token is never sent by a browser on its own, so it needs none.
@@ -4049,6 +4056,8 @@ class AdminGate:
         self.clock = clock
         self.key = hashlib.sha256(b"dockerproxy admin session\0" + token.encode()).digest() if token \
             else os.urandom(32)
+        self.revoked = collections.OrderedDict()  # session value -> its expiry
+        self._lock = threading.Lock()
 
     @property
     def enabled(self) -> bool:
@@ -4069,13 +4078,26 @@ class AdminGate:
         return any(address.version == network.version and address in network for network in self.allow)
 
     def new_session(self) -> str:
-        expiry = str(int(self.clock.time() + SESSION_LIFETIME))
-        return f"{expiry}.{self._sign('session:' + expiry)}"
+        payload = f"{int(self.clock.time() + SESSION_LIFETIME)}.{os.urandom(8).hex()}"
+        return f"{payload}.{self._sign('session:' + payload)}"
 
     def session_valid(self, value: str) -> bool:
-        expiry, _, signature = value.partition(".")
-        return (bool(self.token) and expiry.isdigit() and len(expiry) < 16 and int(expiry) > self.clock.time()
-                and hmac.compare_digest(signature.encode(), self._sign("session:" + expiry).encode()))
+        if not self.token or not re.fullmatch(r"[0-9]{1,15}\.[0-9a-f]{16}\.[0-9a-f]{64}", value):
+            return False
+        payload, _, signature = value.rpartition(".")
+        return (int(payload.partition(".")[0]) > self.clock.time() and value not in self.revoked
+                and hmac.compare_digest(signature.encode(), self._sign("session:" + payload).encode()))
+
+    def revoke(self, value: str) -> None:
+        """A logout: the session is refused from now on, here, until it would have expired."""
+        now = self.clock.time()
+        with self._lock:
+            for old, expiry in list(self.revoked.items()):
+                if expiry <= now:
+                    del self.revoked[old]
+            while len(self.revoked) >= MAX_REVOKED_SESSIONS:
+                self.revoked.popitem(last=False)
+            self.revoked[value] = int(value.partition(".")[0])
 
     def admits(self, peer: str, authorization: str, cookie: str) -> str | None:
         """How a request is admitted: "bearer", "session:<value>", "peer", or None."""
@@ -4712,10 +4734,26 @@ def purge_target(routes: RouteTable, name: str) -> tuple:
     return route, repository, tag
 
 
+def own_host_name(host: str, custom_domain: str, machine: str) -> bool:
+    """A Host a browser on an ADMIN_ALLOW address may name: an IP address,
+    localhost, this machine's name, or CUSTOM_DOMAIN and its subdomains.
+    Another name may be a DNS-rebinding attacker's, re-pointed at us: the
+    browser would then let that site's page read our answers and post our
+    forms, with the allowed address as the peer."""
+    host = host.lower().rstrip(".")
+    try:
+        ipaddress.ip_address(host.strip("[]").partition("%")[0])
+        return True
+    except ValueError:
+        pass
+    return host in ("localhost", machine) or bool(custom_domain) and (
+        host == custom_domain or host.endswith("." + custom_domain))
+
+
 def page_refresh(query: str) -> int:
     """?refresh=N: reload the status page every N seconds (2 to 3600; else not)."""
     value = urllib.parse.parse_qs(query).get("refresh", [""])[0]
-    return int(value) if value.isdigit() and 2 <= int(value) <= 3600 else 0
+    return int(value) if re.fullmatch(r"[0-9]{1,4}", value) and 2 <= int(value) <= 3600 else 0
 
 
 class ReadyEndpoint(Part):
@@ -4736,8 +4774,12 @@ class AdminPart(Part):
     """A page or action behind the AdminGate."""
 
     def admitted(self) -> str | None:
-        return self.proxy.gate.admits(self.request.peer, self.request.authorization,
-                                      self.request.headers.get("cookie", ""))
+        admitted = self.proxy.gate.admits(self.request.peer, self.request.authorization,
+                                          self.request.headers.get("cookie", ""))
+        if admitted == "peer" and not own_host_name(split_host(self.request.host), self.proxy.config.custom_domain,
+                                                     self.proxy.machine_name):
+            return None  # a name we do not know: a DNS-rebinding page may be behind it
+        return admitted
 
     def wants_html(self) -> bool:
         return "text/html" in self.request.accept
@@ -4753,6 +4795,10 @@ class AdminPart(Part):
         if gate.token:
             raise RegistryError(401, "UNAUTHORIZED", "the admin token is required",
                                 headers=(ADMIN_CHALLENGE,))
+        if gate.peer_allowed(self.request.peer):
+            raise RegistryError(403, "DENIED", "ADMIN_ALLOW admits requests that name this proxy by an address, "
+                                "localhost, this machine's name or CUSTOM_DOMAIN (another name may be a "
+                                "DNS-rebinding site's); use one of those, or ADMIN_TOKEN")
         raise RegistryError(403, "DENIED", "this address is not in ADMIN_ALLOW")
 
 
@@ -4804,9 +4850,10 @@ class AdminAction(AdminPart):
         if not self.same_origin() or not gate.csrf_ok(admitted, self.field("csrf")):
             raise RegistryError(403, "DENIED", "missing or wrong CSRF token, or a foreign Origin")
         if self.endpoint.name == "logout":
-            return self.end_session()
+            return self.end_session(admitted)
         report = self.purge() if self.endpoint.name == "purge" else self.evict()
-        log.info("admin %s from %s: %s", self.endpoint.name, self.request.peer, printable(json.dumps(report)))
+        client = client_address(self.request.peer, self.request.headers, self.proxy.config.trust_proxy_headers)
+        log.info("admin %s from %s: %s", self.endpoint.name, client, printable(json.dumps(report)))
         if self.wants_html():
             return self.answer.send_page(200, message_page(f"{self.endpoint.name} done", json.dumps(report)))
         self.answer.send_json(200, report)
@@ -4830,7 +4877,9 @@ class AdminAction(AdminPart):
             return self.answer.send_page(401, login_page("That is not the admin token."), (ADMIN_CHALLENGE,))
         self.send_session(gate.new_session(), SESSION_LIFETIME)
 
-    def end_session(self) -> None:
+    def end_session(self, admitted: str) -> None:
+        if admitted.startswith("session:"):
+            self.proxy.gate.revoke(admitted.partition(":")[2])
         self.send_session("", 0)
 
     def send_session(self, value: str, lifetime: int) -> None:
@@ -5335,8 +5384,10 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         """The form of a POST to /v2/auth (OAuth2) or /admin/ (also JSON, with
         `json_too`), read whole, so nothing of it is left behind: name -> [values]."""
         length = self.headers.get("content-length", "")
+        if json_too and not length:
+            return {}  # no Content-Length on a POST: no body (RFC 9112 6.3), as `curl -X POST` sends
         if not re.fullmatch(r"[0-9]{1,19}", length) or int(length) > MAX_SMALL_BODY:
-            raise RegistryError(400, "UNSUPPORTED", "token request body missing or too large", close=True)
+            raise RegistryError(400, "UNSUPPORTED", "request body missing or too large", close=True)
         self.reader.start_body()
         try:
             body = self.rfile.read(int(length))
@@ -5476,6 +5527,7 @@ class Proxy:
         self.metrics = Metrics([route.name for route in self.all_routes()], started=time.time())
         self.activity = Activity(self.clock)
         self.gate = AdminGate(config.admin_token, config.admin_allow, self.clock)
+        self.machine_name = socket.gethostname().lower()  # a name ADMIN_ALLOW's browsers may use
         self.connections = Connections(config.max_connections)
         self.draining = threading.Event()  # set when shutting down: /readyz says so
         self.upstreams = Upstreams(config.connect_timeout, config.read_timeout,

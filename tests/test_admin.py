@@ -1,0 +1,117 @@
+"""The admin pages against a hostile client: the findings of the review of
+issue 11, each a test that failed before its fix."""
+
+import json
+import socket
+
+import pytest
+
+import dockerproxy
+from conftest import MovableClock, RegistryClient
+from test_cache import pull
+
+TOKEN = "admin-test-token-0123456789"
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def raw(proxy, request: bytes) -> bytes:
+    """One request written as bytes (a header http.client would not send); the answer's head."""
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(request)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("path", [b"/status", b"/status.json", b"/metrics"])
+def test_a_cookie_of_superscript_digits_is_refused_not_an_internal_error(start_proxy, path, caplog):
+    """'\\xb2' is latin-1 '²', which passes str.isdigit() and fails int()."""
+    proxy = start_proxy(ADMIN_TOKEN=TOKEN)
+    answer = raw(proxy, b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nCookie: dockerproxy_session=\xb2.00\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 401 "), answer
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.parametrize("query, seconds", [
+    ("refresh=10", 10), ("refresh=2", 2), ("refresh=3600", 3600), ("refresh=1", 0), ("refresh=3601", 0),
+    ("refresh=%C2%B2", 0), pytest.param("refresh=" + "9" * 5000, 0, id="5000 nines"), ("refresh=-5", 0),
+    ("refresh=", 0), ("", 0),
+])
+def test_page_refresh(query, seconds):
+    assert dockerproxy.page_refresh(query) == seconds
+
+
+def test_the_readme_evict_command_works_without_a_body(start_proxy):
+    """curl -X POST sends no Content-Length: an empty body (RFC 9112 6.3), not a 400."""
+    proxy = start_proxy(ADMIN_TOKEN=TOKEN)
+    answer = raw(proxy, f"POST /admin/evict HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+    assert answer.startswith(b"HTTP/1.1 200 "), answer
+
+
+def test_refused_requests_add_no_pulls_to_the_page(start_proxy, fake):
+    """Strangers' 401s under names they chose filled the top images and pushed real pulls out."""
+    proxy = start_proxy("--upstream", f"docker={fake.url}", ADMIN_TOKEN=TOKEN)
+    for number in range(60):
+        assert proxy.request("HEAD", f"/v2/attacker/junk{number}/manifests/latest")[0] == 401
+    fake.add_image("library/alpine", "3.20", [b"layer"])
+    pull(RegistryClient(proxy), "library/alpine", "3.20")
+    status = json.loads(proxy.request("GET", "/status.json", BEARER)[2])
+    assert [p["image"] for p in status["recent_pulls"]] == ["docker.io/library/alpine:3.20"]
+    assert [entry["image"] for entry in status["top_images"]] == ["docker.io/library/alpine:3.20"]
+
+
+@pytest.mark.parametrize("host, admitted", [
+    ("127.0.0.1:8080", True), ("[::1]:8080", True), ("localhost:8080", True), ("LOCALHOST", True),
+    ("proxy.example.com", True), ("docker.proxy.example.com:443", True), ("this-machine", True),
+    ("rebind.evil.example:8080", False), ("example.com", False), ("evilproxy.example.com", False),
+])
+def test_admin_allow_admits_only_requests_naming_this_proxy(host, admitted):
+    """DNS rebinding: a page of the attacker's name, re-pointed at the proxy, is
+    "same origin" to the browser on an allowed network."""
+    assert dockerproxy.own_host_name(dockerproxy.split_host(host), "proxy.example.com", "this-machine") is admitted
+
+
+def test_a_rebinding_host_gets_nothing_from_an_allowed_address(start_proxy):
+    proxy = start_proxy(ADMIN_ALLOW="127.0.0.1")
+    rebound = {"Origin": "http://rebind.evil.example:8080"}
+    assert proxy.request("GET", "/status.json")[0] == 200
+    assert proxy.request("GET", "/status.json", host="rebind.evil.example:8080")[0] == 403
+    status, _, body = proxy.request("POST", "/admin/evict", rebound, host="rebind.evil.example:8080")
+    assert status == 403 and b"DNS-rebinding" in body
+
+
+def login(proxy):
+    status, headers, _ = proxy.request("POST", "/admin/login", {"Content-Type": "application/x-www-form-urlencoded"},
+                                       body=f"token={TOKEN}".encode())
+    assert status == 303
+    return headers["Set-Cookie"].split(";")[0]
+
+
+def test_logout_ends_the_session_not_only_the_cookie(start_proxy):
+    proxy = start_proxy(ADMIN_TOKEN=TOKEN)
+    cookie, other = login(proxy), login(proxy)
+    assert cookie != other  # two logins in one second are two sessions
+    page = proxy.request("GET", "/status", {"Cookie": cookie, "Accept": "text/html"})[2].decode()
+    csrf = page.split('name="csrf" value="')[1].split('"')[0]
+    status, _, _ = proxy.request("POST", "/admin/logout", {"Cookie": cookie,
+                                 "Content-Type": "application/x-www-form-urlencoded"}, body=f"csrf={csrf}".encode())
+    assert status == 303
+    assert proxy.request("GET", "/status.json", {"Cookie": cookie})[0] == 401   # a copied cookie is dead
+    assert proxy.request("GET", "/status.json", {"Cookie": other})[0] == 200    # the other session lives
+
+
+def test_revoked_sessions_are_bounded_and_forgotten_when_they_expire(monkeypatch):
+    monkeypatch.setattr(dockerproxy, "MAX_REVOKED_SESSIONS", 3)
+    clock = MovableClock()
+    gate = dockerproxy.AdminGate(TOKEN, (), clock)
+    sessions = [gate.new_session() for _ in range(4)]
+    for session in sessions:
+        gate.revoke(session)
+    assert len(gate.revoked) == 3 and sessions[0] not in gate.revoked
+    clock.advance(dockerproxy.SESSION_LIFETIME + 1)
+    gate.revoke(gate.new_session())
+    assert len(gate.revoked) == 1
