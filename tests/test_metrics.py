@@ -447,3 +447,34 @@ def test_the_client_address_behind_a_trusted_proxy(forwarded, logged):
     headers["X-Forwarded-For"] = forwarded
     assert dockerproxy.client_address("127.0.0.1", headers, True) == logged
     assert dockerproxy.client_address("127.0.0.1", headers, False) == "127.0.0.1"
+
+
+# Cardinality ###############################################################
+
+def test_ten_thousand_repository_names_add_no_series(metered, fake):
+    """A client choosing names (and tags, digests, hosts) cannot grow /metrics:
+    label values come from fixed sets.  A few requests first, so the status
+    codes the names will get (401 without a token, 404 with one) have their
+    series already: a code not seen before may add one."""
+    client = RegistryClient(metered)
+    client.request("GET", "/v2/warm/up/manifests/latest")
+    headers = {"Authorization": f"Bearer {client.token}", "Host": metered.host}
+
+    def ask(names):
+        connection = http.client.HTTPConnection("127.0.0.1", metered.port, timeout=30)
+        try:
+            for number in names:
+                kind = ("manifests/v%d" % number, "blobs/sha256:%064x" % number, "tags/list")[number % 3]
+                connection.request("GET", f"/v2/lib/n{number}/{kind}", headers=headers)
+                connection.getresponse().read()
+        finally:
+            connection.close()
+    ask(range(3))                 # each kind's answer once
+    scrape(metered)               # and a scrape's own series
+    before = set(scrape(metered))
+    ask(range(3, 10003))
+    after = set(scrape(metered))
+    assert after - before == set(), sorted(after - before)[:10]
+    status = json.loads(metered.request("GET", "/status.json", {"Authorization": f"Bearer {TOKEN}"})[2])
+    assert len(status["recent_pulls"]) <= dockerproxy.RECENT_PULLS
+    assert len(status["top_images"]) <= dockerproxy.TOP_ROWS
