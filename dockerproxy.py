@@ -571,9 +571,13 @@ def parse_networks(text: str) -> tuple:
     networks = []
     for item in text.replace(",", " ").split():
         try:
-            networks.append(ipaddress.ip_network(item, strict=False))
+            network = ipaddress.ip_network(item, strict=False)
         except ValueError:
             raise ValueError(f"{item!r} is not an address or CIDR network") from None
+        mapped = network.network_address.ipv4_mapped if network.version == 6 and network.prefixlen >= 96 else None
+        if mapped is not None:  # ::ffff:10.0.0.0/104 is 10.0.0.0/8, as AdminGate maps its peers
+            network = ipaddress.ip_network(f"{mapped}/{network.prefixlen - 96}")
+        networks.append(network)
     return tuple(networks)
 
 
@@ -1104,7 +1108,8 @@ def dispatch(routes: RouteTable, method: str, path: str, query: str, host: str) 
     """
     if path in ADMIN_ACTIONS:
         if method != "POST":
-            raise RegistryError(405, "UNSUPPORTED", f"{path} takes POST", headers=(("Allow", "POST"),))
+            # close: a body sent with another method is left unread, and must not be read as a request
+            raise RegistryError(405, "UNSUPPORTED", f"{path} takes POST", headers=(("Allow", "POST"),), close=True)
         return Endpoint(ADMIN_ACTIONS[path])
     if method not in ("GET", "HEAD") and not (method == "POST" and path == "/v2/auth"):
         raise RegistryError(405, "UNSUPPORTED", f"{method} is not supported: this is a pull-only mirror",
@@ -3153,9 +3158,9 @@ class Cache:
         its links and anonymous-pull marker.  The objects it linked that no other
         repository links go at the next sweep; the next pull asks upstream again."""
         if tag:
-            entries = len(self.tags.kinds(upstream, repository, tag))
+            known = bool(self.tags.kinds(upstream, repository, tag))
             self.tags.drop(upstream, repository, tag)
-            return {"tag_entries_removed": entries, "objects_unlinked": 0}
+            return {"tags_removed": int(known), "objects_unlinked": 0}
         tags = self.tags.drop_all(upstream, repository)
         digests = self.records.forget(upstream, repository)
         with self._sweep_lock:
@@ -4873,7 +4878,8 @@ class AdminAction(AdminPart):
         if not gate.token:
             raise RegistryError(404, "UNSUPPORTED", "there is no ADMIN_TOKEN to log in with")
         if not self.same_origin() or not gate.token_matches(self.field("token")):
-            log.warning("admin login refused from %s", self.request.peer)
+            log.warning("admin login refused from %s", client_address(self.request.peer, self.request.headers,
+                                                                       self.proxy.config.trust_proxy_headers))
             return self.answer.send_page(401, login_page("That is not the admin token."), (ADMIN_CHALLENGE,))
         self.send_session(gate.new_session(), SESSION_LIFETIME)
 
