@@ -4839,11 +4839,20 @@ class StatusEndpoint(AdminPart):
 class AdminAction(AdminPart):
     """POST /admin/login, /admin/logout, /admin/purge, /admin/evict.
 
-    A browser's form gets a page back, anything else JSON.  Every action but
-    the login needs admission and, from a browser, the page's CSRF token and
-    no foreign Origin."""
+    A browser's form gets a page back, its refusals too; anything else JSON.
+    Every action but the login needs admission and, from a browser, the
+    page's CSRF token and no foreign Origin."""
 
     def serve(self) -> None:
+        try:
+            self.act()
+        except RegistryError as err:
+            if not self.wants_html() or err.close:
+                raise
+            self.answer.send_page(err.status, message_page(f"{self.endpoint.name}: refused", err.message),
+                                  err.headers)
+
+    def act(self) -> None:
         gate = self.proxy.gate
         if not gate.enabled:
             return self.refuse()

@@ -115,3 +115,14 @@ def test_revoked_sessions_are_bounded_and_forgotten_when_they_expire(monkeypatch
     clock.advance(dockerproxy.SESSION_LIFETIME + 1)
     gate.revoke(gate.new_session())
     assert len(gate.revoked) == 1
+
+
+def test_a_refused_form_gets_a_page_a_script_gets_json(start_proxy):
+    proxy = start_proxy(ADMIN_TOKEN=TOKEN)
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, headers, body = proxy.request("POST", "/admin/purge", {**BEARER, **form, "Accept": "text/html"},
+                                          body=b"image=no..such")
+    assert status == 400 and headers["Content-Type"].startswith("text/html")
+    assert b"Back to the status page" in body and headers["Content-Security-Policy"]
+    status, headers, body = proxy.request("POST", "/admin/purge", {**BEARER, **form}, body=b"image=no..such")
+    assert status == 400 and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
