@@ -4792,6 +4792,9 @@ class AdminPart(Part):
     def refuse(self) -> None:
         """No admission: off, a login form, a bearer challenge, or a refused address."""
         gate = self.proxy.gate
+        if not gate.enabled and self.endpoint.name == "metrics":
+            raise RegistryError(404, "UNSUPPORTED", "/metrics is served to ADMIN_ALLOW and ADMIN_TOKEN, and "
+                                "neither is set: set one, or METRICS_PUBLIC=true")
         if not gate.enabled:
             raise RegistryError(404, "UNSUPPORTED", "the status page and admin actions are off: "
                                 "set ADMIN_TOKEN or ADMIN_ALLOW")

@@ -126,3 +126,8 @@ def test_a_refused_form_gets_a_page_a_script_gets_json(start_proxy):
     assert b"Back to the status page" in body and headers["Content-Security-Policy"]
     status, headers, body = proxy.request("POST", "/admin/purge", {**BEARER, **form}, body=b"image=no..such")
     assert status == 400 and json.loads(body)["errors"][0]["code"] == "NAME_INVALID"
+
+
+def test_metrics_without_any_admin_setting_says_how_to_open_it(start_proxy):
+    status, _, body = start_proxy().request("GET", "/metrics")
+    assert status == 404 and "METRICS_PUBLIC=true" in json.loads(body)["errors"][0]["message"]
