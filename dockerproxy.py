@@ -83,6 +83,8 @@ Settings (command-line flag > environment > .env file > default):
   ADMIN_ALLOW=              addresses/CIDRs that may see /status, /metrics, /admin/
   ADMIN_TOKEN=              bearer token or login for them (environment only)
   READY_MIN_FREE=512M       /readyz is 503 below this much free cache disk
+  SHUTDOWN_DELAY=0          seconds to keep accepting after SIGTERM (readyz 503)
+  SHUTDOWN_GRACE=20         seconds transfers then have to finish before exit
 
 Operators' pages: /healthz (alive), /readyz (should get traffic), /metrics
 (Prometheus), /status and /status.json (hit ratio, pulls, upstreams), and
@@ -457,7 +459,7 @@ class Config(collections.namedtuple("Config", (
         "connect_timeout read_timeout client_timeout header_timeout max_connections max_fills "
         "manifest_ttl cache_max_size cache_max_age tls_cert tls_key registry_auth_file debug "
         "metrics admin_token admin_allow metrics_public ready_min_free log_format "
-        "routes accounts"), defaults=({},))):
+        "shutdown_delay shutdown_grace routes accounts"), defaults=({},))):
     """Every setting, parsed and checked.  Built by load_config(); the defaults
     are in SETTINGS.  routes: the Route table; accounts: the auth file's
     accounts by host, for realms and redirect targets (never printed, nor
@@ -498,6 +500,17 @@ def parse_seconds(text: str) -> float:
         raise ValueError("not a number of seconds") from None
     if not 0 < seconds < 86400:
         raise ValueError("must be between 0 and 86400 seconds")
+    return seconds
+
+
+def parse_wait(text: str) -> float:
+    """Seconds to wait, 0 included (a shutdown's delay and grace)."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise ValueError("not a number of seconds") from None
+    if not 0 <= seconds <= 3600:
+        raise ValueError("must be between 0 and 3600 seconds")
     return seconds
 
 
@@ -683,6 +696,10 @@ SETTINGS = (
             "bearer token (or login) for /status, /metrics and /admin/", secret=True),
     Setting("READY_MIN_FREE", "512M", parse_size,
             "/readyz answers 503 when the cache's file system has less free space, K/M/G/T"),
+    Setting("SHUTDOWN_DELAY", "0", parse_wait,
+            "seconds to keep accepting after SIGTERM, /readyz already 503 (Kubernetes: a few)"),
+    Setting("SHUTDOWN_GRACE", "20", parse_wait,
+            "seconds the transfers in flight then have to finish before the process exits"),
 )
 
 UPSTREAM_PREFIX = "UPSTREAM_"
@@ -5028,6 +5045,7 @@ class Answers:
 
     def start_response(self, status: int, headers) -> None:
         self.send_response(status)
+        self.end_if_draining()
         for name, value in headers:
             self.send_header(name, value)
         self.response_started = True
@@ -5334,6 +5352,8 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
                 return self.send_error(501)
             self.handle_request()
             self.wfile.flush()
+            if self.proxy.draining.is_set():
+                self.close_connection = True  # its answer may have begun before the signal
         except (socket.timeout, ConnectionError):
             self.close_connection = True  # a silent, slow or vanished client: no answer is owed
 
@@ -5349,6 +5369,16 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         self.handle_request()
 
     do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = do_GET
+
+    def end_headers(self) -> None:
+        self.end_if_draining()  # http.server's own answers (414, 501) come this way
+        super().end_headers()
+
+    def end_if_draining(self) -> None:
+        """While the process shuts down, every answer ends its connection: the
+        client finishes what it asked, and opens its next connection elsewhere."""
+        if self.proxy.draining.is_set() and not self.close_connection:
+            self.send_header("Connection", "close")  # which sets close_connection
 
     def reset_request_state(self) -> None:
         self.started = time.monotonic()
@@ -5503,6 +5533,7 @@ class Connections:
         self.count = 0                # admitted and not yet gone (may pass limit by closings in flight)
         self.readers = weakref.WeakSet()  # the DeadlineReaders of live connections
         self._lock = threading.Lock()
+        self._left = threading.Condition(self._lock)  # a connection ended (a shutdown waits)
 
     def watch(self, reader: DeadlineReader) -> None:
         with self._lock:
@@ -5530,6 +5561,19 @@ class Connections:
     def leave(self) -> None:
         with self._lock:
             self.count -= 1
+            self._left.notify_all()
+
+    def close_idle_now(self) -> None:
+        """Every connection waiting for its next request is closed (a shutdown)."""
+        with self._lock:
+            idle = [reader for reader in self.readers if reader.idle_since is not None]
+        for reader in idle:
+            reader.close_idle()
+
+    def wait_gone(self, timeout: float) -> bool:
+        """Wait until every connection has ended, at most `timeout` seconds."""
+        with self._left:
+            return self._left.wait_for(lambda: self.count <= 0, timeout)
 
 
 class Proxy:
@@ -5815,22 +5859,97 @@ def cache_command(action: str, config: Config) -> int:
     return 1 if report.get("bad_removed") else 0
 
 
+class Shutdown:
+    """SIGTERM or SIGINT (docker stop, systemd, Kubernetes, Ctrl-C), gracefully:
+
+    1. /readyz answers 503 at once, and every answer ends its connection;
+    2. connections are still accepted for SHUTDOWN_DELAY, while a load
+       balancer or Kubernetes' endpoints stop sending new ones;
+    3. then the listening socket closes (new connections are refused), idle
+       keep-alive connections are closed, and the transfers in flight have
+       SHUTDOWN_GRACE to finish;
+    4. downloads into the cache still running then are abandoned and their
+       temporary files removed: the cache holds verified objects or nothing.
+
+    A second signal exits at once (status 1).  The signal handler only sets
+    a flag and starts a thread: serve_forever() runs in the main thread, and
+    its shutdown() must be called from another.
+    """
+
+    def __init__(self, server: ProxyServer) -> None:
+        self.server = server
+        self.proxy = server.proxy
+        self.delay_over = threading.Event()  # SHUTDOWN_DELAY cut short (a test)
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self.on_signal)
+
+    def on_signal(self, signum, frame) -> None:
+        if self.proxy.draining.is_set():
+            log.warning("second %s: exiting now, transfers cut", signal.Signals(signum).name)
+            os._exit(1)
+        self.begin(signal.Signals(signum).name)
+
+    def begin(self, why: str) -> None:
+        """Stop being ready now; stop accepting after SHUTDOWN_DELAY (in a thread)."""
+        self.proxy.draining.set()
+        config = self.proxy.config
+        log.info("%s: shutting down; accepting for %gs more, then %gs for transfers in flight",
+                 why, config.shutdown_delay, config.shutdown_grace)
+        threading.Thread(target=self._stop_accepting, name="shutdown", daemon=True).start()
+
+    def _stop_accepting(self) -> None:
+        self.delay_over.wait(self.proxy.config.shutdown_delay)
+        self.server.shutdown()  # serve_forever() returns in the main thread, which finish()es
+
+    def finish(self) -> None:
+        """After the serve loop: refuse new connections, close idle ones, wait for the rest."""
+        self.server.socket.close()  # a connection now is refused, not left in the backlog
+        connections = self.proxy.connections
+        deadline = time.monotonic() + self.proxy.config.shutdown_grace
+        while True:
+            # again and again: a connection that ended an answer begun before the
+            # signal (so without Connection: close) may just have become idle
+            connections.close_idle_now()
+            remaining = deadline - time.monotonic()
+            if connections.wait_gone(min(0.1, max(remaining, 0))) or remaining <= 0:
+                break
+        left = max(connections.count, 0)
+        cache = self.proxy.cache
+        if cache is not None:  # a fill stores its object after its clients' last byte
+            cache.wait_idle(max(deadline - time.monotonic(), 0))
+        abandoned = self.abandon_fills()
+        if left or abandoned:
+            log.warning("shutdown: %d connections still open after SHUTDOWN_GRACE were cut; "
+                        "%d downloads into the cache abandoned", left, abandoned)
+        log.info("shutdown: done")
+
+    def abandon_fills(self) -> int:
+        """Remove the partial files of downloads still running: nothing partial stays behind."""
+        cache = self.proxy.cache
+        if cache is None:
+            return 0
+        fills = cache.fills.in_flight()
+        for fill in fills:
+            if fill.spool_path:
+                remove_quietly(fill.spool_path)
+        return len(fills)
+
+
 def serve(config: Config) -> int:
-    """Listen and serve until SIGTERM (docker stop, systemd) or Ctrl-C."""
+    """Listen and serve until SIGTERM (docker stop, systemd) or Ctrl-C; see Shutdown."""
     try:
         server = ProxyServer(config)
     except OSError as err:
         return cannot_use(err, config)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # leave the serve loop cleanly
+    shutdown = Shutdown(server)
+    shutdown.install()
     host, port = server.server_address[:2]
     log.info("dockerproxy %s listening on %s:%d (%s), default route %s", __version__, host, port,
              "https" if server.tls else "http", config.default_route or "(none)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    server.serve_forever()
+    shutdown.finish()
     return 0
 
 

@@ -1,0 +1,191 @@
+"""Graceful shutdown, with real signals on a real process (issue 12, item 3):
+/readyz turns 503 at once, connections are accepted for SHUTDOWN_DELAY, then
+refused; transfers in flight finish within SHUTDOWN_GRACE; the cache keeps a
+verified object or nothing; the process exits 0.  A second signal exits at once."""
+
+import hashlib
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import dockerproxy
+from conftest import ROOT, RegistryClient, RunningProxy
+from realregistry import free_port, wait_until
+
+BLOB_SIZE = 256 * 1024 * 1024
+
+
+def start(fake, cache_dir, *flags):
+    """dockerproxy.py as a process: (Popen, RunningProxy) once it answers."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--host", "127.0.0.1", "--port", str(port),
+         "--env-file", os.devnull, "--upstream", f"docker={fake.url}", "--cache-dir", str(cache_dir), *flags],
+        stderr=subprocess.PIPE, text=True)
+    running = RunningProxy(port=port)
+
+    def answers():
+        try:
+            return running.request("GET", "/healthz")[0] == 200
+        except OSError:
+            assert process.poll() is None, process.stderr.read()
+            return False
+    wait_until(answers, what="proxy process start")
+    return process, running
+
+
+def connect_refused(running):
+    try:
+        socket.create_connection(("127.0.0.1", running.port), timeout=5).close()
+        return False
+    except ConnectionRefusedError:
+        return True
+
+
+def ready_status(running):
+    try:
+        return running.request("GET", "/readyz", timeout=5)[0]
+    except OSError:
+        return None
+
+
+class Puller(threading.Thread):
+    """A client reading one blob whole, hashing it, after telling when its first bytes came."""
+
+    def __init__(self, running, path, token):
+        super().__init__(daemon=True)
+        self.running, self.path, self.token = running, path, token
+        self.started_reading = threading.Event()
+        self.digest, self.size, self.error = None, 0, None
+
+    def run(self):
+        connection = http.client.HTTPConnection("127.0.0.1", self.running.port, timeout=60)
+        try:
+            connection.request("GET", self.path, headers={"Authorization": f"Bearer {self.token}"})
+            response = connection.getresponse()
+            hasher = hashlib.sha256()
+            first = response.read(65536)
+            hasher.update(first)
+            self.size = len(first)
+            self.started_reading.set()
+            while True:
+                chunk = response.read(1 << 20)
+                if not chunk:
+                    break
+                hasher.update(chunk)
+                self.size += len(chunk)
+            self.digest = "sha256:" + hasher.hexdigest()
+        except Exception as err:  # noqa: BLE001 (the test reports it)
+            self.error = err
+            self.started_reading.set()
+        finally:
+            connection.close()
+
+
+def files_under(root):
+    return [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+
+
+def test_sigterm_during_a_cold_pull_lets_three_clients_finish(fake, tmp_path):
+    digest = fake.add_pattern_blob("library/big", BLOB_SIZE, seed=7)
+    cache = tmp_path / "cache"
+    process, running = start(fake, cache, "--shutdown-delay", "2", "--shutdown-grace", "60")
+    try:
+        client = RegistryClient(running)
+        client.request("HEAD", f"/v2/library/big/blobs/{digest}")  # the token first
+        fake.fault("cdn", digest, "stall", after_headers=True, after_bytes=4 * 1024 * 1024)
+        pullers = [Puller(running, f"/v2/library/big/blobs/{digest}", client.token) for _ in range(3)]
+        for puller in pullers:
+            puller.start()
+        for puller in pullers:
+            assert puller.started_reading.wait(30) and puller.error is None, puller.error
+        idle = socket.create_connection(("127.0.0.1", running.port))  # a keep-alive connection, idle
+        process.send_signal(signal.SIGTERM)
+        # not ready at once, while still accepting for SHUTDOWN_DELAY
+        wait_until(lambda: ready_status(running) == 503, what="/readyz 503 after SIGTERM")
+        status, headers, body = running.request("GET", "/readyz")
+        assert json.loads(body)["problems"] == ["shutting down"] and headers["Connection"] == "close"
+        # then refused, and the idle connection closed, while the transfers go on
+        wait_until(lambda: connect_refused(running), timeout=30, what="new connections refused")
+        idle.settimeout(10)
+        assert idle.recv(1) == b""
+        idle.close()
+        assert process.poll() is None and all(puller.is_alive() for puller in pullers)
+        fake.release.set()
+        for puller in pullers:
+            puller.join(60)
+        assert [(p.error, p.size, p.digest) for p in pullers] == [(None, BLOB_SIZE, digest)] * 3
+        assert process.wait(60) == 0
+        assert fake.count(server="cdn", method="GET", path_contains=digest) == 1
+    finally:
+        fake.release.set()
+        if process.poll() is None:
+            process.kill()
+        log = process.communicate(timeout=10)[1]
+    assert "Traceback" not in log, log
+    assert "shutting down" in log and "shutdown: done" in log
+    # the verified blob, or nothing; no partial file
+    stored = [path for path in [dockerproxy.object_path(str(cache), digest)] if os.path.exists(path)]
+    assert not [path for path in files_under(cache) if os.path.basename(path).startswith(dockerproxy.TEMP_PREFIX)]
+    for path in stored:
+        hasher = hashlib.sha256()
+        with open(path, "rb") as blob:
+            for chunk in iter(lambda: blob.read(1 << 20), b""):
+                hasher.update(chunk)
+        assert "sha256:" + hasher.hexdigest() == digest
+
+
+def test_a_transfer_past_the_grace_is_cut_and_leaves_nothing_behind(fake, tmp_path):
+    digest = fake.add_pattern_blob("library/big", 64 * 1024 * 1024, seed=8)
+    cache = tmp_path / "cache"
+    process, running = start(fake, cache, "--shutdown-grace", "1")
+    try:
+        client = RegistryClient(running)
+        client.request("HEAD", f"/v2/library/big/blobs/{digest}")
+        fake.fault("cdn", digest, "stall", after_headers=True, after_bytes=1024 * 1024)
+        puller = Puller(running, f"/v2/library/big/blobs/{digest}", client.token)
+        puller.start()
+        assert puller.started_reading.wait(30) and puller.error is None
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0  # the upstream still holds the body: the grace runs out
+        puller.join(30)
+        assert puller.size < 64 * 1024 * 1024  # cut short: the client sees it, as it would a reset
+    finally:
+        fake.release.set()
+        if process.poll() is None:
+            process.kill()
+        log = process.communicate(timeout=10)[1]
+    assert "1 downloads into the cache abandoned" in log, log
+    assert not [path for path in files_under(cache) if os.path.basename(path).startswith(dockerproxy.TEMP_PREFIX)]
+    assert not os.path.exists(dockerproxy.object_path(str(cache), digest))
+
+
+@pytest.mark.parametrize("first, second", [(signal.SIGTERM, signal.SIGTERM), (signal.SIGINT, signal.SIGTERM)])
+def test_a_second_signal_exits_at_once(fake, tmp_path, first, second):
+    process, running = start(fake, tmp_path / "cache", "--shutdown-delay", "600")
+    try:
+        process.send_signal(first)
+        wait_until(lambda: ready_status(running) == 503, what="/readyz 503 after the first signal")
+        assert process.poll() is None  # still accepting: SHUTDOWN_DELAY is 600 s
+        process.send_signal(second)
+        assert process.wait(10) == 1
+    finally:
+        if process.poll() is None:
+            process.kill()
+        log = process.communicate(timeout=10)[1]
+    assert "exiting now" in log and "Traceback" not in log
+
+
+def test_an_idle_proxy_exits_at_once_on_sigterm(fake, tmp_path):
+    process, running = start(fake, tmp_path / "cache")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+    log = process.communicate(timeout=10)[1]
+    assert "shutdown: done" in log and "Traceback" not in log
