@@ -5768,6 +5768,9 @@ class ProxyServer(http.server.ThreadingHTTPServer):
         self.refusals = 0
         try:
             super().process_request(request, client_address)
+        except RuntimeError:  # "can't start new thread": the process's task limit (systemd TasksMax)
+            self.connections.leave()
+            self.refuse(request, "no thread can be started (the process's task limit)")
         except BaseException:
             self.connections.leave()
             raise
@@ -5784,12 +5787,13 @@ class ProxyServer(http.server.ThreadingHTTPServer):
             return
         log.exception("connection from %s failed", client_address[0])
 
-    def refuse(self, request) -> None:
-        """503 on a connection over MAX_CONNECTIONS (TLS: just closed; a handshake costs a thread)."""
+    def refuse(self, request, why: str = "") -> None:
+        """503 on a connection over MAX_CONNECTIONS, or without a thread to serve it
+        (TLS: just closed; a handshake costs a thread)."""
         self.refusals += 1
         if self.refusals == 1:
-            log.warning("more than MAX_CONNECTIONS=%d client connections: refusing new ones",
-                        self.config.max_connections)
+            log.warning("%s: refusing new connections", why or
+                        f"more than MAX_CONNECTIONS={self.config.max_connections} client connections")
         if self.tls is None:
             try:
                 request.setblocking(False)
@@ -5871,17 +5875,21 @@ class Shutdown:
     4. downloads into the cache still running then are abandoned and their
        temporary files removed: the cache holds verified objects or nothing.
 
-    A second signal exits at once (status 1).  The signal handler only sets
-    a flag and starts a thread: serve_forever() runs in the main thread, and
-    its shutdown() must be called from another.
+    A second signal exits at once (status 1).  serve_forever() runs in the
+    main thread, and its shutdown() must be called from another: that thread
+    is started before any signal can come, and the handler only sets flags,
+    as a process at its thread limit (TasksMax, a busy proxy) could not
+    start one then.
     """
 
     def __init__(self, server: ProxyServer) -> None:
         self.server = server
         self.proxy = server.proxy
+        self.signalled = threading.Event()   # the first signal came
         self.delay_over = threading.Event()  # SHUTDOWN_DELAY cut short (a test)
 
     def install(self) -> None:
+        threading.Thread(target=self._stop_accepting, name="shutdown", daemon=True).start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self.on_signal)
 
@@ -5897,9 +5905,10 @@ class Shutdown:
         config = self.proxy.config
         log.info("%s: shutting down; accepting for %gs more, then %gs for transfers in flight",
                  why, config.shutdown_delay, config.shutdown_grace)
-        threading.Thread(target=self._stop_accepting, name="shutdown", daemon=True).start()
+        self.signalled.set()
 
     def _stop_accepting(self) -> None:
+        self.signalled.wait()
         self.delay_over.wait(self.proxy.config.shutdown_delay)
         self.server.shutdown()  # serve_forever() returns in the main thread, which finish()es
 
@@ -5939,12 +5948,17 @@ class Shutdown:
 
 def serve(config: Config) -> int:
     """Listen and serve until SIGTERM (docker stop, systemd) or Ctrl-C; see Shutdown."""
+    early = []  # a signal while starting (opening the cache can take a moment) is kept for then
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: early.append(signum))
     try:
         server = ProxyServer(config)
     except OSError as err:
         return cannot_use(err, config)
     shutdown = Shutdown(server)
     shutdown.install()
+    if early:
+        shutdown.begin(signal.Signals(early[0]).name)
     host, port = server.server_address[:2]
     log.info("dockerproxy %s listening on %s:%d (%s), default route %s", __version__, host, port,
              "https" if server.tls else "http", config.default_route or "(none)")

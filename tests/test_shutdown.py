@@ -7,10 +7,12 @@ import hashlib
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 
 import pytest
@@ -189,3 +191,63 @@ def test_an_idle_proxy_exits_at_once_on_sigterm(fake, tmp_path):
     assert process.wait(10) == 0
     log = process.communicate(timeout=10)[1]
     assert "shutdown: done" in log and "Traceback" not in log
+
+
+def test_at_the_task_limit_connections_get_503_and_sigterm_still_drains(fake):
+    """A process at its thread limit (systemd TasksMax, ulimit -u) could not start
+    the shutdown's thread in the signal handler: a traceback and exit 1, every
+    transfer cut (the shutdown review).  A connection it cannot give a thread
+    gets 503, as over MAX_CONNECTIONS, not a logged traceback."""
+    for tool in ("setpriv", "prlimit"):
+        assert shutil.which(tool), f"{tool} (util-linux) is needed"
+    python = "/usr/bin/python3"  # the system's: nobody cannot enter root's pyenv
+    assert os.access(python, os.X_OK), "Debian's python3 is needed"
+    # RLIMIT_NPROC binds only a user without CAP_SYS_RESOURCE: nobody, who needs a
+    # copy of the module and a cache it can reach (pytest's tmp_path is root's, 0700)
+    home = tempfile.mkdtemp(prefix="dockerproxy-tasks-")
+    os.chmod(home, 0o755)
+    shutil.copy(os.path.join(ROOT, "dockerproxy.py"), home)
+    cache = os.path.join(home, "cache")
+    os.mkdir(cache)
+    os.chmod(cache, 0o777)
+    port = free_port()
+    process = subprocess.Popen(
+        ["setpriv", "--reuid", "nobody", "--regid", "nogroup", "--clear-groups", "prlimit", "--nproc=30", "--",
+         python, os.path.join(home, "dockerproxy.py"), "--host", "127.0.0.1", "--port", str(port),
+         "--env-file", os.devnull, "--upstream", f"docker={fake.url}", "--cache-dir", cache,
+         "--shutdown-grace", "2"], stderr=subprocess.PIPE, text=True, cwd=home)
+    running = RunningProxy(port=port)
+    held = []
+
+    def started():
+        assert process.poll() is None, process.stderr.read()
+        return ready_status(running) == 200
+    try:
+        wait_until(started, what="proxy process start")
+        for _ in range(40):  # each holds a thread, waiting for the rest of its head
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Wait: ")
+            held.append(sock)
+        for sock in held:
+            sock.setblocking(False)
+        answers = {}
+
+        def some_refused():
+            for sock in held:
+                try:
+                    answers[sock] = answers.get(sock, b"") + sock.recv(100)
+                except BlockingIOError:
+                    pass
+            return any(answer.startswith(b"HTTP/1.1 503 ") for answer in answers.values())
+        wait_until(some_refused, what="a connection refused for want of a thread")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        for sock in held:
+            sock.close()
+        if process.poll() is None:
+            process.kill()
+        log = process.communicate(timeout=10)[1]
+        shutil.rmtree(home, ignore_errors=True)
+    assert "Traceback" not in log, log
+    assert "shutdown: done" in log and "task limit" in log
