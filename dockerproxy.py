@@ -493,11 +493,15 @@ def parse_count(text: str) -> int:
     return int(text)
 
 
-def parse_seconds(text: str) -> float:
+def number_of_seconds(text: str) -> float:
     try:
-        seconds = float(text)
+        return float(text)
     except ValueError:
         raise ValueError("not a number of seconds") from None
+
+
+def parse_seconds(text: str) -> float:
+    seconds = number_of_seconds(text)
     if not 0 < seconds < 86400:
         raise ValueError("must be between 0 and 86400 seconds")
     return seconds
@@ -505,10 +509,7 @@ def parse_seconds(text: str) -> float:
 
 def parse_wait(text: str) -> float:
     """Seconds to wait, 0 included (a shutdown's delay and grace)."""
-    try:
-        seconds = float(text)
-    except ValueError:
-        raise ValueError("not a number of seconds") from None
+    seconds = number_of_seconds(text)
     if not 0 <= seconds <= 3600:
         raise ValueError("must be between 0 and 3600 seconds")
     return seconds
@@ -1342,7 +1343,7 @@ def json_form(body: bytes) -> dict:
     """A JSON object's string members as a form: {"image": "x"} -> {"image": ["x"]}; else 400."""
     try:
         document = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # 64 KiB of "[" nests past the parser's depth
         document = None
     if not isinstance(document, dict):
         raise RegistryError(400, "UNSUPPORTED", "the body is not a JSON object")
@@ -1960,8 +1961,7 @@ class Metrics:
 
     def add(self, name: str, labels: tuple = (), amount: float = 1) -> None:
         with self._lock:
-            series = self._values[name]
-            series[labels] = series.get(labels, 0) + amount
+            self._count(name, labels, amount)
 
     def value(self, name: str, labels: tuple = ()) -> float:
         """A series' value now (0 if it never counted): for the status page and tests."""
@@ -4900,7 +4900,11 @@ class AdminAction(AdminPart):
         origin = self.request.headers.get("origin")
         if origin is None:
             return True
-        return urllib.parse.urlsplit(origin).netloc.lower() == self.request.host.lower()
+        try:
+            netloc = urllib.parse.urlsplit(origin).netloc
+        except ValueError:  # "http://[": not a page of ours
+            return False
+        return netloc.lower() == self.request.host.lower()
 
     def login(self) -> None:
         gate = self.proxy.gate

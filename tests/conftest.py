@@ -57,6 +57,21 @@ def http_request(url, method="GET", headers=None, body=None, host=None, timeout=
         connection.close()
 
 
+def raw_request(proxy, head: bytes) -> bytes:
+    """A request written as bytes, on a new connection (what http.client would not
+    send: odd bytes in a header or the path): the answer up to its blank line."""
+    import socket
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        while b"\r\n\r\n" not in answer:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    return answer
+
+
 class RunningProxy:
     """A client for a proxy: a ProxyServer serving in a thread, or a process on `port`."""
 
@@ -94,13 +109,13 @@ def proxy_config(tmp_path, *argv, **environ):
     return dockerproxy.load_config(base + list(argv), environ)
 
 
-def start_proxy_process(upstream_url, cache_dir, port, preexec_fn=None):
-    """dockerproxy.py as a real process with its docker route on `upstream_url`:
-    (Popen with stderr piped, RunningProxy once /healthz answers)."""
+def start_proxy_process(upstream_url, cache_dir, port, preexec_fn=None, flags=()):
+    """dockerproxy.py as a real process with its docker route on `upstream_url`,
+    and `flags` added: (Popen with stderr piped, RunningProxy once /healthz answers)."""
     from realregistry import wait_until
     process = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--host", "127.0.0.1", "--port", str(port),
-         "--env-file", os.devnull, "--upstream", f"docker={upstream_url}", "--cache-dir", str(cache_dir)],
+         "--env-file", os.devnull, "--upstream", f"docker={upstream_url}", "--cache-dir", str(cache_dir), *flags],
         stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
     running = RunningProxy(port=port)
 

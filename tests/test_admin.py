@@ -2,36 +2,22 @@
 issue 11, each a test that failed before its fix."""
 
 import json
-import socket
 
 import pytest
 
 import dockerproxy
-from conftest import MovableClock, RegistryClient
+from conftest import MovableClock, RegistryClient, raw_request
 from test_cache import pull
 
 TOKEN = "admin-test-token-0123456789"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def raw(proxy, request: bytes) -> bytes:
-    """One request written as bytes (a header http.client would not send); the answer's head."""
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(request)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return answer
-
-
 @pytest.mark.parametrize("path", [b"/status", b"/status.json", b"/metrics"])
 def test_a_cookie_of_superscript_digits_is_refused_not_an_internal_error(start_proxy, path, caplog):
     """'\\xb2' is latin-1 '²', which passes str.isdigit() and fails int()."""
     proxy = start_proxy(ADMIN_TOKEN=TOKEN)
-    answer = raw(proxy, b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nCookie: dockerproxy_session=\xb2.00\r\n\r\n")
+    answer = raw_request(proxy, b"GET " + path + b" HTTP/1.1\r\nHost: a\r\nCookie: dockerproxy_session=\xb2.00\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 401 "), answer
     assert "Traceback" not in caplog.text
 
@@ -48,7 +34,7 @@ def test_page_refresh(query, seconds):
 def test_the_readme_evict_command_works_without_a_body(start_proxy):
     """curl -X POST sends no Content-Length: an empty body (RFC 9112 6.3), not a 400."""
     proxy = start_proxy(ADMIN_TOKEN=TOKEN)
-    answer = raw(proxy, f"POST /admin/evict HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
+    answer = raw_request(proxy, f"POST /admin/evict HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {TOKEN}\r\n\r\n".encode())
     assert answer.startswith(b"HTTP/1.1 200 "), answer
 
 
@@ -131,3 +117,15 @@ def test_a_refused_form_gets_a_page_a_script_gets_json(start_proxy):
 def test_metrics_without_any_admin_setting_says_how_to_open_it(start_proxy):
     status, _, body = start_proxy().request("GET", "/metrics")
     assert status == 404 and "METRICS_PUBLIC=true" in json.loads(body)["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("path, headers, body", [
+    ("/admin/login", {"Origin": "http://["}, b"token=x"),                       # no admission needed
+    ("/admin/evict", {**BEARER, "Origin": "http://[::1"}, b""),
+    ("/admin/login", {"Content-Type": "application/json"}, b"[" * 60000),        # past the parser's depth
+])
+def test_an_unparseable_origin_or_body_is_refused_not_an_internal_error(start_proxy, caplog, path, headers, body):
+    """The final review: both were 500s with a logged traceback, for anyone."""
+    proxy = start_proxy(ADMIN_TOKEN=TOKEN)
+    status, _, _ = proxy.request("POST", path, headers, body=body)
+    assert status in (400, 401, 403) and "Traceback" not in caplog.text

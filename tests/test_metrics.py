@@ -15,7 +15,7 @@ import threading
 import pytest
 
 import dockerproxy
-from conftest import MovableClock, RegistryClient, RunningProxy
+from conftest import MovableClock, RegistryClient, RunningProxy, raw_request
 from realregistry import wait_until
 from test_cache import ACCEPT_ALL, pull, rewind_tag_checks, settled
 
@@ -123,7 +123,7 @@ def upstream_answers(fake):
 def test_every_counter_after_a_cold_warm_stale_and_coalesced_pull(metered, fake):
     before = scrape(metered)
     tally = Tally()
-    small = fake.add_image("library/app", "1", [b"layer one" * 100])
+    fake.add_image("library/app", "1", [b"layer one" * 100])
     big = fake.add_pattern_blob("library/app", 8 * 1024 * 1024, seed=11)
     client = RegistryClient(metered)
 
@@ -208,19 +208,6 @@ def json_log():
     yield lines
     logger.removeHandler(handler)
     logger.setLevel(level)
-
-
-def raw_request(proxy, head: bytes) -> bytes:
-    import socket
-    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
-        sock.sendall(head)
-        answer = b""
-        while b"\r\n\r\n" not in answer:
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            answer += chunk
-    return answer
 
 
 def readme_json_log_line():

@@ -11,14 +11,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 
 import pytest
 
 import dockerproxy
-from conftest import ROOT, RegistryClient, RunningProxy
+from conftest import ROOT, RegistryClient, RunningProxy, start_proxy_process
 from realregistry import free_port, wait_until
 
 BLOB_SIZE = 256 * 1024 * 1024
@@ -26,21 +25,7 @@ BLOB_SIZE = 256 * 1024 * 1024
 
 def start(fake, cache_dir, *flags):
     """dockerproxy.py as a process: (Popen, RunningProxy) once it answers."""
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "dockerproxy.py"), "--host", "127.0.0.1", "--port", str(port),
-         "--env-file", os.devnull, "--upstream", f"docker={fake.url}", "--cache-dir", str(cache_dir), *flags],
-        stderr=subprocess.PIPE, text=True)
-    running = RunningProxy(port=port)
-
-    def answers():
-        try:
-            return running.request("GET", "/healthz")[0] == 200
-        except OSError:
-            assert process.poll() is None, process.stderr.read()
-            return False
-    wait_until(answers, what="proxy process start")
-    return process, running
+    return start_proxy_process(fake.url, cache_dir, free_port(), flags=flags)
 
 
 def connect_refused(running):
