@@ -85,11 +85,21 @@ Settings (command-line flag > environment > .env file > default):
   READY_MIN_FREE=512M       /readyz is 503 below this much free cache disk
   SHUTDOWN_DELAY=0          seconds to keep accepting after SIGTERM (readyz 503)
   SHUTDOWN_GRACE=20         seconds transfers then have to finish before exit
+  RATE_LIMIT_REQUESTS=0     registry requests per minute per client (0: no limit)
+  RATE_LIMIT_BYTES=0        bytes per hour per client, K/M/G/T (0: no limit)
+  RATE_LIMIT_TRANSFERS=0    blob downloads at once per client (0: no limit)
+  RATE_LIMIT_EXEMPT=        CIDRs no rate limit applies to
+  TRUSTED_PROXIES=          CIDRs of reverse proxies whose X-Forwarded-For is believed
+  ALLOW_CLIENTS=            CIDRs that may use the proxy (empty: everyone)
+  ALLOW_IMAGES=             globs over registry/name, or @file (empty: every image)
+  DENY_IMAGES=              globs over registry/name, or @file, refused
+  BLOCK_MESSAGE=            the message of those refusals
+  MAX_UPSTREAM_REQUESTS=32  requests in flight per upstream host (more wait, then 503)
 
 Operators' pages: /healthz (alive), /readyz (should get traffic), /metrics
 (Prometheus), /status and /status.json (hit ratio, pulls, upstreams), and
 POST /admin/purge and /admin/evict; the last three need ADMIN_ALLOW or
-ADMIN_TOKEN.
+ADMIN_TOKEN.  SIGTERM drains and exits; SIGHUP reads the pattern files again.
 
 Run ``python3 dockerproxy.py --help`` for the same list with the flags, and
 ``python3 dockerproxy.py cache verify|stats|prune`` to check, count or trim
@@ -105,6 +115,7 @@ import base64
 import collections
 import errno
 import fcntl
+import fnmatch
 import functools
 import hashlib
 import hmac
@@ -114,6 +125,7 @@ import io
 import ipaddress
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -363,6 +375,16 @@ class UpstreamTimeout(RegistryError):
         super().__init__(504, "UNAVAILABLE", message)
 
 
+class UpstreamHeldBack(UpstreamUnavailable):
+    """The upstream was not asked: its request slots are taken, its circuit is
+    open, or it answered this client 429 not long ago.  An UpstreamUnavailable,
+    so the cache answers what it can, as when the upstream is down."""
+
+    def __init__(self, status: int, code: str, message: str, retry_after: float) -> None:
+        seconds = str(max(1, int(math.ceil(retry_after))))
+        RegistryError.__init__(self, status, code, message, headers=(("Retry-After", seconds),))
+
+
 class NoRoute(RegistryError):
     """No route for the request: 404 with the route list, as the Worker."""
 
@@ -459,7 +481,9 @@ class Config(collections.namedtuple("Config", (
         "connect_timeout read_timeout client_timeout header_timeout max_connections max_fills "
         "manifest_ttl cache_max_size cache_max_age tls_cert tls_key registry_auth_file debug "
         "metrics admin_token admin_allow metrics_public ready_min_free log_format "
-        "shutdown_delay shutdown_grace routes accounts"), defaults=({},))):
+        "shutdown_delay shutdown_grace rate_limit_requests rate_limit_bytes rate_limit_transfers "
+        "rate_limit_exempt trusted_proxies allow_clients allow_images deny_images block_message "
+        "max_upstream_requests routes accounts"), defaults=({},))):
     """Every setting, parsed and checked.  Built by load_config(); the defaults
     are in SETTINGS.  routes: the Route table; accounts: the auth file's
     accounts by host, for realms and redirect targets (never printed, nor
@@ -595,6 +619,47 @@ def parse_networks(text: str) -> tuple:
     return tuple(networks)
 
 
+def parse_limit(text: str) -> int:
+    """A rate limit: a count, 0 (or empty) for none."""
+    if not text.strip():
+        return 0
+    if not text.strip().isdigit() or not 0 <= int(text) <= 10 ** 9:
+        raise ValueError("not a count (0: no limit)")
+    return int(text)
+
+
+# An image pattern: a glob over registry/name ("docker.io/library/*"), where
+# * and ? match any characters, / included, and [abc] one of a set.
+IMAGE_PATTERN = re.compile(r"[a-z0-9._:\-/*?\[\]!]{1,300}\Z")
+
+
+def check_pattern(pattern: str) -> str:
+    """A pattern ALLOW_IMAGES or DENY_IMAGES can hold, or ValueError."""
+    if not IMAGE_PATTERN.match(pattern) or "/" not in pattern:
+        raise ValueError(f"{pattern!r} is not a pattern over registry/name (e.g. docker.io/library/*)")
+    return pattern
+
+
+def parse_patterns(text: str) -> tuple:
+    """ALLOW_IMAGES/DENY_IMAGES: glob patterns and @files, comma- or space-separated.
+
+    The files are read by ImagePolicy (now, and again on SIGHUP); a pattern
+    is checked here, so a typo stops start-up instead of blocking every pull.
+    """
+    items = tuple(item for item in re.split(r"[,\s]+", text.strip().lower()) if item)
+    for item in items:
+        if not item.startswith("@"):
+            check_pattern(item)
+    return items
+
+
+def parse_message(text: str) -> str:
+    message = text.strip()
+    if len(message) > 500 or not all(" " <= char != "\x7f" for char in message):
+        raise ValueError("at most 500 printable characters on one line")
+    return message
+
+
 # An admin token is checked on every request that brings one, with no limit
 # on tries: it must be too long to guess (openssl rand -hex 24 gives 48).
 MIN_ADMIN_TOKEN_LENGTH = 16
@@ -701,6 +766,32 @@ SETTINGS = (
             "seconds to keep accepting after SIGTERM, /readyz already 503 (Kubernetes: a few)"),
     Setting("SHUTDOWN_GRACE", "20", parse_wait,
             "seconds the transfers in flight then have to finish before the process exits"),
+    Setting("RATE_LIMIT_REQUESTS", "0", parse_limit,
+            "registry requests per minute per client address, in bursts of as many (0: no limit)"),
+    Setting("RATE_LIMIT_BYTES", "0", parse_size,
+            "bytes per hour per client address, K/M/G/T; a transfer is never cut, "
+            "the next request is refused (0: no limit)"),
+    Setting("RATE_LIMIT_TRANSFERS", "0", parse_limit,
+            "blob downloads at once per client address (0: no limit; docker pulls 3 at once, podman 6)"),
+    Setting("RATE_LIMIT_EXEMPT", "", parse_networks,
+            "addresses or CIDR networks no rate limit applies to (the operator's CI)"),
+    Setting("TRUSTED_PROXIES", "", parse_networks,
+            "CIDRs of the operator's reverse proxies: from them, the client is the rightmost "
+            "X-Forwarded-For address not in this list (for limits, ALLOW_CLIENTS and logs)"),
+    Setting("ALLOW_CLIENTS", "", parse_networks,
+            "only these addresses or CIDRs may use the proxy; others get 403 (empty: everyone; "
+            "/healthz and /readyz are always open)"),
+    Setting("ALLOW_IMAGES", "", parse_patterns,
+            "only images matching these globs over registry/name may be pulled, e.g. "
+            "docker.io/library/*,ghcr.io/myorg/*; @/path/file reads them from a file, "
+            "again on SIGHUP (empty: all)"),
+    Setting("DENY_IMAGES", "", parse_patterns,
+            "images matching these globs (or @file) are refused, even if ALLOW_IMAGES allows them"),
+    Setting("BLOCK_MESSAGE", "", parse_message,
+            "the message of a refusal by ALLOW_CLIENTS, ALLOW_IMAGES or DENY_IMAGES"),
+    Setting("MAX_UPSTREAM_REQUESTS", "32", parse_count,
+            "requests in flight per upstream host; more wait (up to CONNECT_TIMEOUT, as many "
+            "as this) and then get 503"),
 )
 
 UPSTREAM_PREFIX = "UPSTREAM_"
@@ -930,6 +1021,12 @@ def check_config(config: Config) -> None:
                 raise ConfigError(f"EXTRA_ROUTES: {route.name!r} and {seen[host]!r} "
                                   f"both claim registry host {host!r}")
             seen[host] = route.name
+    registries = {registry_name(route) for route in config.routes}
+    for setting, items in (("ALLOW_IMAGES", config.allow_images), ("DENY_IMAGES", config.deny_images)):
+        for item in items:
+            if not item.startswith("@") and pattern_registry(item) not in registries | {""}:
+                raise ConfigError(f"{setting}: {item!r} names no registry of the route table "
+                                  f"({', '.join(sorted(registries))})")
 
 
 # Routing and dispatch (pure: no I/O) #######################################
@@ -1107,6 +1204,12 @@ ENDPOINTS = ("redirect", "health", "ready", "routes", "metrics", "status", "stat
 # The proxy's own pages, by path (GET and HEAD).
 OWN_PAGES = {"/healthz": "health", "/health": "health", "/readyz": "ready", "/routes": "routes",
              "/metrics": "metrics", "/status": "status", "/status.json": "status.json"}
+
+# Paths no rule of the operator's closes (ALLOW_CLIENTS): probes must reach them.
+ALWAYS_OPEN = ("/healthz", "/health", "/readyz")
+
+# Endpoints the rate limits count: the registry API, tokens included.
+LIMITED_ENDPOINTS = ("redirect", "base", "token", "manifest", "tag", "blob", "tags", "referrers")
 
 # The operator's actions, by path (POST only).
 ADMIN_ACTIONS = {"/admin/login": "login", "/admin/logout": "logout",
@@ -1355,19 +1458,6 @@ def object_answer(status: int) -> bool:
     outcome counts; a challenge, a 404 or an error is only counted by its status,
     so the hit ratio is of the objects served."""
     return 200 <= status < 300 or status == 304
-
-
-def client_address(peer: str, headers, trust_proxy_headers: bool) -> str:
-    """Who a request is from, for logs and the status page: the socket peer, or
-    behind a trusted reverse proxy the address it appended to X-Forwarded-For
-    (the last one; those before it the client wrote itself)."""
-    if not trust_proxy_headers or headers is None:
-        return peer
-    forwarded = ",".join(headers.get_all("x-forwarded-for") or []).rpartition(",")[2].strip()
-    try:
-        return str(ipaddress.ip_address(forwarded.partition("%")[0]))  # a zone means nothing remote
-    except ValueError:
-        return peer
 
 
 def forwarded_request_headers(headers, same_host: bool = True) -> dict:
@@ -1742,6 +1832,476 @@ class Access:
             self.grants.add((identity, upstream, repository))
 
 
+# Protection: client limits, the image policy, a gentle upstream ############
+
+# Clients the rate limiter remembers at most: about 300 bytes each, 15 MiB.
+# Beyond, the buckets idle the longest are dropped (a dropped client starts
+# again with a full allowance), so a spray of addresses cannot grow it.
+MAX_LIMITED_CLIENTS = 50_000
+
+# The windows of RATE_LIMIT_REQUESTS (per minute) and RATE_LIMIT_BYTES (per
+# hour): a bucket holds one window's allowance and refills over the window.
+REQUEST_WINDOW = 60.0
+BYTE_WINDOW = 3600.0
+
+# IPv6 clients are limited per /64: one host gets a whole /64 (RFC 6177), so
+# a limit per address would be a limit on nothing.
+IPV6_CLIENT_PREFIX = 64
+
+# An upstream 429 without a usable Retry-After is remembered this long, and
+# none longer than MAX_UPSTREAM_BACKOFF whatever it says (Docker Hub's pull
+# window is six hours, but a quota can come back sooner; an hour bounds a
+# hostile or broken header).
+DEFAULT_UPSTREAM_BACKOFF = 60.0
+MAX_UPSTREAM_BACKOFF = 3600.0
+
+# Upstream 429s remembered at once, one per (upstream, client identity):
+# about 200 bytes each.  Beyond, expired ones go, then the soonest to expire.
+MAX_UPSTREAM_BACKOFFS = 10_000
+
+# A route's upstream is given up on (its circuit opened) after this many
+# transport failures in a row (timeouts, refused or reset connections): for
+# BREAKER_BACKOFF seconds, doubling with each failed retry up to
+# MAX_BREAKER_BACKOFF.  Meanwhile requests are answered from the cache, or
+# refused at once, instead of each waiting out CONNECT_TIMEOUT.
+BREAKER_FAILURES = 5
+BREAKER_BACKOFF = 5.0
+MAX_BREAKER_BACKOFF = 120.0
+
+# What a client is told to wait for when the upstream's request slots are
+# all taken and its queue is full: a second lets most requests in flight end.
+BUSY_RETRY_AFTER = 1
+
+
+def plain_address(text: str):
+    """An address as the limits compare it: IPv4-mapped IPv6 as IPv4, no zone; None if not one."""
+    try:
+        address = ipaddress.ip_address(text.partition("%")[0].strip())
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped or address
+
+
+def in_networks(address, networks: tuple) -> bool:
+    return address is not None and any(address in network for network in networks)
+
+
+def client_address(peer: str, headers, trust_proxy_headers: bool, trusted_proxies: tuple = ()) -> str:
+    """Who a request is from.
+
+    With TRUSTED_PROXIES, and a socket peer in it: the rightmost address of
+    X-Forwarded-For that is not in it (each proxy appends the address it saw;
+    those left of the first untrusted one the client may have written).  An
+    entry that is not an address stops the walk at the last trusted hop.
+    Else, with TRUST_PROXY_HEADERS (logs and the status page only; limits
+    never trust a header from a peer not listed): the last X-Forwarded-For
+    address.  Else the socket peer.
+    """
+    own = plain_address(peer)
+    peer = str(own) if own is not None else peer
+    if headers is None:
+        return peer
+    forwarded = [item.strip() for value in headers.get_all("x-forwarded-for") or [] for item in value.split(",")]
+    if trusted_proxies:
+        if not in_networks(own, trusted_proxies):
+            return peer
+        hop = peer
+        for item in reversed(forwarded):
+            address = plain_address(item)
+            if address is None:
+                return hop
+            hop = str(address)
+            if not in_networks(address, trusted_proxies):
+                return hop
+        return hop
+    if trust_proxy_headers and forwarded:
+        address = plain_address(forwarded[-1])
+        return str(address) if address is not None else peer
+    return peer
+
+
+def limit_key(address: str) -> str:
+    """The key of a client's limits: its IPv4 address, or its IPv6 /64."""
+    parsed = plain_address(address)
+    if parsed is None or parsed.version == 4:
+        return str(parsed or address)
+    return str(ipaddress.ip_network(f"{parsed}/{IPV6_CLIENT_PREFIX}", strict=False))
+
+
+def too_many_requests(message: str, retry_after: float, detail: object = None) -> RegistryError:
+    """429 TOOMANYREQUESTS with a Retry-After in whole seconds (at least 1)."""
+    seconds = max(1, int(math.ceil(retry_after)))
+    return RegistryError(429, "TOOMANYREQUESTS", message, detail, headers=(("Retry-After", str(seconds)),))
+
+
+class ClientBudget:
+    """One client's allowance: request tokens, byte balance, transfers in flight."""
+
+    __slots__ = ("tokens", "balance", "updated", "transfers")
+
+    def __init__(self, tokens: float, balance: float, now: float) -> None:
+        self.tokens = tokens          # requests it may make now
+        self.balance = balance        # bytes it may still receive; below 0 after a large transfer
+        self.updated = now
+        self.transfers = 0
+
+
+class ClientLimits:
+    """RATE_LIMIT_REQUESTS, RATE_LIMIT_BYTES and RATE_LIMIT_TRANSFERS, per client.
+
+    Two token buckets per client: requests (full at one minute's allowance,
+    refilled at the limit per minute) and bytes (one hour's, refilled per
+    hour).  A request is refused with 429 and the seconds until it would be
+    admitted; never delayed, so a client is never left waiting on a socket.
+    Bytes are counted when an answer ends, so a transfer is never cut: a
+    client over its bytes is refused its next request, until the balance is
+    positive again.  At most MAX_LIMITED_CLIENTS clients are remembered.
+    """
+
+    def __init__(self, requests: int, bytes_per_hour: int, transfers: int, exempt: tuple, clock: Clock,
+                 max_clients: int = MAX_LIMITED_CLIENTS) -> None:
+        self.requests = requests
+        self.bytes_per_hour = bytes_per_hour
+        self.transfers = transfers
+        self.exempt = exempt
+        self.clock = clock
+        self.max_clients = max_clients
+        self._budgets = collections.OrderedDict()  # key -> ClientBudget, least recently used first
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.requests or self.bytes_per_hour or self.transfers)
+
+    def __len__(self) -> int:
+        return len(self._budgets)
+
+    def key(self, address: str) -> str | None:
+        """The limits' key for a client, None if it is exempt or nothing is limited."""
+        if not self.enabled or in_networks(plain_address(address), self.exempt):
+            return None
+        return limit_key(address)
+
+    def admit(self, key: str, transfer: bool) -> None:
+        """Count one request (a blob download if `transfer`), or raise 429."""
+        with self._lock:
+            budget = self._budget(key)
+            if self.requests and budget.tokens < 1 - 1e-9:  # (float sums of refills)
+                wait = (1 - budget.tokens) * REQUEST_WINDOW / self.requests
+                raise too_many_requests(f"more than {self.requests} requests a minute; retry later", wait,
+                                        {"limit": "RATE_LIMIT_REQUESTS"})
+            if self.bytes_per_hour and budget.balance <= 0:
+                wait = (1 - budget.balance) * BYTE_WINDOW / self.bytes_per_hour
+                raise too_many_requests("over this client's bytes for the hour; retry later",
+                                        wait, {"limit": "RATE_LIMIT_BYTES"})
+            if transfer and self.transfers and budget.transfers >= self.transfers:
+                raise too_many_requests(f"more than {self.transfers} downloads at once", 1,
+                                        {"limit": "RATE_LIMIT_TRANSFERS"})
+            if self.requests:
+                budget.tokens -= 1
+            if transfer:
+                budget.transfers += 1
+
+    def done(self, key: str, sent: int, transfer: bool) -> None:
+        """A request admitted under `key` ended, having sent `sent` body bytes."""
+        with self._lock:
+            budget = self._budget(key)
+            budget.balance -= sent
+            if transfer:
+                budget.transfers = max(budget.transfers - 1, 0)
+
+    def _budget(self, key: str) -> ClientBudget:
+        """The client's budget, refilled to now (made full if new), most recently used."""
+        now = self.clock.monotonic()
+        budget = self._budgets.get(key)
+        if budget is None:
+            budget = self._budgets[key] = ClientBudget(self.requests, self.bytes_per_hour, now)
+            self._forget_idle()
+        else:
+            self._budgets.move_to_end(key)
+            elapsed = max(now - budget.updated, 0.0)
+            budget.tokens = min(self.requests, budget.tokens + elapsed * self.requests / REQUEST_WINDOW)
+            budget.balance = min(self.bytes_per_hour, budget.balance + elapsed * self.bytes_per_hour / BYTE_WINDOW)
+            budget.updated = now
+        return budget
+
+    def _forget_idle(self) -> None:
+        """Beyond max_clients: drop the least recently used budgets with no transfer
+        in flight (those with one are bounded by MAX_CONNECTIONS)."""
+        for _ in range(len(self._budgets)):
+            if len(self._budgets) <= self.max_clients:
+                return
+            key, budget = next(iter(self._budgets.items()))
+            if budget.transfers:
+                self._budgets.move_to_end(key)
+            else:
+                del self._budgets[key]
+
+
+def registry_name(route: Route) -> str:
+    """The registry a route's images are named by, as clients write it: docker.io
+    for Docker Hub whatever its upstream, else its first registry host, else the
+    upstream's host[:port] (MODE=debug)."""
+    if route.dockerhub:
+        return "docker.io"
+    if route.registry_hosts:
+        return route.registry_hosts[0]
+    return urllib.parse.urlsplit(route.upstream).netloc
+
+
+def image_name(route: Route | None, repository: str) -> str:
+    """registry/name: "docker.io/library/alpine", "ghcr.io/owner/app"."""
+    return f"{registry_name(route)}/{repository}" if route is not None else repository
+
+
+def pattern_registry(pattern: str) -> str:
+    """The registry a pattern names literally ("" when its first part is a glob)."""
+    first = pattern.partition("/")[0]
+    return "" if any(char in first for char in "*?[") else first
+
+
+def patterns_regex(patterns: list):
+    """One compiled regular expression matching any of the globs, or None for none."""
+    if not patterns:
+        return None
+    return re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in patterns))
+
+
+def read_pattern_file(path: str) -> list:
+    """A pattern file: patterns separated by lines, commas or spaces; # starts a comment."""
+    patterns = []
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            for item in re.split(r"[,\s]+", line.partition("#")[0].strip().lower()):
+                if item:
+                    patterns.append(check_pattern(item))
+    return patterns
+
+
+class ImagePolicy:
+    """ALLOW_IMAGES and DENY_IMAGES: which images (registry/name) may be pulled.
+
+    An image is refused if a DENY pattern matches it, or if there are ALLOW
+    patterns and none matches it.  Patterns from @files are read at start-up
+    and again by reload() (SIGHUP); a file that cannot be read then leaves the
+    patterns as they were, so a bad edit never opens or closes the mirror.
+    """
+
+    def __init__(self, allow: tuple, deny: tuple, registries: set) -> None:
+        self.sources = (allow, deny)
+        self.registries = registries     # the names a pattern's registry may be
+        self.allow = self.deny = None
+        self.reload(at_start=True)
+
+    def reload(self, at_start: bool = False) -> bool:
+        """Read the pattern files again; False (and the old patterns kept) on any error."""
+        try:
+            allow, deny = (self.expand(items) for items in self.sources)
+        except (OSError, ValueError, UnicodeDecodeError) as err:
+            if at_start:
+                raise ConfigError(f"ALLOW_IMAGES/DENY_IMAGES: {getattr(err, 'strerror', None) or err}"
+                                  f"{': ' + err.filename if getattr(err, 'filename', None) else ''}") from None
+            log.error("image patterns not reloaded, the old ones stay: %s", err)
+            return False
+        unknown = {pattern_registry(p) for p in allow + deny} - self.registries - {""}
+        if unknown:
+            log.warning("image patterns name registries outside the route table, which match nothing: %s",
+                        ", ".join(sorted(unknown)))
+        self.allow, self.deny = patterns_regex(allow), patterns_regex(deny)
+        if not at_start:
+            log.info("image patterns reloaded: %d allowed, %d denied", len(allow), len(deny))
+        return True
+
+    @staticmethod
+    def expand(items: tuple) -> list:
+        patterns = []
+        for item in items:
+            patterns += read_pattern_file(item[1:]) if item.startswith("@") else [item]
+        return patterns
+
+    def allows(self, image: str) -> bool:
+        allow, deny = self.allow, self.deny   # one reload's pair, whatever reload() does meanwhile
+        image = image.lower()
+        if deny is not None and deny.match(image):
+            return False
+        if self.sources[0] and (allow is None or not allow.match(image)):
+            return False  # an allow-list, even one whose file is now empty, allows only what it lists
+        return True
+
+
+class UpstreamBackoff:
+    """Upstream 429s, remembered per (upstream, client identity) until their
+    Retry-After: until then the cache answers what it can, and the rest gets
+    429 at once, without asking an upstream that would only refuse again (and
+    count the request against the quota)."""
+
+    def __init__(self, clock: Clock, limit: int = MAX_UPSTREAM_BACKOFFS) -> None:
+        self.clock = clock
+        self.limit = limit
+        self._until = {}    # (upstream, identity or None) -> monotonic time
+        self._lock = threading.Lock()
+
+    def note(self, upstream: str, identity: str | None, retry_after: str | None) -> float:
+        """An upstream answered 429; returns the seconds it will be left alone."""
+        seconds = min(parse_retry_after(retry_after, self.clock.time()) or DEFAULT_UPSTREAM_BACKOFF,
+                      MAX_UPSTREAM_BACKOFF)
+        now = self.clock.monotonic()
+        with self._lock:
+            if len(self._until) >= self.limit:
+                self._forget(now)
+            self._until[(upstream, identity)] = now + seconds
+        return seconds
+
+    def remaining(self, upstream: str, identity: str | None) -> float:
+        """Seconds until this upstream may be asked for this client again (0: now)."""
+        until = self._until.get((upstream, identity))
+        return max(until - self.clock.monotonic(), 0.0) if until else 0.0
+
+    def for_upstream(self, upstream: str) -> float:
+        """The longest back-off on an upstream, for the status page."""
+        now = self.clock.monotonic()
+        with self._lock:
+            return max([until - now for (host, _), until in self._until.items() if host == upstream] + [0.0])
+
+    def _forget(self, now: float) -> None:
+        for key in [key for key, until in self._until.items() if until <= now]:
+            del self._until[key]
+        while len(self._until) >= self.limit:
+            del self._until[min(self._until, key=self._until.get)]
+
+
+def parse_retry_after(value: str | None, now: float) -> float | None:
+    """Retry-After as seconds from now: delay-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    value = (value or "").strip()
+    if re.fullmatch(r"[0-9]{1,10}", value):
+        return float(value) or None
+    import email.utils  # here: only an upstream that sends a date needs it, and it costs memory
+    try:
+        when = email.utils.parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(when - now, 0.0) or None
+
+
+class Circuit:
+    """One upstream's transport failures in a row, and until when it is left alone."""
+
+    __slots__ = ("failures", "open_until", "backoff")
+
+    def __init__(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+        self.backoff = BREAKER_BACKOFF
+
+
+class CircuitBreakers:
+    """Routes whose upstream keeps failing are left alone for a while.
+
+    After BREAKER_FAILURES transport failures in a row, requests to that
+    upstream fail at once (and the cache answers what it can) for the
+    back-off; then one failure more opens it again for twice as long, one
+    answer of any status closes it.  Only the route table's upstreams are
+    watched: redirect targets and realms are many, and come and go.
+    """
+
+    def __init__(self, origins, clock: Clock) -> None:
+        self.clock = clock
+        self._circuits = {origin: Circuit() for origin in origins}
+        self._lock = threading.Lock()
+
+    def open_for(self, origin: str) -> float:
+        """Seconds the circuit of `origin` stays open (0: closed)."""
+        circuit = self._circuits.get(origin)
+        return max(circuit.open_until - self.clock.monotonic(), 0.0) if circuit else 0.0
+
+    def failed(self, origin: str) -> None:
+        circuit = self._circuits.get(origin)
+        if circuit is None:
+            return
+        with self._lock:
+            now = self.clock.monotonic()
+            if circuit.open_until > now:
+                return  # a request begun before it opened
+            circuit.failures += 1
+            if circuit.failures < BREAKER_FAILURES:
+                return
+            if circuit.failures > BREAKER_FAILURES:  # the retry after a back-off failed too
+                circuit.backoff = min(circuit.backoff * 2, MAX_BREAKER_BACKOFF)
+            circuit.failures = BREAKER_FAILURES
+            circuit.open_until = now + circuit.backoff
+        log.warning("upstream %s failed %d times in a row: left alone for %gs",
+                    origin, BREAKER_FAILURES, circuit.backoff)
+
+    def succeeded(self, origin: str) -> None:
+        circuit = self._circuits.get(origin)
+        if circuit is not None and circuit.failures:
+            with self._lock:
+                circuit.failures, circuit.open_until, circuit.backoff = 0, 0.0, BREAKER_BACKOFF
+
+    def state(self, origin: str) -> dict:
+        circuit = self._circuits.get(origin)
+        return {"open_seconds": round(self.open_for(origin), 1),
+                "failures_in_a_row": circuit.failures if circuit else 0}
+
+
+class Slot:
+    """One request's place among its host's MAX_UPSTREAM_REQUESTS; given back once."""
+
+    __slots__ = ("slots", "host")
+
+    def __init__(self, slots, host: str) -> None:
+        self.slots = slots
+        self.host = host
+
+    def release(self) -> None:
+        slots, self.slots = self.slots, None
+        if slots is not None:
+            slots.give_back(self.host)
+
+
+class UpstreamSlots:
+    """At most `limit` requests in flight per upstream host, from the request
+    to the end of its answer's body.  More wait, at most `limit` of them and
+    at most `patience` seconds each (a waiter holds a client connection),
+    then are refused with 503 and Retry-After: bursts are smoothed, and an
+    upstream that limits connections (Docker Hub) is not flooded."""
+
+    def __init__(self, limit: int, patience: float) -> None:
+        self.limit = limit
+        self.patience = patience
+        self._busy = {}      # host -> requests in flight
+        self._waiting = {}   # host -> requests waiting
+        self._free = threading.Condition(threading.Lock())
+
+    def take(self, host: str) -> Slot:
+        with self._free:
+            if self._busy.get(host, 0) >= self.limit:
+                if self._waiting.get(host, 0) >= self.limit:
+                    raise UpstreamHeldBack(503, "UNAVAILABLE", f"upstream {host} is busy; retry", BUSY_RETRY_AFTER)
+                self._waiting[host] = self._waiting.get(host, 0) + 1
+                try:
+                    free = self._free.wait_for(lambda: self._busy.get(host, 0) < self.limit, self.patience)
+                finally:
+                    self._waiting[host] -= 1
+                    if not self._waiting[host]:
+                        del self._waiting[host]
+                if not free:
+                    raise UpstreamHeldBack(503, "UNAVAILABLE", f"upstream {host} is busy; retry", BUSY_RETRY_AFTER)
+            self._busy[host] = self._busy.get(host, 0) + 1
+        return Slot(self, host)
+
+    def give_back(self, host: str) -> None:
+        with self._free:
+            self._busy[host] -= 1
+            if not self._busy[host]:
+                del self._busy[host]
+            self._free.notify()
+
+    def in_flight(self, host: str) -> int:
+        return self._busy.get(host, 0)
+
+
 # Metrics and activity: what /metrics and /status report ####################
 #
 # Running totals, kept in memory as requests end, so a scrape walks no
@@ -1765,6 +2325,8 @@ OBJECT_TYPES = ("blob", "manifest")
 OBJECT_KINDS = {"blobs": "blob", "manifests": "manifest"}  # a Target's kind -> its type label
 UPSTREAM_ERROR_KINDS = ("timeout", "refused", "reset", "tls", "5xx", "429", "other")
 BYTE_SOURCES = ("cache", "upstream")
+HELD_BACK_REASONS = ("busy", "circuit", "429")
+REFUSAL_REASONS = ("requests", "bytes", "transfers", "client", "image")
 
 # name -> (type, help, label names).  The registry_proxy_ families are
 # distribution's proxy-mode counters, by its names, so its dashboards work.
@@ -1798,6 +2360,16 @@ METRIC_FAMILIES = {
         "counter", "Upstream failures by route and kind (timeout, refused, reset, tls, 5xx, 429, other).",
         ("route", "kind")),
     "dockerproxy_upstream_bytes_total": ("counter", "Body bytes read from upstreams.", ("route",)),
+    "dockerproxy_upstream_held_back_total": (
+        "counter", "Requests not sent upstream, by route and reason: busy (MAX_UPSTREAM_REQUESTS "
+        "and its queue full), circuit (the upstream keeps failing), 429 (it refused this client "
+        "not long ago).", ("route", "reason")),
+    "dockerproxy_upstream_circuit_open": (
+        "gauge", "1 while a route's upstream is left alone after failing again and again.", ("route",)),
+    "dockerproxy_client_refusals_total": (
+        "counter", "Client requests refused by the proxy's own rules: requests, bytes, transfers "
+        "(RATE_LIMIT_*), client (ALLOW_CLIENTS), image (ALLOW_IMAGES, DENY_IMAGES).", ("reason",)),
+    "dockerproxy_ratelimit_clients": ("gauge", "Clients the rate limiter remembers now.", ()),
     "dockerproxy_upstream_ratelimit_remaining": (
         "gauge", "The last RateLimit-Remaining an upstream sent (Docker Hub: pulls left).", ("route",)),
     "dockerproxy_upstream_ratelimit_limit": (
@@ -1953,11 +2525,15 @@ class Metrics:
             self._values["dockerproxy_cache_bytes_served_total"][(source,)] = 0
         for name in ("evictions", "fill_waiters", "verify_failures"):
             self._values[f"dockerproxy_cache_{name}_total"][()] = 0
+        for reason in REFUSAL_REASONS:
+            self._values["dockerproxy_client_refusals_total"][(reason,)] = 0
         for route in route_names:
             self._values["dockerproxy_upstream_requests_total"][(route, "GET", "200")] = 0
             self._values["dockerproxy_upstream_bytes_total"][(route,)] = 0
             for kind in UPSTREAM_ERROR_KINDS:
                 self._values["dockerproxy_upstream_errors_total"][(route, kind)] = 0
+            for reason in HELD_BACK_REASONS:
+                self._values["dockerproxy_upstream_held_back_total"][(route, reason)] = 0
 
     def add(self, name: str, labels: tuple = (), amount: float = 1) -> None:
         with self._lock:
@@ -2094,14 +2670,6 @@ class Pull:
         return {"time": self.started, "client": self.client, "image": self.image,
                 "outcome": self.outcome(), "requests": dict(self.results), "bytes": self.bytes,
                 "duration_seconds": round(self.last - self.started, 3)}
-
-
-def image_name(route: Route | None, repository: str) -> str:
-    """How the page names an image: the route's registry host and the repository."""
-    if route is None:
-        return repository
-    host = route.registry_hosts[0] if route.registry_hosts else route.name
-    return f"{host}/{repository}"
 
 
 class Tally:
@@ -3336,6 +3904,12 @@ class UpstreamResponse:
         self.purpose = purpose if 200 <= self.status < 300 else (purpose[0], "")
         self._metrics = pool.metrics if pool is not None else Metrics()  # no pool: a test's answer
         self._failed = self.status >= 500 or self.status == 429  # counted by upstream_answer()
+        self._slot_done = None        # gives its MAX_UPSTREAM_REQUESTS slot back, once
+
+    def hold(self, slot: Slot) -> None:
+        """Keep `slot` until release() or close(), or until this answer is dropped
+        unreleased: a path that forgets one must not shrink the host's slots for ever."""
+        self._slot_done = weakref.finalize(self, slot.release)
 
     def readinto(self, buffer) -> int:
         """What has arrived, at most len(buffer) bytes; 0 at the end, or where the body broke off."""
@@ -3435,6 +4009,7 @@ class UpstreamResponse:
     def release(self) -> None:
         """Reuse the connection if the body was read to its end and nothing
         follows it (more bytes would be read as the next answer), else close it."""
+        self._give_back_slot()
         if self._connection is None:
             return
         if self.complete and not self.response.will_close and nothing_to_read(self._connection.sock):
@@ -3445,9 +4020,14 @@ class UpstreamResponse:
         self._connection = None
 
     def close(self) -> None:
+        self._give_back_slot()
         if self._connection is not None:
             self._connection.close()
             self._connection = None
+
+    def _give_back_slot(self) -> None:
+        if self._slot_done is not None:
+            self._slot_done()
 
 
 def nothing_to_read(sock) -> bool:
@@ -3469,12 +4049,15 @@ class Upstreams:
     """HTTP/1.1 client for the upstreams: keep-alive pools, timeouts, redirects."""
 
     def __init__(self, connect_timeout: float, read_timeout: float, configured_hosts=(),
-                 clock: Clock | None = None, metrics: Metrics | None = None) -> None:
+                 clock: Clock | None = None, metrics: Metrics | None = None,
+                 max_requests: int = 100000, watched=()) -> None:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.configured_hosts = frozenset(configured_hosts)  # may be link-local: the operator chose them
         self.clock = clock or Clock()
         self.metrics = metrics or Metrics()
+        self.slots = UpstreamSlots(max_requests, connect_timeout)
+        self.breakers = CircuitBreakers(watched, self.clock)   # the route table's upstreams
         self._tls = None
         self._idle = {}               # (scheme, host, port) -> [(connection, idle since)], newest last
         self._lock = threading.Lock()
@@ -3545,28 +4128,57 @@ class Upstreams:
 
     def send(self, method: str, url: str, headers: dict, body: bytes | None = None,
              purpose: tuple = ("-", "")) -> UpstreamResponse:
-        """One request, one answer; a stale pooled connection is retried once.
+        """One request, one answer, within the host's MAX_UPSTREAM_REQUESTS and
+        unless its circuit is open; a stale pooled connection is retried once.
         `purpose` is what the metrics count it as: (route name, object type or "")."""
         parts = urllib.parse.urlsplit(url)
         try:
             key = (parts.scheme, parts.hostname, parts.port)
         except ValueError:
             raise UpstreamUnavailable(f"malformed upstream URL {redacted_url(url)}") from None
+        origin = f"{parts.scheme}://{parts.netloc}"
+        open_for = self.breakers.open_for(origin)
+        if open_for:
+            self.metrics.add("dockerproxy_upstream_held_back_total", (purpose[0], "circuit"))
+            raise UpstreamHeldBack(503, "UNAVAILABLE", f"upstream {parts.netloc} keeps failing; "
+                                   f"not asked again for {open_for:.0f}s", open_for)
+        try:
+            slot = self.slots.take(parts.netloc)
+        except UpstreamHeldBack:
+            self.metrics.add("dockerproxy_upstream_held_back_total", (purpose[0], "busy"))
+            raise
+        try:
+            response = self._send(key, origin, method, url, headers, body, purpose)
+        except BaseException:
+            slot.release()
+            raise
+        response.hold(slot)
+        return response
+
+    def _send(self, key: tuple, origin: str, method: str, url: str, headers: dict, body: bytes | None,
+              purpose: tuple) -> UpstreamResponse:
+        parts = urllib.parse.urlsplit(url)
         target = parts.path + (f"?{parts.query}" if parts.query else "")
         connection = self._idle_connection(key)
         try:
             if connection is not None:
                 try:
-                    return self._exchange(connection, method, url, target, headers, body, purpose)
+                    response = self._exchange(connection, method, url, target, headers, body, purpose)
+                    self.breakers.succeeded(origin)
+                    return response
                 except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
                     connection.close()  # the server closed it while idle: reconnect
             connection = self._new_connection(*key)
-            return self._exchange(connection, method, url, target, headers, body, purpose)
+            response = self._exchange(connection, method, url, target, headers, body, purpose)
+            self.breakers.succeeded(origin)
+            return response
         except socket.timeout:
             self.metrics.upstream_failed(purpose[0], "timeout")
+            self.breakers.failed(origin)
             raise UpstreamTimeout(f"upstream {parts.netloc} did not answer in time") from None
         except (OSError, http.client.HTTPException, ValueError) as err:  # ValueError: IDNA, bad header
             self.metrics.upstream_failed(purpose[0], upstream_error_kind(err))
+            self.breakers.failed(origin)
             raise UpstreamUnavailable(f"upstream {parts.netloc} unreachable: {err.__class__.__name__}") from None
         except UpstreamUnavailable:  # a link-local address refused
             self.metrics.upstream_failed(purpose[0], "other")
@@ -3957,10 +4569,25 @@ def routes_section(document: dict) -> str:
         latency = f'{route["last_latency_seconds"] * 1000:.0f} ms' if status else "-"
         quota = (f'{route["ratelimit_remaining"]} of {route["ratelimit_limit"]}'
                  if route["ratelimit_remaining"] is not None else "-")
-        rows.append([escape_html(route["name"]), escape_html(route["upstream"]), status_cell, latency, quota])
+        rows.append([escape_html(route["name"]), escape_html(route["upstream"]), status_cell, latency, quota,
+                     route_state(route)])
     return ('<section id="routes"><h2>Upstreams</h2>'
-            + html_table(["Route", "Upstream", "Last answer", "#Latency", "#Pulls left"], rows, "No routes.")
+            + html_table(["Route", "Upstream", "Last answer", "#Latency", "#Pulls left", "State"], rows,
+                         "No routes.")
             + "</section>")
+
+
+def route_state(route: dict) -> str:
+    """Whether the proxy is leaving an upstream alone, and why."""
+    circuit = route.get("circuit") or {"open_seconds": 0, "failures_in_a_row": 0}
+    ratelimited = route.get("ratelimited_seconds")
+    if circuit["open_seconds"]:
+        return (f'<span class="bad">circuit open</span> {circuit["failures_in_a_row"]} failures in a row; '
+                f'retried in {human_duration(circuit["open_seconds"])}')
+    if ratelimited:
+        return f'<span class="bad">429</span> cache only for {human_duration(ratelimited)}'
+    return f'<span class="ok">ok</span>, {route.get("in_flight", 0)} in flight'
+
 
 
 def top_section(section_id: str, title: str, entries: list, key: str) -> str:
@@ -4232,6 +4859,10 @@ class TokenEndpoint(Part):
         route = self.proxy.routes.for_token(self.request.host, query.get("ns", [None])[0], scopes)
         self.answer.log_route(route)
         scopes = list(dict.fromkeys(rewrite_scope(scope, route) for scope in scopes))
+        for scope in scopes:
+            kind, repository, _ = split_scope(scope)
+            if kind == "repository":
+                self.proxy.check_image(route, repository)
         # A POST carries a password or a refresh token: credentials either way.
         with_credentials = self.request.method == "POST" or bool(self.request.authorization)
         if route.credentials and not with_credentials:
@@ -4300,9 +4931,16 @@ class PassThrough(Part):
         self.relay(self.fetch(self.request.method))
 
     def fetch(self, method: str) -> UpstreamResponse:
+        """Ask the route's upstream, unless it refused this client with 429 not long ago."""
+        identity = self.proxy.access.identity(self.request.authorization)
+        self.held_back_by_429(identity)
         headers = self.upstream_headers()
         purpose = (self.route.name, OBJECT_KINDS.get(self.target.kind, ""))
         response = self.proxy.upstreams.fetch(method, self.upstream_url(), headers, purpose=purpose)
+        if response.status == 429:
+            seconds = self.proxy.backoff.note(self.route.upstream, identity, response.headers.get("retry-after"))
+            log.warning("route %s: upstream answered 429; only the cache answers %s for %gs",
+                        self.route.name, "anonymous clients" if identity is None else "that client", seconds)
         own_account = headers.get("authorization") not in (None, self.request.authorization)
         if response.status == 401 and own_account and same_origin(response.url, self.route.upstream):
             self.proxy.auth.forget_account_token(self.route, self.target.repository)
@@ -4314,6 +4952,15 @@ class PassThrough(Part):
             response = self.proxy.auth.retry_at_redirect_target(response, method, headers)
         self.answer.note_upstream(response.status)
         return response
+
+    def held_back_by_429(self, identity: str | None) -> None:
+        """Raise 429 with the time left if the upstream refused this client (its
+        identity, or anonymous: the proxy's own account) with 429 not long ago."""
+        remaining = self.proxy.backoff.remaining(self.route.upstream, identity)
+        if remaining:
+            self.proxy.metrics.add("dockerproxy_upstream_held_back_total", (self.route.name, "429"))
+            raise UpstreamHeldBack(429, "TOOMANYREQUESTS", f"the upstream of route {self.route.name} "
+                                   "is rate-limiting this client; retry later", remaining)
 
     def refused(self, response: UpstreamResponse, headers: dict) -> bool:
         """The route's upstream refused this client access: 401 or 403.  (A 401 to
@@ -5395,6 +6042,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         self.cache_result = ""        # see note_cache()
         self.joined = False
         self.upstream_status = 0
+        self.limited = None           # (limit key, is a blob transfer) of a request the limits admitted
 
     def handle_request(self) -> None:
         self.reset_request_state()
@@ -5408,19 +6056,27 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
             log.exception("internal error on %s %s", printable(self.command), logged_target(self.path))
             self.send_registry_error(RegistryError(500, "UNKNOWN", "internal error"))
         finally:
+            if self.limited:
+                self.proxy.limits.done(self.limited[0], self.bytes_sent, self.limited[1])
             self.log_access()
 
     def serve_request(self) -> None:
+        target_host, path, query = split_target(self.path)
+        if path not in ALWAYS_OPEN:
+            self.proxy.check_client(self.proxy.client_of(self.client_address[0], self.headers))
         problem = request_problem(self.command, self.headers)
         if problem:
             raise RegistryError(400, "UNSUPPORTED", problem, close=True)
-        target_host, path, query = split_target(self.path)
         trust = self.proxy.config.trust_proxy_headers
         host = requested_host(self.headers, trust, self.server.server_address, target_host)
         form = self.read_form(path in ADMIN_ACTIONS) if self.command == "POST" and (
             path == "/v2/auth" or path in ADMIN_ACTIONS) else {}
         endpoint = self.endpoint = dispatch(self.proxy.routes, self.command, path, query, host)
         self.log_route(endpoint.route)
+        if endpoint.name in LIMITED_ENDPOINTS:
+            self.admit(endpoint)
+        if endpoint.target is not None:
+            self.proxy.check_image(endpoint.target.route, endpoint.target.repository)
         if endpoint.name == "redirect":
             return self.send_small(301, b"", headers=(("Location", endpoint.location),))
         if endpoint.name == "health":
@@ -5431,6 +6087,21 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         self.client = ClientRequest(self.command, self.headers, host, scheme,
                                     self.proxy.routes.implied(host), form, self.client_address[0])
         serving_part(endpoint.name, self.proxy.cache)(self.proxy, self.client, self, endpoint).serve()
+
+    def admit(self, endpoint: Endpoint) -> None:
+        """The client's rate limits: count this request, or refuse it with 429."""
+        limits = self.proxy.limits
+        key = limits.key(self.proxy.client_of(self.client_address[0], self.headers))
+        if key is None:
+            return
+        transfer = endpoint.name == "blob" and self.command == "GET"
+        try:
+            limits.admit(key, transfer)
+        except RegistryError as err:
+            self.proxy.metrics.add("dockerproxy_client_refusals_total",
+                                   (err.detail["limit"].rpartition("_")[2].lower(),))
+            raise
+        self.limited = (key, transfer)
 
     def read_form(self, json_too: bool = False) -> dict:
         """The form of a POST to /v2/auth (OAuth2) or /admin/ (also JSON, with
@@ -5502,7 +6173,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
             # was noted: no cache, or the upstream's answer passed on as it was)
             cache = (self.cache_result if self.proxy.cache is not None else "") or "bypass"
         headers = getattr(self, "headers", None)
-        client = client_address(self.client_address[0], headers, self.proxy.config.trust_proxy_headers)
+        client = self.proxy.client_of(self.client_address[0], headers, for_logs=True)
         return Served(
             self.proxy.clock.time(), client, getattr(self, "command", None) or "-", endpoint,
             self.route.name if self.route else "-", self.status_sent, self.bytes_sent,
@@ -5597,7 +6268,13 @@ class Proxy:
         self.connections = Connections(config.max_connections)
         self.draining = threading.Event()  # set when shutting down: /readyz says so
         self.upstreams = Upstreams(config.connect_timeout, config.read_timeout,
-                                   configured_hosts(config), self.clock, self.metrics)
+                                   configured_hosts(config), self.clock, self.metrics,
+                                   config.max_upstream_requests, {route.upstream for route in self.all_routes()})
+        self.limits = ClientLimits(config.rate_limit_requests, config.rate_limit_bytes,
+                                   config.rate_limit_transfers, config.rate_limit_exempt, self.clock)
+        self.policy = ImagePolicy(config.allow_images, config.deny_images,
+                                  {registry_name(route) for route in self.all_routes()})
+        self.backoff = UpstreamBackoff(self.clock)
         self.auth = UpstreamAuth(self.upstreams, self.clock, config)
         self.cache = None
         if config.cache_dir:
@@ -5609,6 +6286,28 @@ class Proxy:
         """The background work: the cache's evictor."""
         if self.cache is not None:
             self.cache.start_evictor()
+
+    def client_of(self, peer: str, headers, for_logs: bool = False) -> str:
+        """The client's address (see client_address): limits and ALLOW_CLIENTS
+        never take it from a header unless the peer is in TRUSTED_PROXIES."""
+        trust = self.config.trust_proxy_headers and for_logs
+        return client_address(peer, headers, trust, self.config.trusted_proxies)
+
+    def check_client(self, address: str) -> None:
+        """ALLOW_CLIENTS: 403 for an address outside it."""
+        allowed = self.config.allow_clients
+        if allowed and not in_networks(plain_address(address), allowed):
+            self.metrics.add("dockerproxy_client_refusals_total", ("client",))
+            raise RegistryError(403, "DENIED", self.config.block_message or "this mirror does not serve "
+                                "your address", {"client": address}, close=True)
+
+    def check_image(self, route: Route, repository: str) -> None:
+        """ALLOW_IMAGES and DENY_IMAGES: 403 for an image they refuse, before any upstream request."""
+        image = image_name(route, repository)
+        if not self.policy.allows(image):
+            self.metrics.add("dockerproxy_client_refusals_total", ("image",))
+            raise RegistryError(403, "DENIED", self.config.block_message or "this image is not "
+                                "served by this mirror", {"image": image})
 
     def all_routes(self) -> list:
         routes = list(self.routes.routes.values())
@@ -5639,6 +6338,10 @@ class Proxy:
             "dockerproxy_threads": threading.active_count(),
             "dockerproxy_fills_in_flight": len(self.cache.fills.in_flight()) if self.cache else 0,
             "dockerproxy_start_time_seconds": self.metrics.started,
+            "dockerproxy_ratelimit_clients": len(self.limits),
+            "dockerproxy_upstream_circuit_open": {
+                (route.name,): int(bool(self.upstreams.breakers.open_for(route.upstream)))
+                for route in self.all_routes()},
             "dockerproxy_build_info": {(__version__, platform_python()): 1},
             **process_gauges(),
         }
@@ -5674,6 +6377,9 @@ class Proxy:
     def route_status(self, route: Route) -> dict:
         health = self.metrics.route_health.get(route.name)
         return {"name": route.name, "upstream": route.upstream,
+                "circuit": self.upstreams.breakers.state(route.upstream),
+                "ratelimited_seconds": round(self.backoff.for_upstream(route.upstream), 1),
+                "in_flight": self.upstreams.slots.in_flight(urllib.parse.urlsplit(route.upstream).netloc),
                 "last_status": health.status if health else None,
                 "last_latency_seconds": round(health.latency, 4) if health else None,
                 "last_seen": health.when if health else None,
@@ -5950,19 +6656,46 @@ class Shutdown:
         return len(fills)
 
 
+class Reload:
+    """SIGHUP: the image pattern files (ALLOW_IMAGES=@file) are read again.
+
+    In a thread started at install, as for Shutdown: the handler only sets a
+    flag.  Signals that come while a reload runs make one more reload.
+    """
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.wanted = threading.Event()
+
+    def install(self) -> None:
+        threading.Thread(target=self._reload_when_wanted, name="reload", daemon=True).start()
+        signal.signal(signal.SIGHUP, lambda signum, frame: self.wanted.set())
+
+    def _reload_when_wanted(self) -> None:
+        while True:
+            self.wanted.wait()
+            self.wanted.clear()
+            log.info("SIGHUP: reading the image pattern files again")
+            self.proxy.policy.reload()
+
+
 def serve(config: Config) -> int:
     """Listen and serve until SIGTERM (docker stop, systemd) or Ctrl-C; see Shutdown."""
     early = []  # a signal while starting (opening the cache can take a moment) is kept for then
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: early.append(signum))
     try:
         server = ProxyServer(config)
     except OSError as err:
         return cannot_use(err, config)
-    shutdown = Shutdown(server)
+    shutdown, reload = Shutdown(server), Reload(server.proxy)
     shutdown.install()
-    if early:
-        shutdown.begin(signal.Signals(early[0]).name)
+    reload.install()
+    if signal.SIGHUP in early:
+        reload.wanted.set()
+    stops = [signum for signum in early if signum != signal.SIGHUP]
+    if stops:
+        shutdown.begin(signal.Signals(stops[0]).name)
     host, port = server.server_address[:2]
     log.info("dockerproxy %s listening on %s:%d (%s), default route %s", __version__, host, port,
              "https" if server.tls else "http", config.default_route or "(none)")
@@ -6007,7 +6740,11 @@ def main(argv: list | None = None, environ: dict | None = None) -> int:
         print(f"dockerproxy.py: error: {err}", file=sys.stderr)
         return 2
     configure_logging(config.debug, config.log_format)
-    return cache_command(action, config) if action else serve(config)
+    try:
+        return cache_command(action, config) if action else serve(config)
+    except ConfigError as err:  # an image pattern file that cannot be read
+        print(f"dockerproxy.py: error: {err}", file=sys.stderr)
+        return 2
 
 
 # Run as a script, a module keeps its whole syntax tree (about 8 MiB for this
