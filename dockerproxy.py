@@ -808,7 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
                "/admin/.  "
                "Commands: 'cache verify' re-hashes every cached object and removes bad ones; "
                "'cache stats' prints counts and sizes; 'cache prune' applies CACHE_MAX_SIZE and "
-               "CACHE_MAX_AGE now.  "
+               "CACHE_MAX_AGE now.  SIGTERM or SIGINT drains and exits; SIGHUP reads the "
+               "ALLOW_IMAGES and DENY_IMAGES pattern files again.  "
                "Each setting is read from its flag, else the environment, else the "
                ".env file, else its default.  UPSTREAM_<ROUTE>=URL (or --upstream "
                "ROUTE=URL) points a route at another registry, e.g. "
@@ -1873,6 +1874,11 @@ MAX_BREAKER_BACKOFF = 120.0
 BUSY_RETRY_AFTER = 1
 
 
+# X-Forwarded-For entries read from the right, at most: more reverse proxies
+# than this in a row is a client writing the header, not a chain of hops.
+MAX_FORWARDED_HOPS = 16
+
+
 def plain_address(text: str):
     """An address as the limits compare it: IPv4-mapped IPv6 as IPv4, no zone; None if not one."""
     try:
@@ -1907,7 +1913,7 @@ def client_address(peer: str, headers, trust_proxy_headers: bool, trusted_proxie
         if not in_networks(own, trusted_proxies):
             return peer
         hop = peer
-        for item in reversed(forwarded):
+        for item in reversed(forwarded[-MAX_FORWARDED_HOPS:]):
             address = plain_address(item)
             if address is None:
                 return hop
@@ -2120,6 +2126,10 @@ class ImagePolicy:
             patterns += read_pattern_file(item[1:]) if item.startswith("@") else [item]
         return patterns
 
+    @property
+    def active(self) -> bool:
+        return any(self.sources)
+
     def allows(self, image: str) -> bool:
         allow, deny = self.allow, self.deny   # one reload's pair, whatever reload() does meanwhile
         image = image.lower()
@@ -2296,7 +2306,7 @@ class UpstreamSlots:
             self._busy[host] -= 1
             if not self._busy[host]:
                 del self._busy[host]
-            self._free.notify()
+            self._free.notify_all()  # waiters of every host share the condition
 
     def in_flight(self, host: str) -> int:
         return self._busy.get(host, 0)
@@ -6062,7 +6072,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
 
     def serve_request(self) -> None:
         target_host, path, query = split_target(self.path)
-        if path not in ALWAYS_OPEN:
+        if self.proxy.config.allow_clients and path not in ALWAYS_OPEN:
             self.proxy.check_client(self.proxy.client_of(self.client_address[0], self.headers))
         problem = request_problem(self.command, self.headers)
         if problem:
@@ -6091,6 +6101,8 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
     def admit(self, endpoint: Endpoint) -> None:
         """The client's rate limits: count this request, or refuse it with 429."""
         limits = self.proxy.limits
+        if not limits.enabled:
+            return
         key = limits.key(self.proxy.client_of(self.client_address[0], self.headers))
         if key is None:
             return
@@ -6303,6 +6315,8 @@ class Proxy:
 
     def check_image(self, route: Route, repository: str) -> None:
         """ALLOW_IMAGES and DENY_IMAGES: 403 for an image they refuse, before any upstream request."""
+        if not self.policy.active:
+            return
         image = image_name(route, repository)
         if not self.policy.allows(image):
             self.metrics.add("dockerproxy_client_refusals_total", ("image",))

@@ -735,3 +735,29 @@ def test_skopeo_pulls_over_https_trusting_the_proxy_certificate(interop_proxy, r
     check_dir_copy(tmp_path / "out", registry.images["hello"])
     untrusted = run([SKOPEO, "inspect", "--tls-verify=true", reference], env=trap.environ(), check=False)
     assert untrusted.returncode != 0 and "certificate" in untrusted.stderr
+
+
+# 6. Protection: a limit must not break an ordinary pull #######################
+
+LAYERS = 6
+
+
+@pytest.fixture(scope="module")
+def layered(registry, tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("layered")
+    files = [{f"layer{n}/data.bin": f"layer {n} ".encode() * (500 * (n + 1))} for n in range(LAYERS)]
+    image = write_oci_image(workdir / "layers", "latest", files)
+    registry.push(workdir / "layers", "latest", "library/layers", "latest")
+    return image
+
+
+def test_explore(interop_proxy, registry, layered, tmp_path, trap):
+    for flags in (["--rate-limit-requests", "30", "--rate-limit-bytes", "64M", "--rate-limit-transfers", "6"],
+                  ["--rate-limit-requests", "3"], ["--allow-images", "docker.io/library/other*"]):
+        proxy = interop_proxy("--upstream", f"docker={registry.url}", *flags)
+        result = run([SKOPEO, "copy", "--src-tls-verify=false", f"docker://{proxy.host}/library/layers:latest",
+                      f"dir:{tmp_path / flags[1].replace('/', '_')}"], env=trap.environ(), check=False, timeout=60)
+        print(flags, result.returncode, repr(result.stderr))
+        for a in proxy.answers:
+            print("   ", a)
+    assert False
