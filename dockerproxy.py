@@ -637,6 +637,10 @@ def check_pattern(pattern: str) -> str:
     """A pattern ALLOW_IMAGES or DENY_IMAGES can hold, or ValueError."""
     if not IMAGE_PATTERN.match(pattern) or "/" not in pattern:
         raise ValueError(f"{pattern!r} is not a pattern over registry/name (e.g. docker.io/library/*)")
+    try:
+        re.compile(fnmatch.translate(pattern))
+    except re.error:  # Python 3.8 and 3.9 translate a reversed range ([z-a]) to a bad expression
+        raise ValueError(f"{pattern!r} has a bad [...] range") from None
     return pattern
 
 
@@ -2154,8 +2158,8 @@ class UpstreamBackoff:
 
     def note(self, upstream: str, identity: str | None, retry_after: str | None) -> float:
         """An upstream answered 429; returns the seconds it will be left alone."""
-        seconds = min(parse_retry_after(retry_after, self.clock.time()) or DEFAULT_UPSTREAM_BACKOFF,
-                      MAX_UPSTREAM_BACKOFF)
+        seconds = parse_retry_after(retry_after, self.clock.time())
+        seconds = min(max(DEFAULT_UPSTREAM_BACKOFF if seconds is None else seconds, 1.0), MAX_UPSTREAM_BACKOFF)
         now = self.clock.monotonic()
         with self._lock:
             if len(self._until) >= self.limit:
@@ -2182,16 +2186,20 @@ class UpstreamBackoff:
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Retry-After as seconds from now: delay-seconds or an HTTP date (RFC 9110 10.2.3)."""
+    """Retry-After as seconds from now: delay-seconds or an HTTP date (RFC 9110 10.2.3);
+    None if it is neither."""
     value = (value or "").strip()
-    if re.fullmatch(r"[0-9]{1,10}", value):
-        return float(value) or None
-    import email.utils  # here: only an upstream that sends a date needs it, and it costs memory
+    if re.fullmatch(r"[0-9]{1,100}", value):
+        return float(value)
+    import datetime, email.utils  # here: only an upstream that sends a date needs them
     try:
-        when = email.utils.parsedate_to_datetime(value).timestamp()
+        parsed = email.utils.parsedate_to_datetime(value)
+        if parsed.tzinfo is None:  # asctime dates name no zone: every HTTP date is GMT
+            parsed = parsed.replace(tzinfo=datetime.timezone.utc)
+        when = parsed.timestamp()
     except (TypeError, ValueError, IndexError, OverflowError):
         return None
-    return max(when - now, 0.0) or None
+    return max(when - now, 0.0)
 
 
 class Circuit:
