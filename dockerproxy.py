@@ -380,9 +380,21 @@ class UpstreamHeldBack(UpstreamUnavailable):
     open, or it answered this client 429 not long ago.  An UpstreamUnavailable,
     so the cache answers what it can, as when the upstream is down."""
 
-    def __init__(self, status: int, code: str, message: str, retry_after: float) -> None:
-        seconds = str(max(1, int(math.ceil(retry_after))))
+    def __init__(self, status: int, code: str, message: str, retry_after: float, reason: str) -> None:
+        seconds = str(max(1, int(math.ceil(retry_after - 1e-9))))
         RegistryError.__init__(self, status, code, message, headers=(("Retry-After", seconds),))
+        self.reason = reason        # "busy", "circuit" or "429", as the metrics count it
+
+    @property
+    def upstream_down(self) -> bool:
+        """Whether the cache may answer as when the upstream is down (Access's
+        stale rule): not when it is only busy, which a client can make it."""
+        return self.reason != "busy"
+
+
+def upstream_down(err: RegistryError) -> bool:
+    """An upstream failure the cache may answer for, marked stale: any but a busy one."""
+    return getattr(err, "upstream_down", True)
 
 
 class NoRoute(RegistryError):
@@ -650,7 +662,8 @@ def parse_patterns(text: str) -> tuple:
     The files are read by ImagePolicy (now, and again on SIGHUP); a pattern
     is checked here, so a typo stops start-up instead of blocking every pull.
     """
-    items = tuple(item for item in re.split(r"[,\s]+", text.strip().lower()) if item)
+    items = tuple(item if item.startswith("@") else item.lower()  # a file's path keeps its case
+                  for item in re.split(r"[,\s]+", text.strip()) if item)
     for item in items:
         if not item.startswith("@"):
             check_pattern(item)
@@ -1941,7 +1954,7 @@ def limit_key(address: str) -> str:
 
 def too_many_requests(message: str, retry_after: float, detail: object = None) -> RegistryError:
     """429 TOOMANYREQUESTS with a Retry-After in whole seconds (at least 1)."""
-    seconds = max(1, int(math.ceil(retry_after)))
+    seconds = max(1, int(math.ceil(retry_after - 1e-9)))  # (float sums of refills)
     return RegistryError(429, "TOOMANYREQUESTS", message, detail, headers=(("Retry-After", str(seconds)),))
 
 
@@ -2279,8 +2292,8 @@ class Slot:
 
 
 class UpstreamSlots:
-    """At most `limit` requests in flight per upstream host, from the request
-    to the end of its answer's body.  More wait, at most `limit` of them and
+    """At most `limit` requests in flight per upstream host, each from its
+    request to its answer's head (see Upstreams.send).  More wait, at most `limit` of them and
     at most `patience` seconds each (a waiter holds a client connection),
     then are refused with 503 and Retry-After: bursts are smoothed, and an
     upstream that limits connections (Docker Hub) is not flooded."""
@@ -2296,7 +2309,7 @@ class UpstreamSlots:
         with self._free:
             if self._busy.get(host, 0) >= self.limit:
                 if self._waiting.get(host, 0) >= self.limit:
-                    raise UpstreamHeldBack(503, "UNAVAILABLE", f"upstream {host} is busy; retry", BUSY_RETRY_AFTER)
+                    raise UpstreamHeldBack(503, "UNAVAILABLE", f"upstream {host} is busy; retry", BUSY_RETRY_AFTER, "busy")
                 self._waiting[host] = self._waiting.get(host, 0) + 1
                 try:
                     free = self._free.wait_for(lambda: self._busy.get(host, 0) < self.limit, self.patience)
@@ -2305,7 +2318,7 @@ class UpstreamSlots:
                     if not self._waiting[host]:
                         del self._waiting[host]
                 if not free:
-                    raise UpstreamHeldBack(503, "UNAVAILABLE", f"upstream {host} is busy; retry", BUSY_RETRY_AFTER)
+                    raise UpstreamHeldBack(503, "UNAVAILABLE", f"upstream {host} is busy; retry", BUSY_RETRY_AFTER, "busy")
             self._busy[host] = self._busy.get(host, 0) + 1
         return Slot(self, host)
 
@@ -3922,12 +3935,6 @@ class UpstreamResponse:
         self.purpose = purpose if 200 <= self.status < 300 else (purpose[0], "")
         self._metrics = pool.metrics if pool is not None else Metrics()  # no pool: a test's answer
         self._failed = self.status >= 500 or self.status == 429  # counted by upstream_answer()
-        self._slot_done = None        # gives its MAX_UPSTREAM_REQUESTS slot back, once
-
-    def hold(self, slot: Slot) -> None:
-        """Keep `slot` until release() or close(), or until this answer is dropped
-        unreleased: a path that forgets one must not shrink the host's slots for ever."""
-        self._slot_done = weakref.finalize(self, slot.release)
 
     def readinto(self, buffer) -> int:
         """What has arrived, at most len(buffer) bytes; 0 at the end, or where the body broke off."""
@@ -4011,7 +4018,15 @@ class UpstreamResponse:
         """A body known to be small (JSON errors, tokens, redirects)."""
         data, buffer = bytearray(), thread_buffer()
         while len(data) <= limit:
-            count = self.readinto(buffer[:limit + 1 - len(data)])
+            try:
+                count = self.readinto(buffer[:limit + 1 - len(data)])
+            except socket.timeout:  # not the client's timeout: the client is owed an answer
+                self.close()
+                raise UpstreamTimeout(f"upstream {redacted_url(self.url)} stalled in a small answer") from None
+            except (OSError, http.client.HTTPException) as err:
+                self.close()
+                raise UpstreamUnavailable(f"upstream {redacted_url(self.url)} broke off: "
+                                          f"{err.__class__.__name__}") from None
             if not count:
                 return bytes(data)
             data += buffer[:count]
@@ -4027,7 +4042,6 @@ class UpstreamResponse:
     def release(self) -> None:
         """Reuse the connection if the body was read to its end and nothing
         follows it (more bytes would be read as the next answer), else close it."""
-        self._give_back_slot()
         if self._connection is None:
             return
         if self.complete and not self.response.will_close and nothing_to_read(self._connection.sock):
@@ -4038,14 +4052,9 @@ class UpstreamResponse:
         self._connection = None
 
     def close(self) -> None:
-        self._give_back_slot()
         if self._connection is not None:
             self._connection.close()
             self._connection = None
-
-    def _give_back_slot(self) -> None:
-        if self._slot_done is not None:
-            self._slot_done()
 
 
 def nothing_to_read(sock) -> bool:
@@ -4148,7 +4157,12 @@ class Upstreams:
              purpose: tuple = ("-", "")) -> UpstreamResponse:
         """One request, one answer, within the host's MAX_UPSTREAM_REQUESTS and
         unless its circuit is open; a stale pooled connection is retried once.
-        `purpose` is what the metrics count it as: (route name, object type or "")."""
+        `purpose` is what the metrics count it as: (route name, object type or "").
+
+        A slot is held until the answer's head arrives, not through its body: a
+        client reading slowly must not hold the host's slots (and lock everyone
+        else out), and a request never needs two slots of a host at once (a
+        realm on the host of the 401 in hand)."""
         parts = urllib.parse.urlsplit(url)
         try:
             key = (parts.scheme, parts.hostname, parts.port)
@@ -4159,19 +4173,16 @@ class Upstreams:
         if open_for:
             self.metrics.add("dockerproxy_upstream_held_back_total", (purpose[0], "circuit"))
             raise UpstreamHeldBack(503, "UNAVAILABLE", f"upstream {parts.netloc} keeps failing; "
-                                   f"not asked again for {open_for:.0f}s", open_for)
+                                   f"not asked again for {open_for:.0f}s", open_for, "circuit")
         try:
             slot = self.slots.take(parts.netloc)
         except UpstreamHeldBack:
             self.metrics.add("dockerproxy_upstream_held_back_total", (purpose[0], "busy"))
             raise
         try:
-            response = self._send(key, origin, method, url, headers, body, purpose)
-        except BaseException:
-            slot.release()
-            raise
-        response.hold(slot)
-        return response
+            return self._send(key, origin, method, url, headers, body, purpose)
+        finally:
+            slot.release()  # the answer's head is here: its body is MAX_FILLS' and MAX_CONNECTIONS' to bound
 
     def _send(self, key: tuple, origin: str, method: str, url: str, headers: dict, body: bytes | None,
               purpose: tuple) -> UpstreamResponse:
@@ -4893,6 +4904,8 @@ class TokenEndpoint(Part):
                 return self.send_anonymous_token()
             response = self.fetch_token(route, challenge[1], scopes, query)
         except (UpstreamUnavailable, UpstreamTimeout) as err:
+            if not upstream_down(err):
+                raise  # only busy: an anonymous token would fail a client that has credentials
             # Offline: cached public content needs no upstream token.
             log.warning("route %s: token service unavailable (%s); anonymous token", route.name, err.message)
             return self.send_anonymous_token()
@@ -4955,7 +4968,8 @@ class PassThrough(Part):
         headers = self.upstream_headers()
         purpose = (self.route.name, OBJECT_KINDS.get(self.target.kind, ""))
         response = self.proxy.upstreams.fetch(method, self.upstream_url(), headers, purpose=purpose)
-        if response.status == 429:
+        if response.status == 429 and same_origin(response.url, self.route.upstream):
+            # (a CDN's 429 is about one object's host, not the route's quota)
             seconds = self.proxy.backoff.note(self.route.upstream, identity, response.headers.get("retry-after"))
             log.warning("route %s: upstream answered 429; only the cache answers %s for %gs",
                         self.route.name, "anonymous clients" if identity is None else "that client", seconds)
@@ -4978,7 +4992,7 @@ class PassThrough(Part):
         if remaining:
             self.proxy.metrics.add("dockerproxy_upstream_held_back_total", (self.route.name, "429"))
             raise UpstreamHeldBack(429, "TOOMANYREQUESTS", f"the upstream of route {self.route.name} "
-                                   "is rate-limiting this client; retry later", remaining)
+                                   "is rate-limiting this client; retry later", remaining, "429")
 
     def refused(self, response: UpstreamResponse, headers: dict) -> bool:
         """The route's upstream refused this client access: 401 or 403.  (A 401 to
@@ -5108,8 +5122,8 @@ class CachedObject(PassThrough):
             return True
         try:
             response = self.fetch("HEAD")
-        except (UpstreamUnavailable, UpstreamTimeout):
-            if self.may_serve(digest, stale=True):
+        except (UpstreamUnavailable, UpstreamTimeout) as err:
+            if upstream_down(err) and self.may_serve(digest, stale=True):
                 return True
             raise
         if response.status == 200:
@@ -5169,7 +5183,7 @@ class CachedObject(PassThrough):
             response = self.fetch("GET")
         except RegistryError as err:
             fills.end(fill, Fill.DECLINED)
-            if self.try_serve_stale(err.message):
+            if upstream_down(err) and self.try_serve_stale(err.message):
                 return
             raise
         if response.status != 200 or not cacheable(response, manifest):
@@ -5337,7 +5351,7 @@ class TagEndpoint(CachedObject):
         try:
             return self.fetch("HEAD")
         except (UpstreamUnavailable, UpstreamTimeout) as err:
-            if self.try_serve_stale(err.message):
+            if upstream_down(err) and self.try_serve_stale(err.message):
                 return None
             raise
 
@@ -6698,7 +6712,10 @@ class Reload:
             self.wanted.wait()
             self.wanted.clear()
             log.info("SIGHUP: reading the image pattern files again")
-            self.proxy.policy.reload()
+            try:
+                self.proxy.policy.reload()
+            except Exception:  # the thread must live for the next SIGHUP
+                log.exception("image patterns not reloaded, the old ones stay")
 
 
 def serve(config: Config) -> int:
