@@ -94,7 +94,7 @@ Settings (command-line flag > environment > .env file > default):
   ALLOW_IMAGES=             globs over registry/name, or @file (empty: every image)
   DENY_IMAGES=              globs over registry/name, or @file, refused
   BLOCK_MESSAGE=            the message of those refusals
-  MAX_UPSTREAM_REQUESTS=32  requests in flight per upstream host (more wait, then 503)
+  MAX_UPSTREAM_REQUESTS=32  requests awaiting each upstream host's answer (more wait, then 503)
 
 Operators' pages: /healthz (alive), /readyz (should get traffic), /metrics
 (Prometheus), /status and /status.json (hit ratio, pulls, upstreams), and
@@ -807,8 +807,8 @@ SETTINGS = (
     Setting("BLOCK_MESSAGE", "", parse_message,
             "the message of a refusal by ALLOW_CLIENTS, ALLOW_IMAGES or DENY_IMAGES"),
     Setting("MAX_UPSTREAM_REQUESTS", "32", parse_count,
-            "requests in flight per upstream host; more wait (up to CONNECT_TIMEOUT, as many "
-            "as this) and then get 503"),
+            "requests waiting for an upstream host's answer head at once; more wait (up to "
+            "CONNECT_TIMEOUT, as many as this), then get 503"),
 )
 
 UPSTREAM_PREFIX = "UPSTREAM_"
