@@ -115,7 +115,6 @@ import base64
 import collections
 import errno
 import fcntl
-import fnmatch
 import functools
 import hashlib
 import hmac
@@ -650,10 +649,62 @@ def check_pattern(pattern: str) -> str:
     if not IMAGE_PATTERN.match(pattern) or "/" not in pattern:
         raise ValueError(f"{pattern!r} is not a pattern over registry/name (e.g. docker.io/library/*)")
     try:
-        re.compile(fnmatch.translate(pattern))
-    except re.error:  # Python 3.8 and 3.9 translate a reversed range ([z-a]) to a bad expression
+        re.compile(glob_regex(pattern))
+    except re.error:  # a reversed range, [z-a]
         raise ValueError(f"{pattern!r} has a bad [...] range") from None
+    registry, _, name = pattern.partition("/")
+    if registry == "docker.io" and "/" not in name and not any(char in name for char in "*?["):
+        raise ValueError(f"{pattern!r} matches nothing: Docker Hub's official images are "
+                         f"docker.io/library/{name}")
     return pattern
+
+
+def glob_set(pattern: str, start: int) -> tuple:
+    """The [...] at `start` as a regular expression class, and where it ends; (None, start)
+    if it is not closed (then "[" is itself)."""
+    inner = start + 1
+    inner += pattern[inner:inner + 1] == "!"
+    inner += pattern[inner:inner + 1] == "]"   # a "]" first is in the set
+    end = pattern.find("]", inner)
+    if end < 0:
+        return None, start
+    members = pattern[start + 1:end]
+    negate = members.startswith("!")
+    members = "".join("\\" + char if char in "[]\\^" else char for char in members[negate:])
+    if "--" in members:  # "a--" is no range an image name needs: literal hyphens, no warning
+        members = members.replace("-", "\\-")
+    return ("[^" if negate else "[") + members + "]", end
+
+
+def glob_regex(pattern: str, group: str = "g") -> str:
+    """A glob (*, ?, [set]) as a regular expression that takes linear time on any name.
+
+    Each * but the last becomes a lazy match inside a lookahead, taken whole by
+    a back-reference: an atomic group, so a match never backtracks through
+    every way of splitting the name (Python 3.8's fnmatch.translate does: a
+    long token scope against "a/*/*/*-x" held the interpreter for seconds).
+    The earliest match of each middle part is the right one for a glob.
+    """
+    parts, current, index = [], "", 0
+    while index < len(pattern):
+        char = pattern[index]
+        if char == "*":
+            parts.append(current)
+            current = ""
+        elif char == "?":
+            current += "."
+        elif char == "[":
+            regex, index = glob_set(pattern, index)
+            current += regex if regex else "\\["
+        else:
+            current += re.escape(char)
+        index += 1
+    parts.append(current)
+    if len(parts) == 1:
+        return parts[0] + "\\Z"
+    middle = "".join(f"(?=(?P<{group}_{number}>.*?{part}))(?P={group}_{number})"
+                     for number, part in enumerate(parts[1:-1]))
+    return f"{parts[0]}{middle}.*{parts[-1]}\\Z"
 
 
 def parse_patterns(text: str) -> tuple:
@@ -1040,6 +1091,8 @@ def check_config(config: Config) -> None:
                                   f"both claim registry host {host!r}")
             seen[host] = route.name
     registries = {registry_name(route) for route in config.routes}
+    if config.mode == "debug":  # every request goes to the one target: its name is the registry
+        registries = {registry_name(RouteTable(config).debug_target)}
     for setting, items in (("ALLOW_IMAGES", config.allow_images), ("DENY_IMAGES", config.deny_images)):
         for item in items:
             if not item.startswith("@") and pattern_registry(item) not in registries | {""}:
@@ -1305,7 +1358,7 @@ def rewrite_scope(scope: str, route: Route) -> str:
     'ghcr.io/owner/app'); on Docker Hub a one-segment name gets library/.
     """
     kind, name, actions = split_scope(scope)
-    if kind != "repository" or not name:
+    if not is_repository_scope(kind) or not name:
         return scope
     first, sep, rest = name.partition("/")
     if sep and first.lower() in route.registry_hosts:
@@ -1313,6 +1366,11 @@ def rewrite_scope(scope: str, route: Route) -> str:
     if route.dockerhub and "/" not in name:
         name = "library/" + name
     return f"{kind}:{name}:{actions}"
+
+
+def is_repository_scope(kind: str) -> bool:
+    """'repository', and its classed form 'repository(plugin)', in any case."""
+    return kind.lower().partition("(")[0] == "repository"
 
 
 def client_scope(scope: str, prefix: str) -> str:
@@ -1853,9 +1911,16 @@ class Access:
 # Protection: client limits, the image policy, a gentle upstream ############
 
 # Clients the rate limiter remembers at most: about 300 bytes each, 15 MiB.
-# Beyond, the buckets idle the longest are dropped (a dropped client starts
-# again with a full allowance), so a spray of addresses cannot grow it.
+# Beyond, a budget idle long enough to be full again is dropped (losing
+# nothing), so a spray of addresses cannot grow it.
 MAX_LIMITED_CLIENTS = 50_000
+
+# When every remembered client is still being limited (a spray of addresses,
+# or an IPv6 /48's 65,536 /64s), a new one shares this one budget with every
+# other newcomer, rather than pushing out a limited one (which would hand it a
+# fresh allowance).  FORGET_TRIES bounds the search for a budget to drop.
+OVERFLOW_CLIENTS = "(overflow)"
+FORGET_TRIES = 8
 
 # The windows of RATE_LIMIT_REQUESTS (per minute) and RATE_LIMIT_BYTES (per
 # hour): a bucket holds one window's allowance and refills over the window.
@@ -1973,6 +2038,9 @@ class ClientBudget:
 class ClientLimits:
     """RATE_LIMIT_REQUESTS, RATE_LIMIT_BYTES and RATE_LIMIT_TRANSFERS, per client.
 
+    (MAX_LIMITED_CLIENTS bounds it: a budget is forgotten only once it is full
+    again; see OVERFLOW_CLIENTS.)
+
     Two token buckets per client: requests (full at one minute's allowance,
     refilled at the limit per minute) and bytes (one hour's, refilled per
     hour).  A request is refused with 429 and the seconds until it would be
@@ -2006,10 +2074,12 @@ class ClientLimits:
             return None
         return limit_key(address)
 
-    def admit(self, key: str, transfer: bool) -> None:
-        """Count one request (a blob download if `transfer`), or raise 429."""
+    def admit(self, key: str, transfer: bool) -> str:
+        """Count one request (a blob download if `transfer`), or raise 429.
+        Returns the key it was counted under, for done(): OVERFLOW_CLIENTS when
+        the limiter is full of clients still being limited."""
         with self._lock:
-            budget = self._budget(key)
+            key, budget = self._budget(key)
             if self.requests and budget.tokens < 1 - 1e-9:  # (float sums of refills)
                 wait = (1 - budget.tokens) * REQUEST_WINDOW / self.requests
                 raise too_many_requests(f"more than {self.requests} requests a minute; retry later", wait,
@@ -2025,41 +2095,49 @@ class ClientLimits:
                 budget.tokens -= 1
             if transfer:
                 budget.transfers += 1
+            return key
 
     def done(self, key: str, sent: int, transfer: bool) -> None:
         """A request admitted under `key` ended, having sent `sent` body bytes."""
         with self._lock:
-            budget = self._budget(key)
+            budget = self._budget(key)[1]
             budget.balance -= sent
             if transfer:
                 budget.transfers = max(budget.transfers - 1, 0)
 
-    def _budget(self, key: str) -> ClientBudget:
-        """The client's budget, refilled to now (made full if new), most recently used."""
+    def _budget(self, key: str) -> tuple:
+        """(key, the client's budget), refilled to now (made full if new), most recently used."""
         now = self.clock.monotonic()
         budget = self._budgets.get(key)
+        if budget is None and len(self._budgets) >= self.max_clients - 1 and not self._forget_one(now):
+            key = OVERFLOW_CLIENTS
+            budget = self._budgets.get(key)
         if budget is None:
             budget = self._budgets[key] = ClientBudget(self.requests, self.bytes_per_hour, now)
-            self._forget_idle()
-        else:
-            self._budgets.move_to_end(key)
-            elapsed = max(now - budget.updated, 0.0)
-            budget.tokens = min(self.requests, budget.tokens + elapsed * self.requests / REQUEST_WINDOW)
-            budget.balance = min(self.bytes_per_hour, budget.balance + elapsed * self.bytes_per_hour / BYTE_WINDOW)
-            budget.updated = now
-        return budget
+            return key, budget
+        self._budgets.move_to_end(key)
+        self._refill(budget, now)
+        return key, budget
 
-    def _forget_idle(self) -> None:
-        """Beyond max_clients: drop the least recently used budgets with no transfer
-        in flight (those with one are bounded by MAX_CONNECTIONS)."""
-        for _ in range(len(self._budgets)):
-            if len(self._budgets) <= self.max_clients:
-                return
+    def _refill(self, budget: ClientBudget, now: float) -> None:
+        elapsed = max(now - budget.updated, 0.0)
+        budget.tokens = min(self.requests, budget.tokens + elapsed * self.requests / REQUEST_WINDOW)
+        budget.balance = min(self.bytes_per_hour, budget.balance + elapsed * self.bytes_per_hour / BYTE_WINDOW)
+        budget.updated = now
+
+    def _forget_one(self, now: float) -> bool:
+        """Make room by dropping the least recently used budget, only if forgetting
+        it loses nothing: it has refilled to full, with no transfer in flight.
+        False if the oldest few are all still limiting their clients."""
+        for _ in range(FORGET_TRIES):
             key, budget = next(iter(self._budgets.items()))
-            if budget.transfers:
-                self._budgets.move_to_end(key)
-            else:
+            self._refill(budget, now)
+            full = budget.tokens >= self.requests and budget.balance >= self.bytes_per_hour
+            if full and not budget.transfers and key != OVERFLOW_CLIENTS:
                 del self._budgets[key]
+                return True
+            self._budgets.move_to_end(key)
+        return False
 
 
 def registry_name(route: Route) -> str:
@@ -2088,7 +2166,8 @@ def patterns_regex(patterns: list):
     """One compiled regular expression matching any of the globs, or None for none."""
     if not patterns:
         return None
-    return re.compile("|".join(f"(?:{fnmatch.translate(pattern)})" for pattern in patterns))
+    return re.compile("|".join(f"(?:{glob_regex(pattern, f'p{number}')})"
+                               for number, pattern in enumerate(patterns)))
 
 
 def read_pattern_file(path: str) -> list:
@@ -2192,10 +2271,15 @@ class UpstreamBackoff:
             return max([until - now for (host, _), until in self._until.items() if host == upstream] + [0.0])
 
     def _forget(self, now: float) -> None:
+        """Expired entries go, then the soonest to expire of clients with credentials:
+        never an anonymous one, which a spray of made-up credentials could push out."""
         for key in [key for key, until in self._until.items() if until <= now]:
             del self._until[key]
         while len(self._until) >= self.limit:
-            del self._until[min(self._until, key=self._until.get)]
+            named = [key for key in self._until if key[1] is not None]
+            if not named:
+                return  # anonymous entries only: one per route, so few
+            del self._until[min(named, key=self._until.get)]
 
 
 def parse_retry_after(value: str | None, now: float) -> float | None:
@@ -4890,7 +4974,8 @@ class TokenEndpoint(Part):
         scopes = list(dict.fromkeys(rewrite_scope(scope, route) for scope in scopes))
         for scope in scopes:
             kind, repository, _ = split_scope(scope)
-            if kind == "repository":
+            if is_repository_scope(kind):
+                check_repository(repository.split("/"))  # 400 for a name no registry has
                 self.proxy.check_image(route, repository)
         # A POST carries a password or a refresh token: credentials either way.
         with_credentials = self.request.method == "POST" or bool(self.request.authorization)
@@ -4968,8 +5053,10 @@ class PassThrough(Part):
         headers = self.upstream_headers()
         purpose = (self.route.name, OBJECT_KINDS.get(self.target.kind, ""))
         response = self.proxy.upstreams.fetch(method, self.upstream_url(), headers, purpose=purpose)
-        if response.status == 429 and same_origin(response.url, self.route.upstream):
-            # (a CDN's 429 is about one object's host, not the route's quota)
+        if response.status == 429 and self.target.kind in OBJECT_KINDS and same_origin(
+                response.url, self.route.upstream):
+            # (a CDN's 429 is about one object's host, and a tag list's about a cheap
+            # uncached call a client can repeat: neither is the route's pull quota)
             seconds = self.proxy.backoff.note(self.route.upstream, identity, response.headers.get("retry-after"))
             log.warning("route %s: upstream answered 429; only the cache answers %s for %gs",
                         self.route.name, "anonymous clients" if identity is None else "that client", seconds)
@@ -5647,7 +5734,7 @@ def cork(sock, on: bool) -> None:
             pass  # the client is gone: the next write says so
 
 
-def sendfile_all(sock, fd: int, offset: int, count: int) -> int:
+def sendfile_all(sock, fd: int, offset: int, count: int, on_sent=None) -> int:
     """`count` bytes of `fd` from `offset` to a socket with os.sendfile, waiting
     (at most the socket's timeout) only when it is full (socket.sendfile polls
     before every call).  Returns where it stopped: the end, or where the file
@@ -5667,6 +5754,8 @@ def sendfile_all(sock, fd: int, offset: int, count: int) -> int:
         if not sent:
             raise ConnectionAbortedError("the file is shorter than announced")
         offset += sent
+        if on_sent is not None:
+            on_sent(sent)  # as it goes: a transfer cut short still counts what went (RATE_LIMIT_BYTES)
     return offset
 
 
@@ -5791,7 +5880,7 @@ class Answers:
         """
         end = offset + count
         if not isinstance(self.connection, ssl.SSLSocket):
-            offset = sendfile_all(self.connection, file.fileno(), offset, count)
+            offset = sendfile_all(self.connection, file.fileno(), offset, count, self.count_sent)
         buffer = thread_buffer()
         while offset < end:  # TLS, or where this file system refused sendfile
             read = os.preadv(file.fileno(), [buffer[:min(end - offset, CHUNK_SIZE)]], offset)
@@ -5799,6 +5888,9 @@ class Answers:
                 raise ConnectionAbortedError("file shorter than announced")
             self.wfile.write(buffer[:read])
             offset += read
+            self.bytes_sent += read
+
+    def count_sent(self, count: int) -> None:
         self.bytes_sent += count
 
     def send_fill(self, fill: Fill, reader, patience: float) -> None:
@@ -6130,7 +6222,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
             return
         transfer = endpoint.name == "blob" and self.command == "GET"
         try:
-            limits.admit(key, transfer)
+            key = limits.admit(key, transfer)
         except RegistryError as err:
             self.proxy.metrics.add("dockerproxy_client_refusals_total",
                                    (err.detail["limit"].rpartition("_")[2].lower(),))
@@ -6340,7 +6432,11 @@ class Proxy:
         if not self.policy.active:
             return
         image = image_name(route, repository)
-        if not self.policy.allows(image):
+        first, nested, _ = repository.partition("/")
+        # "docker.io/library/x" under docker.io: an upstream that takes path
+        # prefixes (another mirror) serves it as docker.io/library/x, so it is judged so too
+        if not self.policy.allows(image) or (nested and looks_like_registry_host(first)
+                                             and not self.policy.allows(repository)):
             self.metrics.add("dockerproxy_client_refusals_total", ("image",))
             raise RegistryError(403, "DENIED", self.config.block_message or "this image is not "
                                 "served by this mirror", {"image": image})

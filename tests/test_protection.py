@@ -161,24 +161,83 @@ MAX_LIMITER_BYTES = dockerproxy.MAX_LIMITED_CLIENTS * 400
 SPRAYED_CLIENTS = 100_000
 
 
+class StillClock(MovableClock):
+    """A clock that moves only when the test moves it: a spray taking seconds refills nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.start = time.monotonic()
+
+    def time(self):
+        return 1_700_000_000.0 + self.offset
+
+    def monotonic(self):
+        return self.start + self.offset
+
+
+def still_limiter(**limits):
+    limiter_ = limiter(**limits)
+    limiter_.clock = StillClock()
+    return limiter_
+
+
+def sprayed(number):
+    """The number-th address of a spray (IPv4: keys as long as a /64's, parsed faster)."""
+    return f"10.{number >> 16}.{number >> 8 & 255}.{number & 255}"
+
+
+def spray(limits, count):
+    """One request from each of `count` new addresses: how many were admitted."""
+    admitted = 0
+    for number in range(count):
+        try:
+            limits.admit(limits.key(sprayed(number)), False)
+            admitted += 1
+        except RegistryError:
+            pass
+    return admitted
+
+
 def test_a_spray_of_addresses_stays_bounded_and_keeps_downloads_in_flight():
-    limits = limiter(requests=20, transfers=1)
+    limits = still_limiter(requests=20, transfers=1)
     downloading = limits.key("192.0.2.1")
     limits.admit(downloading, True)  # the least recently used of all, its download in flight
     tracemalloc.start()
     try:
         before = tracemalloc.get_traced_memory()[0]
-        for number in range(SPRAYED_CLIENTS):  # IPv4: keys as long as a /64's, parsed faster
-            limits.admit(limits.key(f"10.{number >> 16}.{number >> 8 & 255}.{number & 255}"), False)
+        admitted = spray(limits, SPRAYED_CLIENTS)
         used = tracemalloc.get_traced_memory()[0] - before
     finally:
         tracemalloc.stop()
     assert len(limits) <= dockerproxy.MAX_LIMITED_CLIENTS
     assert used < MAX_LIMITER_BYTES, f"{used / 2 ** 20:.1f} MiB for {len(limits)} clients"
+    # every remembered budget is still limiting its client: the newcomers beyond
+    # the bound share one budget of 20 requests
+    assert admitted == dockerproxy.MAX_LIMITED_CLIENTS - 2 + 20
     # still remembered: its transfer counts, a second one is refused
     assert refused(limits, downloading, transfer=True)[0] == "RATE_LIMIT_TRANSFERS"
     limits.done(downloading, 0, True)
     limits.admit(downloading, True)
+
+
+def test_a_spray_of_addresses_never_hands_a_limited_client_a_fresh_allowance():
+    limits = still_limiter(requests=5)
+    limited = limits.key("192.0.2.1")
+    for _ in range(5):
+        limits.admit(limited, False)
+    assert refused(limits, limited)[0] == "RATE_LIMIT_REQUESTS"
+    spray(limits, dockerproxy.MAX_LIMITED_CLIENTS + 10)
+    assert refused(limits, limited)[0] == "RATE_LIMIT_REQUESTS"  # not forgotten, not refilled
+
+
+def test_budgets_full_again_make_room_for_new_clients():
+    limits = still_limiter(requests=5)
+    spray(limits, dockerproxy.MAX_LIMITED_CLIENTS)
+    limits.clock.advance(dockerproxy.REQUEST_WINDOW)  # every budget has refilled: forgetting loses nothing
+    newcomer = limits.key("192.0.2.1")
+    for _ in range(5):
+        assert limits.admit(newcomer, False) == newcomer  # its own budget, not the shared one
+    assert len(limits) <= dockerproxy.MAX_LIMITED_CLIENTS
 
 
 # client_address ###############################################################

@@ -1,4 +1,4 @@
-"""Regression tests of the broken-upstream review of the protection work (issue 12).
+"""Regression tests of the two attacker reviews of the protection work (issue 12).
 
 Each was seen to fail on the code before its fix:
   * a 429 from a CDN (a redirect target) was remembered for the whole route;
@@ -9,19 +9,30 @@ Each was seen to fail on the code before its fix:
     the host's slots, and a request whose redirect target keeps its realm on its
     own host needed two slots of that host at once;
   * a redirect whose body stalled left the client with no answer at all (older
-    than this work).
+    than this work);
+and of the hostile-client review: bytes of a download cut short were never
+charged; a second registry prefix, odd scope forms and long scope names got
+past the image policy (Python 3.8's fnmatch took seconds on them); a 429 on a
+tag list held back a whole route; made-up credentials could push the
+anonymous back-off out; patterns that match nothing were taken silently.
 """
 
+import fnmatch
 import hashlib
-import http.client
+import http.server
+import itertools
 import json
+import re
 import socket
 import threading
-import http.server
 
-from conftest import RegistryClient
+import pytest
+
+import dockerproxy
+from conftest import MovableClock, RegistryClient, proxy_config
 from fakeregistry import FakeRegistry
 from rawupstream import RawUpstream, response
+from realregistry import wait_until
 from test_cache import pull
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -171,3 +182,110 @@ def test_a_redirect_whose_body_stalls_is_answered_504(start_proxy):
         finally:
             release.set()
     assert status == 504 and json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+# The hostile-client review ###################################################
+
+def sourced_connection(proxy, source):
+    """A connection to the proxy from `source`, any 127.x address (its own client)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind((source, 0))
+    sock.settimeout(30)
+    sock.connect(("127.0.0.1", proxy.port))
+    return sock
+
+
+def test_a_download_cut_short_by_its_client_is_charged_what_it_received(start_proxy):
+    """Bytes sent with sendfile were counted only once the whole part went, so a
+    client that hung up near the end was never charged (RATE_LIMIT_BYTES)."""
+    with FakeRegistry(auth_required=False) as fake:
+        size = 64 * 1024 * 1024
+        digest = fake.add_pattern_blob("library/big", size)
+        proxy = start_proxy("--upstream", f"docker={fake.url}", "--rate-limit-bytes", "8M",
+                            "--rate-limit-exempt", "127.0.0.1")
+        path = f"/v2/library/big/blobs/{digest}"
+        assert len(proxy.request("GET", path)[2]) == size  # cached by an exempt client
+        limits, received = proxy.server.proxy.limits, 0
+        with sourced_connection(proxy, "127.0.0.2") as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            while received < 32 * 1024 * 1024:
+                received += len(sock.recv(1 << 20))
+        wait_until(lambda: limits._budgets["127.0.0.2"].balance < 0, what="the cut download charged")
+        assert limits._budgets["127.0.0.2"].balance <= 8 * 1024 * 1024 - received
+        with sourced_connection(proxy, "127.0.0.2") as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-0\r\n\r\n".encode())
+            assert sock.recv(12) == b"HTTP/1.1 429"
+
+
+def test_a_second_registry_prefix_cannot_slip_a_denied_image_past_the_policy(start_proxy, fake):
+    """An upstream that takes path prefixes (another mirror) serves
+    docker.io/docker.io/library/evil as docker.io/library/evil."""
+    proxy = start_proxy("--upstream", f"docker={fake.url}", "--deny-images", "docker.io/library/evil")
+    for path in ("/v2/library/evil/manifests/1", "/v2/docker.io/docker.io/library/evil/manifests/1"):
+        status, _, body = proxy.request("GET", path)
+        assert status == 403 and json.loads(body)["errors"][0]["code"] == "DENIED", path
+    assert not fake.requests
+
+
+@pytest.mark.parametrize("scope", [
+    "Repository:library/evil:pull",            # the type in another case
+    "repository(plugin):library/evil:pull",    # a classed type
+    "repository:library//evil:pull",           # names no registry has: 400, never asked upstream
+    "repository:library/evil/:pull",
+    "repository:" + "a/" * 2000 + "b:pull",    # and a long one, which no glob may backtrack on
+], ids=["case", "class", "empty-part", "trailing-slash", "long"])
+def test_every_form_of_a_repository_scope_is_judged_before_the_token_service(start_proxy, fake, scope):
+    proxy = start_proxy("--upstream", f"docker={fake.url}", "--deny-images", "docker.io/*/*/*evil*,"
+                        "docker.io/library/evil")
+    status, _, body = proxy.request("GET", "/v2/auth?service=x&scope=" + scope)
+    assert status in (400, 403), body
+    assert not fake.token_requests and not fake.requests
+
+
+def test_a_429_on_a_tag_list_holds_back_nobody(proxy, fake):
+    image = fake.add_image("library/other", "1", [b"o" * 1000])
+    fake.fault("registry", "/tags/list", "status", status=429, retry_after=3600)
+    client = RegistryClient(proxy)
+    assert client.request("GET", "/v2/library/some/tags/list")[0] == 429
+    status, _, body = RegistryClient(proxy).request("GET", "/v2/library/other/manifests/1",
+                                                    {"Accept": image["media_type"]})
+    assert status == 200, body
+
+
+def test_a_spray_of_made_up_credentials_never_pushes_out_the_anonymous_back_off():
+    backoff = dockerproxy.UpstreamBackoff(MovableClock(), limit=10)
+    backoff.note("https://hub", None, "600")
+    for number in range(100):
+        backoff.note("https://hub", f"made-up-{number}", "3600")
+    assert backoff.remaining("https://hub", None) > 590
+
+
+@pytest.mark.parametrize("pattern, message", [
+    ("docker.io/evil", "docker.io/library/evil"),       # one segment on Docker Hub: a hint
+    ("127.0.0.1:5000/evil/*", "names no registry"),     # not the debug target's name
+])
+def test_patterns_that_would_match_nothing_stop_start_up(tmp_path, pattern, message):
+    with pytest.raises(dockerproxy.ConfigError, match=re.escape(message)):
+        proxy_config(tmp_path, "--deny-images", pattern, "--mode", "debug",
+                     "--target-upstream", "http://127.0.0.1:6000")
+
+
+def test_in_debug_mode_patterns_name_the_target(start_proxy, fake):
+    target = fake.url.partition("://")[2]
+    proxy = start_proxy("--mode", "debug", "--target-upstream", fake.url, "--deny-images", f"{target}/library/evil")
+    assert proxy.request("GET", "/v2/library/evil/manifests/1")[0] == 403
+    assert not fake.requests
+
+
+def test_globs_match_as_fnmatch_does_on_the_names_a_pattern_can_meet():
+    """Our linear glob against fnmatch's, on every pattern and name of a small alphabet."""
+    alphabet, names = "ab/*?[]!", ["", "a", "b", "/", "ab", "a/b", "b/a", "aab/", "a/ab/b", "[", "!", "]"]
+    patterns = {"".join(p) for p in itertools.product(alphabet, repeat=3)} | {
+        "a*b*a", "*/*", "[!a]*", "[]a]b", "*a?*", "a[b"}
+    for pattern in patterns:
+        try:
+            ours, theirs = re.compile(dockerproxy.glob_regex(pattern)), re.compile(fnmatch.translate(pattern))
+        except re.error:
+            continue
+        for name in names:
+            assert bool(ours.match(name)) == bool(theirs.match(name)), (pattern, name)
