@@ -2101,7 +2101,8 @@ class ClientLimits:
         """A request admitted under `key` ended, having sent `sent` body bytes."""
         with self._lock:
             budget = self._budget(key)[1]
-            budget.balance -= sent
+            if self.bytes_per_hour:  # else a balance below 0 never refills, and is never forgotten
+                budget.balance -= sent
             if transfer:
                 budget.transfers = max(budget.transfers - 1, 0)
 
@@ -2132,7 +2133,7 @@ class ClientLimits:
         for _ in range(FORGET_TRIES):
             key, budget = next(iter(self._budgets.items()))
             self._refill(budget, now)
-            full = budget.tokens >= self.requests and budget.balance >= self.bytes_per_hour
+            full = budget.tokens >= self.requests and budget.balance >= self.bytes_per_hour  # (0 >= 0 when off)
             if full and not budget.transfers and key != OVERFLOW_CLIENTS:
                 del self._budgets[key]
                 return True
@@ -6167,6 +6168,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         self.joined = False
         self.upstream_status = 0
         self.limited = None           # (limit key, is a blob transfer) of a request the limits admitted
+        self.rules_client = None      # the client the limits and ALLOW_CLIENTS judge, once worked out
 
     def handle_request(self) -> None:
         self.reset_request_state()
@@ -6187,7 +6189,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
     def serve_request(self) -> None:
         target_host, path, query = split_target(self.path)
         if self.proxy.config.allow_clients and path not in ALWAYS_OPEN:
-            self.proxy.check_client(self.proxy.client_of(self.client_address[0], self.headers))
+            self.proxy.check_client(self.judged_client())
         problem = request_problem(self.command, self.headers)
         if problem:
             raise RegistryError(400, "UNSUPPORTED", problem, close=True)
@@ -6212,12 +6214,18 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
                                     self.proxy.routes.implied(host), form, self.client_address[0])
         serving_part(endpoint.name, self.proxy.cache)(self.proxy, self.client, self, endpoint).serve()
 
+    def judged_client(self) -> str:
+        """The client's address for the limits and ALLOW_CLIENTS, worked out once a request."""
+        if self.rules_client is None:
+            self.rules_client = self.proxy.client_of(self.client_address[0], self.headers)
+        return self.rules_client
+
     def admit(self, endpoint: Endpoint) -> None:
         """The client's rate limits: count this request, or refuse it with 429."""
         limits = self.proxy.limits
         if not limits.enabled:
             return
-        key = limits.key(self.proxy.client_of(self.client_address[0], self.headers))
+        key = limits.key(self.judged_client())
         if key is None:
             return
         transfer = endpoint.name == "blob" and self.command == "GET"
@@ -6432,14 +6440,24 @@ class Proxy:
         if not self.policy.active:
             return
         image = image_name(route, repository)
-        first, nested, _ = repository.partition("/")
-        # "docker.io/library/x" under docker.io: an upstream that takes path
-        # prefixes (another mirror) serves it as docker.io/library/x, so it is judged so too
-        if not self.policy.allows(image) or (nested and looks_like_registry_host(first)
-                                             and not self.policy.allows(repository)):
+        if not all(self.policy.allows(name) for name in self.image_names(route, repository)):
             self.metrics.add("dockerproxy_client_refusals_total", ("image",))
             raise RegistryError(403, "DENIED", self.config.block_message or "this image is not "
                                 "served by this mirror", {"image": image})
+
+    def image_names(self, route: Route, repository: str) -> list:
+        """Every name an image goes by along a chain of mirrors: "docker.io/index.docker.io/evil"
+        on the docker route is that, and "docker.io/library/evil" to an upstream mirror that
+        takes path prefixes (docker's own names for a registry, and library/, included)."""
+        names = [image_name(route, repository)]
+        first, nested, rest = repository.partition("/")
+        while nested and looks_like_registry_host(first):
+            inner = self.routes.by_registry.get(first.lower())
+            if inner is not None and inner.dockerhub and "/" not in rest:
+                rest = "library/" + rest
+            names.append(image_name(inner, rest) if inner is not None else f"{first}/{rest}")
+            first, nested, rest = rest.partition("/")
+        return names
 
     def all_routes(self) -> list:
         routes = list(self.routes.routes.values())

@@ -289,3 +289,25 @@ def test_globs_match_as_fnmatch_does_on_the_names_a_pattern_can_meet():
             continue
         for name in names:
             assert bool(ours.match(name)) == bool(theirs.match(name)), (pattern, name)
+
+
+# The final review ############################################################
+
+@pytest.mark.parametrize("name", ["docker.io/docker.io/library/evil", "docker.io/docker.io/evil",
+                                  "docker.io/index.docker.io/library/evil", "docker.io/registry-1.docker.io/evil",
+                                  "docker.io/docker.io/docker.io/evil"])
+def test_every_spelling_of_a_denied_image_behind_a_second_prefix_is_refused(start_proxy, fake, name):
+    proxy = start_proxy("--upstream", f"docker={fake.url}", "--deny-images", "docker.io/library/evil")
+    assert proxy.request("GET", f"/v2/{name}/manifests/1")[0] == 403
+    assert proxy.request("GET", f"/v2/auth?service=x&scope=repository:{name}:pull")[0] == 403
+    assert not fake.requests and not fake.token_requests
+
+
+def test_without_a_byte_limit_a_full_limiter_still_forgets_clients_that_received_bytes():
+    limits = dockerproxy.ClientLimits(10, 0, 0, (), MovableClock(), max_clients=4)
+    for number in range(3):
+        key = limits.admit(limits.key(f"10.0.0.{number}"), False)
+        limits.done(key, 100, False)
+    limits.clock.advance(dockerproxy.REQUEST_WINDOW)
+    newcomer = limits.key("10.0.1.1")
+    assert limits.admit(newcomer, False) == newcomer  # its own budget, not the shared overflow
