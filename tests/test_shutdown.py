@@ -29,10 +29,12 @@ def start(fake, cache_dir, *flags):
 
 
 def connect_refused(running):
+    """A new connection is not served: refused, or reset while connecting (Linux
+    resets a connection that was in the backlog when the listening socket closed)."""
     try:
         socket.create_connection(("127.0.0.1", running.port), timeout=5).close()
         return False
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
 
 
