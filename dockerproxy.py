@@ -95,15 +95,19 @@ Settings (command-line flag > environment > .env file > default):
   DENY_IMAGES=              globs over registry/name, or @file, refused
   BLOCK_MESSAGE=            the message of those refusals
   MAX_UPSTREAM_REQUESTS=32  requests awaiting each upstream host's answer (more wait, then 503)
+  PREFETCH_FILE=            images kept cached: prefetched, re-checked, never evicted
+  PREFETCH_INTERVAL=1h      how often PREFETCH_FILE's tags are checked (0: at start only)
+  PREFETCH_PARALLEL=3       blobs a prefetch downloads at once (at most MAX_FILLS)
 
 Operators' pages: /healthz (alive), /readyz (should get traffic), /metrics
-(Prometheus), /status and /status.json (hit ratio, pulls, upstreams), and
-POST /admin/purge and /admin/evict; the last three need ADMIN_ALLOW or
-ADMIN_TOKEN.  SIGTERM drains and exits; SIGHUP reads the pattern files again.
+(Prometheus), /status and /status.json (hit ratio, pulls, upstreams,
+prefetches), and POST /admin/purge, /admin/evict and /admin/prefetch; the
+last four need ADMIN_ALLOW or ADMIN_TOKEN.  SIGTERM drains and exits; SIGHUP reads the pattern files again.
 
-Run ``python3 dockerproxy.py --help`` for the same list with the flags, and
+Run ``python3 dockerproxy.py --help`` for the same list with the flags,
 ``python3 dockerproxy.py cache verify|stats|prune`` to check, count or trim
-the cache.
+the cache, and ``python3 dockerproxy.py prefetch IMAGE...`` to fill it before
+a rollout or a trip off-line (every platform of an index, unless --platform).
 """
 
 from __future__ import annotations
@@ -126,6 +130,7 @@ import json
 import logging
 import math
 import os
+import queue
 import re
 import select
 import shutil
@@ -494,7 +499,8 @@ class Config(collections.namedtuple("Config", (
         "metrics admin_token admin_allow metrics_public ready_min_free log_format "
         "shutdown_delay shutdown_grace rate_limit_requests rate_limit_bytes rate_limit_transfers "
         "rate_limit_exempt trusted_proxies allow_clients allow_images deny_images block_message "
-        "max_upstream_requests routes accounts"), defaults=({},))):
+        "max_upstream_requests prefetch_file prefetch_interval prefetch_parallel routes accounts"),
+        defaults=({},))):
     """Every setting, parsed and checked.  Built by load_config(); the defaults
     are in SETTINGS.  routes: the Route table; accounts: the auth file's
     accounts by host, for realms and redirect targets (never printed, nor
@@ -860,6 +866,14 @@ SETTINGS = (
     Setting("MAX_UPSTREAM_REQUESTS", "32", parse_count,
             "requests waiting for an upstream host's answer head at once; more wait (up to "
             "CONNECT_TIMEOUT, as many as this), then get 503"),
+    Setting("PREFETCH_FILE", "", str.strip,
+            "images to keep cached: one a line, optionally with platforms (alpine:3.20 linux/amd64); "
+            "prefetched at start and every PREFETCH_INTERVAL, never evicted while listed (empty: none)"),
+    Setting("PREFETCH_INTERVAL", "1h", parse_duration,
+            "how often PREFETCH_FILE's tags are checked (a HEAD upstream) and what moved fetched, "
+            "s/m/h/d (0: at start only)"),
+    Setting("PREFETCH_PARALLEL", "3", parse_count,
+            "blobs a prefetch downloads at once, never more than MAX_FILLS"),
 )
 
 UPSTREAM_PREFIX = "UPSTREAM_"
@@ -867,7 +881,7 @@ UPSTREAM_PREFIX = "UPSTREAM_"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dockerproxy.py", usage="%(prog)s [cache {verify,stats,prune}] [options]",
+        prog="dockerproxy.py", usage="%(prog)s [cache {verify,stats,prune} | prefetch IMAGE...] [options]",
         description="Pull-through proxy for container registries.",
         epilog="UPSTREAM_<ROUTE>_USERNAME and UPSTREAM_<ROUTE>_PASSWORD (environment or .env "
                "only, never a flag: argv is visible to every user) give the proxy an upstream "
@@ -876,12 +890,20 @@ def build_parser() -> argparse.ArgumentParser:
                "/admin/.  "
                "Commands: 'cache verify' re-hashes every cached object and removes bad ones; "
                "'cache stats' prints counts and sizes; 'cache prune' applies CACHE_MAX_SIZE and "
-               "CACHE_MAX_AGE now.  SIGTERM or SIGINT drains and exits; SIGHUP reads the "
+               "CACHE_MAX_AGE now (passing PREFETCH_FILE's images by); 'prefetch IMAGE...' fetches "
+               "images into the cache (see 'prefetch --help').  SIGTERM or SIGINT drains and exits; SIGHUP reads the "
                "ALLOW_IMAGES and DENY_IMAGES pattern files again.  "
                "Each setting is read from its flag, else the environment, else the "
                ".env file, else its default.  UPSTREAM_<ROUTE>=URL (or --upstream "
                "ROUTE=URL) points a route at another registry, e.g. "
                "UPSTREAM_DOCKER=http://127.0.0.1:5000 for a local mirror of Docker Hub.")
+    add_settings(parser)
+    parser.add_argument("--version", action="version", version=f"dockerproxy {__version__}")
+    return parser
+
+
+def add_settings(parser: argparse.ArgumentParser) -> None:
+    """A flag for each setting that may be one, --upstream and --env-file."""
     for setting in SETTINGS:
         if setting.secret:
             continue
@@ -895,8 +917,6 @@ def build_parser() -> argparse.ArgumentParser:
                              "default the registry's own)")
     parser.add_argument("--env-file", metavar="PATH",
                         help="read settings from this file (default ./.env if it exists)")
-    parser.add_argument("--version", action="version", version=f"dockerproxy {__version__}")
-    return parser
 
 
 def read_env_file(path: str) -> dict:
@@ -920,7 +940,11 @@ def read_env_file(path: str) -> dict:
 
 def load_config(argv: list, environ: dict) -> Config:
     """Settings from argv, environ and the .env file; raises ConfigError."""
-    args = build_parser().parse_args(argv)
+    return config_from_args(build_parser().parse_args(argv), environ)
+
+
+def config_from_args(args: argparse.Namespace, environ: dict) -> Config:
+    """Settings from parsed flags (see add_settings), environ and the .env file; raises ConfigError."""
     env_file = args.env_file or ".env"
     try:
         dotenv = read_env_file(env_file) if args.env_file or os.path.exists(env_file) else {}
@@ -1083,6 +1107,8 @@ def check_config(config: Config) -> None:
                           f"(known: {', '.join(names)})")
     if config.mode == "debug" and not config.target_upstream:
         raise ConfigError("MODE='debug': needs TARGET_UPSTREAM")
+    if config.prefetch_file and not config.cache_dir:
+        raise ConfigError("PREFETCH_FILE: there is no cache to keep warm (CACHE_DIR is empty)")
     seen = {}
     for route in config.routes:
         for host in route.registry_hosts:
@@ -1257,6 +1283,56 @@ def library_redirect(target: Target, query: str) -> str | None:
     return f"{location}?{query}" if query else location
 
 
+class ImageReference(collections.namedtuple("ImageReference", "registry repository tag digest")):
+    """An image as docker names it, normalised: registry "docker.io" for Docker
+    Hub, repository "library/alpine", a tag ("latest" when neither is given)
+    and/or a digest (which wins when both are)."""
+
+    __slots__ = ()
+
+    @property
+    def reference(self) -> str:
+        return self.digest or self.tag
+
+    def __str__(self) -> str:
+        return (f"{self.registry}/{self.repository}" + (f":{self.tag}" if self.tag else "")
+                + (f"@{self.digest}" if self.digest else ""))
+
+
+# Docker's names for Docker Hub (reference.ParseNormalizedNamed).
+DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io")
+
+
+def parse_image_reference(text: str) -> ImageReference:
+    """'alpine' -> docker.io/library/alpine:latest, by docker's rules: a first
+    component with "." or ":" or "localhost" is a registry, else it is Docker
+    Hub (whatever DEFAULT_ROUTE says, as for docker); ValueError if malformed."""
+    name, _, digest = text.strip().partition("@")
+    if digest and not DIGEST.match(digest):
+        raise ValueError(f"{text.strip()!r}: {digest!r} is not a sha256 or sha512 digest")
+    tag = ""
+    last = name.rpartition("/")[2]
+    if ":" in last:
+        name, _, tag = name.rpartition(":")
+        if not TAG.match(tag):
+            raise ValueError(f"{text.strip()!r}: {tag!r} is not a valid tag")
+    first, slash, rest = name.partition("/")
+    if slash and looks_like_registry_host(first):
+        registry, path = first.lower(), rest
+    else:
+        registry, path = "docker.io", name
+    if registry in DOCKER_HUB_NAMES:
+        registry = "docker.io"
+        path = path if "/" in path else f"library/{path}"
+    components = path.split("/")
+    if path != path.lower():
+        raise ValueError(f"{text.strip()!r}: repository names must be lowercase")
+    if not path or len(path) > MAX_NAME_LENGTH or not all(NAME_COMPONENT.match(part) for part in components):
+        raise ValueError(f"{text.strip()!r}: not a valid image name")
+    return ImageReference(registry, path, tag or ("" if digest else "latest"), digest)
+
+
+
 class Endpoint(collections.namedtuple("Endpoint", "name route target query location",
                                       defaults=(None, None, "", ""))):
     """What a request asks for, as dispatch() found it: its name (one of
@@ -1269,7 +1345,7 @@ class Endpoint(collections.namedtuple("Endpoint", "name route target query locat
 
 # Endpoint names, as the access log and the metrics call them.
 ENDPOINTS = ("redirect", "health", "ready", "routes", "metrics", "status", "status.json",
-             "login", "logout", "purge", "evict", "base", "token",
+             "login", "logout", "purge", "evict", "prefetch", "base", "token",
              "manifest", "tag", "blob", "tags", "referrers")
 
 # The proxy's own pages, by path (GET and HEAD).
@@ -1284,7 +1360,7 @@ LIMITED_ENDPOINTS = ("redirect", "base", "token", "manifest", "tag", "blob", "ta
 
 # The operator's actions, by path (POST only).
 ADMIN_ACTIONS = {"/admin/login": "login", "/admin/logout": "logout",
-                 "/admin/purge": "purge", "/admin/evict": "evict"}
+                 "/admin/purge": "purge", "/admin/evict": "evict", "/admin/prefetch": "prefetch"}
 
 # A registry object's kind in its path -> its endpoint (manifests: by digest
 # or by tag, which the cache treats differently).
@@ -1519,14 +1595,18 @@ def request_problem(method: str, headers) -> str:
 
 
 def json_form(body: bytes) -> dict:
-    """A JSON object's string members as a form: {"image": "x"} -> {"image": ["x"]}; else 400."""
+    """A JSON object's string members as a form: {"image": "x"} -> {"image": ["x"]},
+    {"images": ["x", "y"]} -> {"images": ["x", "y"]}; else 400."""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError):  # 64 KiB of "[" nests past the parser's depth
         document = None
     if not isinstance(document, dict):
         raise RegistryError(400, "UNSUPPORTED", "the body is not a JSON object")
-    return {key: [value] for key, value in document.items() if isinstance(value, str)}
+    form = {key: [value] for key, value in document.items() if isinstance(value, str)}
+    form.update({key: value for key, value in document.items()
+                 if isinstance(value, list) and all(isinstance(item, str) for item in value)})
+    return form
 
 
 def object_answer(status: int) -> bool:
@@ -1736,6 +1816,132 @@ def is_schema1(manifest: bytes, headers) -> bool:
 def bare_media_type(content_type: str) -> str:
     """'application/x; charset=utf-8' -> 'application/x': what Accept is matched against."""
     return content_type.partition(";")[0].strip().lower()
+
+
+# Platforms as docker's --platform names them: os/architecture[/variant].
+PLATFORM = re.compile(r"([a-z0-9_.-]{1,32})/([a-z0-9_.-]{1,32})(?:/([a-z0-9_.-]{1,32}))?\Z")
+
+# The variant an architecture has when none is named (containerd's
+# platforms.Normalize): linux/arm64 is linux/arm64/v8.
+DEFAULT_VARIANTS = {"arm64": "v8"}
+
+# What an attestation manifest of an index points at (BuildKit's annotations):
+# it goes with the platform manifest it describes.
+ATTESTATION_TYPE = "vnd.docker.reference.type"
+ATTESTATION_OF = "vnd.docker.reference.digest"
+
+
+def parse_platform(text: str) -> tuple:
+    """'linux/arm/v7' -> ('linux', 'arm', 'v7'); ValueError if it is not one."""
+    match = PLATFORM.match(text.strip().lower())
+    if not match:
+        raise ValueError(f"{text.strip()!r} is not a platform: os/architecture[/variant], "
+                         "e.g. linux/amd64 or linux/arm/v7")
+    os_name, architecture, variant = match.groups()
+    return os_name, architecture, variant or ""
+
+
+def platform_name(platform: tuple) -> str:
+    return "/".join(part for part in platform if part)
+
+
+def descriptor_platform(descriptor: dict) -> tuple:
+    """An index entry's platform as parse_platform() gives it ('unknown', 'unknown', '' if none)."""
+    platform = descriptor.get("platform")
+    platform = platform if isinstance(platform, dict) else {}
+    fields = (platform.get("os"), platform.get("architecture"), platform.get("variant"))
+    return tuple(value.lower() if isinstance(value, str) else "" for value in fields[:2]) + (
+        fields[2].lower() if isinstance(fields[2], str) else "",)
+
+
+def platform_matches(wanted: tuple, platform: tuple) -> bool:
+    """linux/arm64 matches linux/arm64/v8; linux/arm matches every arm variant."""
+    if wanted[:2] != platform[:2]:
+        return False
+    if not wanted[2]:
+        return True
+    default = DEFAULT_VARIANTS.get(wanted[1], "")
+    return (wanted[2] or default) == (platform[2] or default)
+
+
+class Descriptor(collections.namedtuple("Descriptor", "digest size media_type platform manifest describes",
+                                        defaults=("",))):
+    """An object a manifest names: its digest, size and media type; the platform
+    of an index entry (else ()); manifest: whether it is a manifest itself;
+    describes: the manifest an attestation manifest is about, else ""."""
+
+    __slots__ = ()
+
+
+def attestation_target(item: dict) -> str:
+    """The digest of the manifest an index entry attests to, "" if it is not an attestation."""
+    annotations = item.get("annotations")
+    if not isinstance(annotations, dict) or annotations.get(ATTESTATION_TYPE) != "attestation-manifest":
+        return ""
+    target = annotations.get(ATTESTATION_OF)
+    return target if isinstance(target, str) and DIGEST.match(target) else ""
+
+
+def valid_descriptor(item: object) -> bool:
+    return (isinstance(item, dict) and isinstance(item.get("digest"), str) and DIGEST.match(item["digest"])
+            and isinstance(item.get("size", 0), int) and not isinstance(item.get("size", 0), bool)
+            and 0 <= item.get("size", 0) <= MAX_UPSTREAM_LENGTH)
+
+
+def manifest_references(document: object) -> list:
+    """The Descriptors a manifest names: an index's manifests; an image's
+    config and layers (an artifact's blobs); a schema 1 manifest's fsLayers.
+    Layers a registry does not hold (Windows' foreign layers, which carry
+    urls) are left out, as every client leaves them.  [] for anything else."""
+    if not isinstance(document, dict):
+        return []
+    if isinstance(document.get("manifests"), list):
+        return [Descriptor(item["digest"], item.get("size", 0), str(item.get("mediaType", "")),
+                           descriptor_platform(item), True, attestation_target(item))
+                for item in document["manifests"] if valid_descriptor(item)]
+    if document.get("schemaVersion") == 1:
+        layers = document.get("fsLayers") if isinstance(document.get("fsLayers"), list) else []
+        digests = [item.get("blobSum") for item in layers if isinstance(item, dict)]
+        unique = dict.fromkeys(digest for digest in digests if isinstance(digest, str) and DIGEST.match(digest))
+        return [Descriptor(digest, 0, BLOB_TYPE, (), False) for digest in unique]
+    items = [document.get("config")]
+    for key in ("layers", "blobs"):
+        items += document.get(key) if isinstance(document.get(key), list) else []
+    found = {}
+    for item in items:
+        if valid_descriptor(item) and not item.get("urls"):
+            found.setdefault(item["digest"], Descriptor(item["digest"], item.get("size", 0),
+                                                        str(item.get("mediaType", "")), (), False))
+    return list(found.values())
+
+
+def chosen_manifests(entries: list, wanted: tuple) -> list:
+    """Of an index's entries, those of the wanted platforms (all when none are
+    named), with the attestation manifests that describe those."""
+    if not wanted:
+        return list(entries)
+    chosen = [entry for entry in entries if any(platform_matches(want, entry.platform) for want in wanted)]
+    digests = {entry.digest for entry in chosen}
+    return chosen + [entry for entry in entries if entry.describes in digests and entry not in chosen]
+
+
+def parse_image_list(text: str) -> list:
+    """A prefetch list: one image a line, optionally followed by platforms
+    ("alpine:3.20 linux/amd64,linux/arm64"); "#" starts a comment.
+    [(ImageReference, (platform, ...))]; ValueError naming the line."""
+    images = []
+    for number, line in enumerate(text.splitlines(), 1):
+        fields = line.partition("#")[0].split()
+        if not fields:
+            continue
+        try:
+            if len(fields) > 2:
+                raise ValueError("one image and at most one comma-separated platform list a line")
+            platforms = tuple(parse_platform(item) for item in fields[1].split(",")) if len(fields) == 2 else ()
+            images.append((parse_image_reference(fields[0]), platforms))
+        except ValueError as err:
+            raise ValueError(f"line {number}: {err}") from None
+    return images
 
 
 # A Range header longer than this is not one a client resuming a download
@@ -2486,6 +2692,8 @@ METRIC_FAMILIES = {
         "counter", "Client requests refused by the proxy's own rules: requests, bytes, transfers "
         "(RATE_LIMIT_*), client (ALLOW_CLIENTS), image (ALLOW_IMAGES, DENY_IMAGES).", ("reason",)),
     "dockerproxy_ratelimit_clients": ("gauge", "Clients the rate limiter remembers now.", ()),
+    "dockerproxy_prefetch_images_total": (
+        "counter", "Images the proxy prefetched (admin API, PREFETCH_FILE), by result: ok or failed.", ("result",)),
     "dockerproxy_upstream_ratelimit_remaining": (
         "gauge", "The last RateLimit-Remaining an upstream sent (Docker Hub: pulls left).", ("route",)),
     "dockerproxy_upstream_ratelimit_limit": (
@@ -3138,6 +3346,14 @@ class BlobStore:
         os.replace(spool.path, final)
         return is_new
 
+    def manifest(self, digest: str) -> object:
+        """A stored manifest's JSON document; None if it is not one."""
+        try:
+            with open(object_path(self.root, digest), "rb") as file:
+                return json.loads(file.read(MAX_MANIFEST_SIZE + 1))
+        except (OSError, ValueError, RecursionError):
+            return None
+
     def delete(self, digest: str) -> None:
         path = object_path(self.root, digest)
         remove_quietly(path)
@@ -3589,6 +3805,11 @@ class Fills:
         with self._changed:
             return self._changed.wait_for(lambda: not self._running and not self._storing, timeout)
 
+    def wait_room(self, timeout: float) -> bool:
+        """Wait until fewer than MAX_FILLS run (a prefetch's next blob is then cached); False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._running) < self.max_fills, timeout)
+
     def wait_stored(self, key: tuple, timeout: float) -> None:
         """If `key` was just verified and is being stored, wait until it is stored."""
         fill = self._running.get(key)
@@ -3778,10 +3999,11 @@ class Cache:
     them, kept under CACHE_MAX_SIZE and CACHE_MAX_AGE by an evictor thread."""
 
     def __init__(self, root: str, max_size: int, max_age: float, clock: Clock | None = None,
-                 max_fills: int = 16, metrics: Metrics | None = None) -> None:
+                 max_fills: int = 16, metrics: Metrics | None = None, pinned=None) -> None:
         self.root = root
         self.max_size = max_size
         self.max_age = max_age
+        self.pinned = pinned or (lambda: [])  # -> [(upstream, repository, tag or digest)] never evicted
         self.clock = clock = clock or Clock()
         self.metrics = metrics or Metrics()
         trouble = DiskTrouble()
@@ -3833,6 +4055,7 @@ class Cache:
         with self._sweep_lock:
             objects = sorted(self.store.objects(), key=lambda stored: (stored.last_used, stored.size, stored.digest))
             purged = self._unlinked_purged()
+            pinned = self.pinned_objects(self.pinned())
             total = sum(stored.size for stored in objects)
             low_water = self.max_size * EVICTION_LOW_WATER if self.max_size and total > self.max_size else None
             now, removed, freed, kept = self.clock.time(), 0, 0, len(objects)
@@ -3840,6 +4063,8 @@ class Cache:
                 expired = self.max_age and now - stored.last_used > self.max_age
                 over = low_water is not None and total > low_water
                 if not (expired or over or stored.digest in purged) or self.store.in_use(stored.digest):
+                    continue
+                if stored.digest in pinned and stored.digest not in purged:
                     continue
                 self.store.delete(stored.digest)
                 total, removed, freed, kept = total - stored.size, removed + 1, freed + stored.size, kept - 1
@@ -3851,6 +4076,30 @@ class Cache:
             log.info("cache evicted %d objects (%d bytes) and %d tag entries; %d bytes remain",
                      removed, freed, dropped, total)
         return {"removed": removed, "freed_bytes": freed, "tags_dropped": dropped, "size_bytes": total}
+
+    def count(self) -> None:
+        """Count what is stored, for CACHE_MAX_SIZE, without evicting anything (the prefetch command)."""
+        objects = self.store.objects()
+        self.budget.counted(sum(stored.size for stored in objects), len(objects))
+
+    def pinned_objects(self, images: list) -> set:
+        """Every stored object of these images, (upstream, repository, tag or
+        digest) each: their manifests, what those name, and so on down."""
+        pending = []
+        for upstream, repository, reference in images:
+            if DIGEST.match(reference):
+                pending.append(reference)
+            else:
+                pending += [entry["digest"] for entry in self.tag_entries(upstream, repository, reference)]
+        pinned = set()
+        while pending:
+            digest = pending.pop()
+            if digest in pinned or not self.store.exists(digest):
+                continue
+            pinned.add(digest)
+            if self.store.media_type(digest):  # a manifest: what it names is pinned too
+                pending += [child.digest for child in manifest_references(self.store.manifest(digest))]
+        return pinned
 
     # Purge -------------------------------------------------------------------
 
@@ -4727,6 +4976,20 @@ def pulls_section(document: dict) -> str:
             + "</section>")
 
 
+def prefetches_section(document: dict) -> str:
+    """Prefetches running (the admin API's, the keep-warm one), then the last ones that ended."""
+    rows = []
+    for job in document.get("prefetches", []):
+        state = "running" if job["ok"] is None else ("done" if job["ok"] else "failed")
+        rows.append([escape_html(clock_time(job["started"])[11:19]), escape_html(job["source"]),
+                     escape_html(state), f'{job["images_done"]} / {job["images"]}', str(job["failed"]),
+                     f'{human_bytes(job["bytes_done"])} / {human_bytes(job["bytes_total"])}',
+                     escape_html(", ".join(job["current"]))])
+    return ('<section id="prefetches"><h2>Prefetches</h2>'
+            + html_table(["Started (UTC)", "By", "State", "#Images", "#Failed", "Bytes", "Now fetching"], rows,
+                         "No prefetch since start.") + "</section>")
+
+
 def actions_section(csrf: str, cache_enabled: bool, logout: bool) -> str:
     token = f'<input type="hidden" name="csrf" value="{escape_html(csrf)}">'
     parts = ['<section id="actions"><h2>Actions</h2>']
@@ -4736,7 +4999,11 @@ def actions_section(csrf: str, cache_enabled: bool, logout: bool) -> str:
                      '<input type="text" id="image" name="image" placeholder="docker.io/library/alpine:3.20" '
                      'required><button type="submit">Purge</button></form>'
                      f'<form method="post" action="/admin/evict">{token}'
-                     '<button type="submit">Run eviction now</button></form>')
+                     '<button type="submit">Run eviction now</button></form>'
+                     f'<form method="post" action="/admin/prefetch">{token}'
+                     '<label for="prefetch">Prefetch an image</label>'
+                     '<input type="text" id="prefetch" name="images" placeholder="ghcr.io/owner/app:1 linux/amd64" '
+                     'required><button type="submit">Prefetch</button></form>')
     if logout:
         parts.append(f'<form method="post" action="/admin/logout">{token}<button type="submit">Log out</button></form>')
     return "".join(parts) + "</section>"
@@ -4761,7 +5028,8 @@ def status_page(document: dict, csrf: str, refresh: int = 0, logout: bool = Fals
     sections = [traffic_section(document), cache_section(document), routes_section(document),
                 top_section("images", "Most pulled images, last 24 h", document["top_images"], "image"),
                 top_section("clients", "Clients that pulled most, last 24 h", document["top_clients"], "client"),
-                pulls_section(document), actions_section(csrf, document["cache"]["enabled"], logout)]
+                pulls_section(document), prefetches_section(document),
+                actions_section(csrf, document["cache"]["enabled"], logout)]
     return page("dockerproxy status", header + "<main>" + "".join(sections) + "</main>", refresh)
 
 
@@ -5652,6 +5920,8 @@ class AdminAction(AdminPart):
             raise RegistryError(403, "DENIED", "missing or wrong CSRF token, or a foreign Origin")
         if self.endpoint.name == "logout":
             return self.end_session(admitted)
+        if self.endpoint.name == "prefetch":
+            return self.prefetch()
         report = self.purge() if self.endpoint.name == "purge" else self.evict()
         client = client_address(self.request.peer, self.request.headers, self.proxy.config.trust_proxy_headers)
         log.info("admin %s from %s: %s", self.endpoint.name, client, printable(json.dumps(report)))
@@ -5706,6 +5976,29 @@ class AdminAction(AdminPart):
             raise RegistryError(404, "UNSUPPORTED", "there is no cache (CACHE_DIR is empty)")
         return self.proxy.cache.sweep()
 
+    def prefetch(self) -> None:
+        """Prefetch the images of the form ("images", each as a prefetch list's
+        line, and "platforms"): NDJSON events as they happen; from a browser,
+        started in the background, /status shows it."""
+        if self.proxy.cache is None:
+            raise RegistryError(404, "UNSUPPORTED", "there is no cache (CACHE_DIR is empty)")
+        images = self.prefetch_list()
+        client = client_address(self.request.peer, self.request.headers, self.proxy.config.trust_proxy_headers)
+        log.info("admin prefetch from %s: %s", client, printable(", ".join(str(image[0]) for image in images)))
+        self.proxy.prefetch(images, self.answer, background=self.wants_html())
+
+    def prefetch_list(self) -> list:
+        form = self.request.form
+        lines = (form.get("images") or []) + (form.get("image") or [])
+        try:
+            default = tuple(parse_platform(text) for text in form.get("platforms", []) + form.get("platform", []))
+            images = [(reference, own or default) for reference, own in parse_image_list("\n".join(lines))]
+        except ValueError as err:
+            raise RegistryError(400, "NAME_INVALID", str(err)) from None
+        if not images or len(images) > MAX_PREFETCH_IMAGES:
+            raise RegistryError(400, "NAME_INVALID", f"name 1 to {MAX_PREFETCH_IMAGES} images in \"images\"")
+        return images
+
 
 # What serves each endpoint of dispatch(); the cached parts pass through
 # when there is no cache.  redirect, health and routes the handler answers.
@@ -5714,6 +6007,7 @@ SERVING_PARTS = {
     "manifest": ManifestEndpoint, "tag": TagEndpoint, "tags": PassThrough, "referrers": PassThrough,
     "ready": ReadyEndpoint, "metrics": MetricsEndpoint, "status": StatusEndpoint, "status.json": StatusEndpoint,
     "login": AdminAction, "logout": AdminAction, "purge": AdminAction, "evict": AdminAction,
+    "prefetch": AdminAction,
 }
 
 
@@ -5837,6 +6131,27 @@ class Answers:
             self.flush_headers()
         else:
             self.end_headers()
+
+    def start_lines(self, content_type: str) -> None:
+        """A 200 whose body is lines sent as they come (NDJSON), chunked to an
+        HTTP/1.1 client, else ended by closing the connection."""
+        self.start_response(200, (("Content-Type", content_type), ("Cache-Control", "no-store"),
+                                   ("X-Accel-Buffering", "no")))
+        if self.request_version == "HTTP/1.1":
+            self.send_header("Transfer-Encoding", "chunked")
+        else:
+            self.close_connection = True
+        self.end_headers()
+
+    def send_line(self, line: bytes) -> None:
+        chunked = self.request_version == "HTTP/1.1"
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line) if chunked else line)
+        self.wfile.flush()
+        self.bytes_sent += len(line)
+
+    def end_lines(self) -> None:
+        if self.request_version == "HTTP/1.1":
+            self.wfile.write(b"0\r\n\r\n")
 
     def send_json(self, status: int, document: object) -> None:
         self.send_small(status, json.dumps(document, indent=1).encode(), "application/json")
@@ -6087,6 +6402,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     server_version = SERVER_VERSION
+    client_rules = True               # ALLOW_CLIENTS and RATE_LIMIT_* apply (not to a prefetch's own requests)
 
     def setup(self) -> None:
         self.proxy = self.server.proxy
@@ -6188,7 +6504,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
 
     def serve_request(self) -> None:
         target_host, path, query = split_target(self.path)
-        if self.proxy.config.allow_clients and path not in ALWAYS_OPEN:
+        if self.proxy.config.allow_clients and path not in ALWAYS_OPEN and self.client_rules:
             self.proxy.check_client(self.judged_client())
         problem = request_problem(self.command, self.headers)
         if problem:
@@ -6223,7 +6539,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
     def admit(self, endpoint: Endpoint) -> None:
         """The client's rate limits: count this request, or refuse it with 429."""
         limits = self.proxy.limits
-        if not limits.enabled:
+        if not limits.enabled or not self.client_rules:
             return
         key = limits.key(self.judged_client())
         if key is None:
@@ -6314,6 +6630,750 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
             time.monotonic() - self.started, cache,
             "cache" if cache in ("hit", "stale") or self.joined else "upstream", self.joined,
             target.repository if target else "", target.reference if target else "", self.upstream_status)
+
+
+# Prefetch: the cache warmed before it is needed ############################
+#
+# A prefetch pulls images as a client does, through the proxy's own handler:
+# an InternalHandler serves it over a socket pair, so its requests take every
+# step a client's take (the image policy, the token dance, the Access rule,
+# fills shared with clients' pulls, digests verified) and leave in CACHE_DIR
+# exactly what a client's pull would, on disk, where every process sharing
+# the directory sees it.  Only the rules about clients (ALLOW_CLIENTS,
+# RATE_LIMIT_*) do not apply: the operator asked for it.
+
+# Images one prefetch takes: each holds a few KiB of progress, and a list
+# longer than this is a mistake (a fleet's base images are dozens).
+MAX_PREFETCH_IMAGES = 1000
+
+# Manifests of one index that are fetched (platforms and attestations): an
+# index of more is not an image a client pulls, and one upstream document
+# must not cause unbounded work.
+MAX_INDEX_ENTRIES = 256
+
+# Prefetches one proxy runs at once (the admin API's and the keep-warm one):
+# each holds PREFETCH_PARALLEL + 1 connections and threads of its own.
+MAX_PREFETCHES = 4
+
+# An image's progress is reported at most this often: enough for a person
+# watching, few lines for a script reading --json.
+PROGRESS_INTERVAL = 0.5
+
+# Finished prefetches the status page lists.
+RECENT_PREFETCHES = 5
+
+# What a prefetch accepts for a tag: what docker sends, so the tag index entry
+# it leaves is the one docker's pulls read.
+PREFETCH_ACCEPT = ", ".join((
+    "application/vnd.docker.distribution.manifest.list.v2+json", OCI_INDEX,
+    "application/vnd.docker.distribution.manifest.v2+json", OCI_MANIFEST))
+
+
+class PrefetchFailed(Exception):
+    """An image could not be prefetched: the registry error a client would have got."""
+
+    def __init__(self, code: str, message: str, status: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.status = status
+
+    def document(self) -> dict:
+        return {"code": self.code, "message": self.message, "status": self.status}
+
+
+class InternalHandler(ProxyHandler):
+    """The handler of a prefetch's connection: a client's, but the rules
+    about clients (ALLOW_CLIENTS, RATE_LIMIT_*) do not apply to it."""
+
+    client_rules = False
+
+
+class InternalServer:
+    """What an InternalHandler needs of a server."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.server_address = ("localhost", 0)
+
+
+class InternalConnection(http.client.HTTPConnection):
+    """An HTTP connection to an InternalHandler of this process, over a socket pair."""
+
+    def __init__(self, server: InternalServer, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.server = server
+
+    def connect(self) -> None:
+        ours, theirs = socket.socketpair()
+        ours.settimeout(self.timeout)
+        threading.Thread(target=self.serve, args=(theirs,), daemon=True, name="prefetch-handler").start()
+        self.sock = ours
+
+    def serve(self, sock) -> None:
+        try:
+            InternalHandler(sock, ("prefetch", 0), self.server)  # serves until the connection ends
+        except OSError:
+            pass  # the prefetch closed its end
+        finally:
+            sock.close()
+
+
+class RegistrySession:
+    """A registry client of the proxy's own handler: requests by path, with
+    the Bearer token dance a client does (the token from our /v2/auth)."""
+
+    def __init__(self, server: InternalServer, timeout: float) -> None:
+        self.connection = InternalConnection(server, timeout)
+        self.tokens = {}              # repository -> "Bearer ..."
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def request(self, method: str, path: str, repository: str, accept: str = ""):
+        """The answer to a GET or HEAD, 200; else PrefetchFailed with the registry's error."""
+        response = self.send(method, path, repository, accept)
+        if response.status == 401:
+            challenge = response.getheader("www-authenticate", "")
+            failure = self.failure(response)
+            if not self.fetch_token(challenge, repository):
+                raise failure
+            response = self.send(method, path, repository, accept)
+        if response.status != 200:
+            raise self.failure(response)
+        return response
+
+    def send(self, method: str, path: str, repository: str, accept: str):
+        headers = {"Host": "localhost", "User-Agent": f"{SERVER_VERSION} (prefetch)"}
+        if accept:
+            headers["Accept"] = accept
+        if repository in self.tokens:
+            headers["Authorization"] = self.tokens[repository]
+        for last in (False, True):
+            try:
+                self.connection.request(method, path, headers=headers)
+                return self.connection.getresponse()
+            except (ConnectionError, http.client.BadStatusLine, http.client.CannotSendRequest):
+                self.connection.close()  # the handler ended a kept-alive connection: once more, anew
+                if last:
+                    raise
+
+    @staticmethod
+    def failure(response) -> PrefetchFailed:
+        """The registry error of a failed answer, its body read (bounded)."""
+        body = response.read(MAX_SMALL_BODY)
+        try:
+            error = json.loads(body)["errors"][0]
+            code, message = str(error["code"]), str(error["message"])
+        except (ValueError, KeyError, IndexError, TypeError):
+            code, message = "UNKNOWN", f"HTTP {response.status} {response.reason}"
+        return PrefetchFailed(code, message, response.status)
+
+    def fetch_token(self, challenge: str, repository: str) -> bool:
+        """A token from our own /v2/auth for the scope the challenge names."""
+        scheme, params = parse_challenge(challenge)
+        realm = urllib.parse.urlsplit(params.get("realm", ""))
+        if scheme != "bearer" or realm.path != "/v2/auth":
+            return False  # not ours: a Basic challenge wants credentials a prefetch does not have
+        fields = [(name, params[name]) for name in ("service", "scope") if params.get(name)]
+        response = self.send("GET", f"/v2/auth?{urllib.parse.urlencode(fields)}", "", "")
+        body = response.read(MAX_SMALL_BODY)
+        try:
+            answer = json.loads(body) if response.status == 200 else {}
+            token = answer.get("token") or answer.get("access_token")
+        except (ValueError, AttributeError):
+            token = None
+        if not isinstance(token, str) or not TOKEN.match(token):
+            return False
+        self.tokens[repository] = f"Bearer {token}"
+        return True
+
+
+class ImageProgress:
+    """One image of a prefetch, as its events and the summary tell it."""
+
+    def __init__(self, reference: ImageReference, platforms: tuple) -> None:
+        self.name = str(reference)
+        self.reference = reference
+        self.wanted = platforms
+        self.digest = ""
+        self.platforms = []           # names of the platforms fetched
+        self.blobs = 0                # blobs to fetch, once resolved
+        self.pending = 0              # blobs not yet done, and 1 while it is resolved
+        self.fetched = 0
+        self.cached = 0
+        self.bytes_total = 0
+        self.bytes_done = 0           # of bytes_total: fetched, or found cached
+        self.bytes_fetched = 0        # through the cache's fills
+        self.started = time.monotonic()
+        self.finished = False
+        self.seconds = 0.0
+        self.error = None             # a PrefetchFailed
+        self.reported = 0.0           # when progress was last reported
+
+    def summary(self) -> dict:
+        document = {"event": "image", "image": self.name, "ok": self.error is None, "digest": self.digest,
+                    "platforms": self.platforms, "fetched": self.fetched, "cached": self.cached,
+                    "bytes": self.bytes_fetched, "seconds": round(self.seconds, 3)}
+        if self.error is not None:
+            document["error"] = self.error.document()
+        return document
+
+
+class PrefetchJob:
+    """Prefetch a list of images into the cache, reporting each step as an event.
+
+    Manifests are fetched in the calling thread, image after image; their
+    blobs go to PREFETCH_PARALLEL workers, each with a connection of its own
+    (capped by MAX_FILLS: a prefetch never takes every fill from clients).  A
+    blob already stored is asked with a HEAD (its Access record is made as
+    for a client), never downloaded; one shared by several images of the job
+    is fetched once.  `emit` gets every event, from any thread, one at a time.
+    """
+
+    def __init__(self, proxy: Proxy, images: list, emit, parallel: int | None = None,
+                 source: str = "command") -> None:
+        config = proxy.config
+        self.proxy = proxy
+        self.server = InternalServer(proxy)
+        self.images = [ImageProgress(reference, platforms) for reference, platforms in images]
+        self.parallel = max(1, min(parallel or config.prefetch_parallel, config.max_fills))
+        self.source = source
+        self.timeout = config.connect_timeout + (FOLLOWER_PATIENCE_READ_TIMEOUTS + 1) * config.read_timeout
+        self.started = time.time()
+        self.cancelled = threading.Event()
+        self._emit = emit
+        self._lock = threading.Lock()
+        self._tasks = queue.Queue()
+        self._claimed = {}            # digest -> Event set once its first task of this job ended
+        self._sessions = []
+        self._emitting = threading.Lock()  # events leave one at a time; a slow reader holds only this
+
+    # Running -----------------------------------------------------------------
+
+    def run(self) -> bool:
+        """Every image, then the end event; True if each was prefetched."""
+        began = time.monotonic()
+        self.emit({"event": "start", "images": [image.name for image in self.images], "parallel": self.parallel})
+        workers = [threading.Thread(target=self.work, daemon=True, name="prefetch") for _ in range(self.parallel)]
+        for worker in workers:
+            worker.start()
+        session = self.session()
+        try:
+            for image in self.images:
+                self.resolve(session, image)
+        finally:
+            for _ in workers:
+                self._tasks.put(None)
+            for worker in workers:
+                worker.join()
+            self.close_sessions()
+        failed = [image for image in self.images if image.error is not None]
+        self.emit({"event": "end", "ok": not failed, "images": len(self.images), "failed": len(failed),
+                   "fetched": sum(image.fetched for image in self.images),
+                   "cached": sum(image.cached for image in self.images),
+                   "bytes": sum(image.bytes_fetched for image in self.images),
+                   "seconds": round(time.monotonic() - began, 3)})
+        return not failed
+
+    def cancel(self) -> None:
+        """Stop: no new request; those in flight are cut (their fills go on as clients' would)."""
+        self.cancelled.set()
+        self.close_sessions()
+
+    def session(self) -> RegistrySession:
+        session = RegistrySession(self.server, self.timeout)
+        with self._lock:
+            self._sessions.append(session)
+        return session
+
+    def close_sessions(self) -> None:
+        with self._lock:
+            sessions = list(self._sessions)
+        for session in sessions:
+            session.close()
+
+    def emit(self, event: dict) -> None:
+        with self._emitting:
+            try:
+                self._emit(event)
+            except Exception:  # a reader gone away must not stop the prefetch's bookkeeping
+                log.debug("prefetch event not delivered", exc_info=True)
+
+    def check_cancelled(self) -> None:
+        if self.cancelled.is_set() or self.proxy.draining.is_set():
+            raise PrefetchFailed("UNAVAILABLE", "prefetch cancelled")
+
+    # Manifests ---------------------------------------------------------------
+
+    def resolve(self, session: RegistrySession, image: ImageProgress) -> None:
+        """The image's manifests, then its blobs queued for the workers."""
+        image.pending = 1
+        try:
+            self.check_cancelled()
+            blobs = self.manifests(session, image)
+        except PrefetchFailed as err:
+            return self.finish_blob(image, error=err)
+        except (OSError, http.client.HTTPException) as err:
+            return self.finish_blob(image, error=PrefetchFailed("UNAVAILABLE", f"connection to the proxy: {err}"))
+        with self._lock:
+            image.blobs, image.pending = len(blobs), image.pending + len(blobs)
+            image.bytes_total = sum(blob.size for blob in blobs)
+        self.emit({"event": "resolved", "image": image.name, "digest": image.digest, "platforms": image.platforms,
+                   "blobs": image.blobs, "bytes": image.bytes_total})
+        for blob in blobs:
+            self._tasks.put((image, blob))
+        self.finish_blob(image)  # resolving it is done
+
+    def manifests(self, session: RegistrySession, image: ImageProgress) -> list:
+        """Fetch the image's manifests; the blobs they name, each once."""
+        reference = image.reference
+        digest, document = self.manifest(session, reference, reference.reference, PREFETCH_ACCEPT)
+        image.digest = digest
+        entries = [entry for entry in manifest_references(document) if entry.manifest]
+        if not entries:
+            image.platforms = ["(single platform)"]
+            return [blob for blob in manifest_references(document) if not blob.manifest]
+        chosen = chosen_manifests(entries, image.wanted)
+        if len(chosen) > MAX_INDEX_ENTRIES:
+            raise PrefetchFailed("MANIFEST_INVALID", f"the index names {len(chosen)} manifests; a prefetch "
+                                 f"takes at most {MAX_INDEX_ENTRIES} (name the platforms wanted)")
+        if not chosen:
+            offered = sorted({platform_name(entry.platform) for entry in entries})
+            raise PrefetchFailed("MANIFEST_UNKNOWN", f"no manifest for {', '.join(map(platform_name, image.wanted))} "
+                                 f"in the index (it has {', '.join(offered)})", 404)
+        image.platforms = list(dict.fromkeys(platform_name(entry.platform) for entry in chosen))
+        blobs = {}
+        for entry in chosen:
+            self.check_cancelled()
+            accept = PREFETCH_ACCEPT if entry.media_type in ("", *accepted_types(PREFETCH_ACCEPT)) else (
+                f"{entry.media_type}, {PREFETCH_ACCEPT}")
+            _, child = self.manifest(session, reference, entry.digest, accept)
+            for blob in manifest_references(child):
+                if not blob.manifest:
+                    blobs.setdefault(blob.digest, blob)
+        return list(blobs.values())
+
+    def manifest(self, session: RegistrySession, reference: ImageReference, wanted: str, accept: str) -> tuple:
+        """(digest, document) of a manifest by tag or digest, checked against its digest."""
+        path = f"{self.image_path(reference)}/manifests/{wanted}"
+        response = session.request("GET", path, reference.repository, accept)
+        body = response.read(MAX_MANIFEST_SIZE + 1)
+        if len(body) > MAX_MANIFEST_SIZE:
+            raise PrefetchFailed("MANIFEST_INVALID", f"manifest {wanted} is larger than {MAX_MANIFEST_SIZE} bytes")
+        digest = wanted if DIGEST.match(wanted) else response.getheader("docker-content-digest", "")
+        if not DIGEST.match(digest):
+            digest = bytes_digest(body, "sha256:")
+        if bytes_digest(body, digest) != digest:
+            raise PrefetchFailed("DIGEST_INVALID", f"manifest {wanted} does not match its digest {digest}")
+        try:
+            return digest, json.loads(body)
+        except ValueError:
+            raise PrefetchFailed("MANIFEST_INVALID", f"manifest {wanted} is not JSON") from None
+
+    def image_path(self, reference: ImageReference) -> str:
+        """/v2/<registry>/<name>: routed by its registry as a path prefix is (MODE=debug: everything to its target)."""
+        if self.proxy.routes.debug_target:
+            return f"/v2/{reference.repository}"
+        self.proxy.routes.for_registry(reference.registry)  # 403 here, with the route table's words
+        return f"/v2/{reference.registry}/{reference.repository}"
+
+    # Blobs -------------------------------------------------------------------
+
+    def work(self) -> None:
+        session = self.session()
+        while True:
+            task = self._tasks.get()
+            if task is None:
+                return
+            image, blob = task
+            if image.error is not None:
+                self.finish_blob(image)  # the image failed already: its other blobs are skipped
+                continue
+            try:
+                self.check_cancelled()
+                result, seconds = self.blob(session, image, blob)
+            except PrefetchFailed as err:
+                self.finish_blob(image, error=err)
+            except (OSError, http.client.HTTPException) as err:
+                session.close()
+                self.finish_blob(image, error=PrefetchFailed("UNAVAILABLE", f"blob {blob.digest}: {err}"))
+            else:
+                self.emit({"event": "blob", "image": image.name, "digest": blob.digest, "size": blob.size,
+                           "result": result, "seconds": round(seconds, 3)})
+                self.finish_blob(image, result)
+
+    def blob(self, session: RegistrySession, image: ImageProgress, blob: Descriptor) -> tuple:
+        """("fetched" or "cached", seconds): a stored blob is only asked with a HEAD."""
+        began = time.monotonic()
+        first = self.claim(blob.digest)
+        try:
+            path = f"{self.image_path(image.reference)}/blobs/{blob.digest}"
+            store, fills = self.proxy.cache.store, self.proxy.cache.fills
+            for attempt in range(2):
+                if store.exists(blob.digest):
+                    session.request("HEAD", path, image.reference.repository).read()
+                    self.progress(image, blob.size, fetched=False)
+                    return "cached", time.monotonic() - began
+                fills.wait_room(self.timeout)
+                self.download(session, image, blob, path)
+                fills.wait_digest_stored(blob.digest, self.timeout)
+                if store.exists(blob.digest):
+                    return "fetched", time.monotonic() - began
+            raise PrefetchFailed("UNAVAILABLE", f"blob {blob.digest} was sent on uncached: MAX_FILLS downloads "
+                                 "were running, or CACHE_MAX_SIZE has no room for it")
+        finally:
+            if first:
+                self._claimed[blob.digest].set()
+
+    def claim(self, digest: str) -> bool:
+        """True for the first task of this digest; the others wait for it to end."""
+        with self._lock:
+            done = self._claimed.get(digest)
+            if done is None:
+                self._claimed[digest] = threading.Event()
+                return True
+        done.wait(self.timeout)
+        return False
+
+    def download(self, session: RegistrySession, image: ImageProgress, blob: Descriptor, path: str) -> None:
+        """GET the blob through the cache, its bytes counted and dropped."""
+        response = session.request("GET", path, image.reference.repository)
+        length = response.length      # http.client raises IncompleteRead if the body ends short of it
+        buffer, received = thread_buffer(), 0
+        while True:
+            self.check_cancelled()
+            count = response.readinto(buffer)
+            if not count:
+                break
+            received += count
+            self.progress(image, count)
+        if length is not None and received != length:  # (http.client raises first; a check costs nothing)
+            raise PrefetchFailed("UNAVAILABLE", f"blob {blob.digest}: {received} bytes, not the {length} announced")
+
+    def progress(self, image: ImageProgress, count: int, fetched: bool = True) -> None:
+        now = time.monotonic()
+        with self._lock:
+            image.bytes_done += count
+            image.bytes_fetched += count if fetched else 0
+            due = now - image.reported >= PROGRESS_INTERVAL
+            if due:
+                image.reported = now
+            event = {"event": "progress", "image": image.name, "bytes_done": image.bytes_done,
+                     "bytes_total": image.bytes_total,
+                     "rate_bytes_per_second": round(image.bytes_fetched / max(now - image.started, 0.001))}
+        if due:
+            self.emit(event)
+
+    def finish_blob(self, image: ImageProgress, result: str = "", error: PrefetchFailed | None = None) -> None:
+        """One task of the image ended (a blob, or its resolution); the last one reports the image."""
+        with self._lock:
+            if result:
+                setattr(image, result, getattr(image, result) + 1)
+            if error is not None and image.error is None:
+                image.error = error
+            image.pending -= 1
+            done = image.finished = image.pending <= 0
+            if done:
+                image.seconds = time.monotonic() - image.started
+        if done:
+            if image.error is not None:
+                log.warning("prefetch of %s failed: %s", image.name, printable(image.error.message))
+            self.emit(image.summary())
+
+    # The status page ---------------------------------------------------------
+
+    def status(self) -> dict:
+        with self._lock:
+            images = [{"image": image.name, "bytes_done": image.bytes_done, "bytes_total": image.bytes_total,
+                       "done": image.finished, "ok": image.error is None}
+                      for image in self.images]
+        return {"source": self.source, "started": self.started, "images": len(images),
+                "images_done": sum(1 for image in images if image["done"]),
+                "failed": sum(1 for image in images if image["done"] and not image["ok"]),
+                "bytes_done": sum(image["bytes_done"] for image in images),
+                "bytes_total": sum(image["bytes_total"] for image in images),
+                "current": [image["image"] for image in images if not image["done"]][:3]}
+
+
+class Prefetches:
+    """The prefetches a proxy runs (the admin API's, the keep-warm one), at
+    most MAX_PREFETCHES at once, and the last few that ended: /status lists them."""
+
+    def __init__(self) -> None:
+        self._running = []
+        self._ended = collections.deque(maxlen=RECENT_PREFETCHES)
+        self._lock = threading.Lock()
+
+    def begin(self, job: PrefetchJob) -> None:
+        """Count `job` as running; 503 if MAX_PREFETCHES are."""
+        with self._lock:
+            if len(self._running) >= MAX_PREFETCHES:
+                raise RegistryError(503, "UNAVAILABLE", f"{MAX_PREFETCHES} prefetches are running; retry later",
+                                    headers=(("Retry-After", "60"),))
+            self._running.append(job)
+
+    def finish(self, job: PrefetchJob) -> bool:
+        """Run a job begin() counted, to its end; True if every image was prefetched."""
+        ok = False
+        try:
+            ok = job.run()
+            return ok
+        finally:
+            failed = sum(1 for image in job.images if image.error is not None)
+            job.proxy.metrics.add("dockerproxy_prefetch_images_total", ("ok",), len(job.images) - failed)
+            job.proxy.metrics.add("dockerproxy_prefetch_images_total", ("failed",), failed)
+            with self._lock:
+                self._running.remove(job)
+                self._ended.appendleft({**job.status(), "ended": time.time(), "ok": ok})
+
+    def run(self, job: PrefetchJob) -> bool:
+        self.begin(job)
+        return self.finish(job)
+
+    def cancel_all(self) -> None:
+        with self._lock:
+            running = list(self._running)
+        for job in running:
+            job.cancel()
+
+    def status(self) -> list:
+        with self._lock:
+            return [{**job.status(), "ended": None, "ok": None} for job in self._running] + list(self._ended)
+
+
+class KeepWarm(threading.Thread):
+    """PREFETCH_FILE, prefetched at start and every PREFETCH_INTERVAL: each tag
+    is asked with the cache's own rule (a HEAD upstream once MANIFEST_TTL has
+    passed), so only what moved is downloaded.  The file is read each time."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__(daemon=True, name="keep-warm")
+        self.proxy = proxy
+
+    def run(self) -> None:
+        config = self.proxy.config
+        while not self.proxy.draining.is_set():
+            try:
+                self.once()
+            except Exception:  # the next round must come
+                log.exception("keep-warm prefetch failed")
+            if not config.prefetch_interval or self.proxy.draining.wait(config.prefetch_interval):
+                return  # 0: at start only
+
+    def once(self) -> None:
+        try:
+            images = read_image_list(self.proxy.config.prefetch_file)
+        except ConfigError as err:
+            log.error("keep-warm: %s; trying again in %s", err, human_duration(self.proxy.config.prefetch_interval))
+            return
+        job = PrefetchJob(self.proxy, images, lambda event: None, source="keep-warm")
+        try:
+            ok = self.proxy.prefetches.run(job)
+        except RegistryError as err:
+            log.warning("keep-warm: %s", err.message)
+            return
+        fetched = sum(image.fetched for image in job.images)
+        log.info("keep-warm: %d images %s, %d blobs downloaded (%s)", len(job.images),
+                 "fresh" if ok else "checked, some failed", fetched,
+                 human_bytes(sum(image.bytes_fetched for image in job.images)))
+
+
+class PinnedImages:
+    """PREFETCH_FILE's images as the cache keys them, (upstream, repository,
+    tag or digest): the evictor passes them by while they are listed.  The
+    file is read at each sweep; one that cannot be read leaves the last list."""
+
+    def __init__(self, path: str, routes: RouteTable) -> None:
+        self.path = path
+        self.routes = routes
+        self._last = self.keys(read_image_list(path)) if path else []  # ConfigError at start: exit 2
+
+    def images(self) -> list:
+        if not self.path:
+            return []
+        try:
+            self._last = self.keys(read_image_list(self.path))
+        except ConfigError as err:
+            log.warning("PREFETCH_FILE %s; the images it listed last stay pinned", err)
+        return self._last
+
+    def keys(self, images: list) -> list:
+        found = []
+        for reference, _ in images:
+            route = self.routes.debug_target or self.routes.by_registry.get(reference.registry)
+            if route is not None:
+                found.append((route.upstream, reference.repository, reference.reference))
+        return found
+
+
+def read_image_list(path: str) -> list:
+    """A prefetch list file (see parse_image_list); ConfigError naming it if unreadable or bad."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            text = file.read(MAX_SMALL_BODY * 16 + 1)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: {getattr(err, 'strerror', None) or err}") from None
+    if len(text) > MAX_SMALL_BODY * 16:
+        raise ConfigError(f"{path}: longer than {MAX_SMALL_BODY * 16} bytes")
+    try:
+        images = parse_image_list(text)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    if len(images) > MAX_PREFETCH_IMAGES:
+        raise ConfigError(f"{path}: more than {MAX_PREFETCH_IMAGES} images")
+    return images
+
+
+# What a person sees: progress on a terminal, log lines, or NDJSON -----------
+
+def platforms_text(platforms: list, width: int = 28) -> str:
+    text = ", ".join(platforms) or "-"
+    return text if len(text) <= width else f"{platforms[0]} +{len(platforms) - 1}"
+
+
+def summary_table(images: list) -> str:
+    """The end of a prefetch: one row per image event (see ImageProgress.summary)."""
+    rows = [("IMAGE", "PLATFORMS", "FETCHED", "CACHED", "BYTES", "TIME", "RESULT")]
+    for image in images:
+        error = image.get("error")
+        rows.append((image["image"], platforms_text(image["platforms"]), str(image["fetched"]),
+                     str(image["cached"]), human_bytes(image["bytes"]), f'{image["seconds"]:.1f} s',
+                     f'{error["code"]}: {error["message"]}' if error else "ok"))
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+                     for row in rows)
+
+
+def eta_text(done: int, total: int, rate: float) -> str:
+    if total <= done:
+        return "done"
+    return human_duration((total - done) / rate) if rate > 0 else "?"
+
+
+class ProgressView:
+    """What the prefetch command prints, from the events (the same whether it
+    ran here or in a proxy): LogView, TerminalView and JsonView say how."""
+
+    def __init__(self, stream) -> None:
+        self.stream = stream
+        self.images = []              # the image events, in the order they ended
+        self.ok = None                # the end event's verdict
+
+    def event(self, event: dict) -> None:
+        if event.get("event") == "image":
+            self.images.append(event)
+        elif event.get("event") == "end":
+            self.ok = bool(event.get("ok"))
+        self.show(event)
+
+    def show(self, event: dict) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.stream.flush()
+
+
+class JsonView(ProgressView):
+    """--json: each event as one line of JSON (NDJSON)."""
+
+    def show(self, event: dict) -> None:
+        self.stream.write(json.dumps(event, separators=(",", ":")) + "\n")
+        self.stream.flush()
+
+
+class LogView(ProgressView):
+    """Not a terminal: a plain line per blob and per image, then the summary table."""
+
+    def show(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "resolved":
+            self.line(f'{event["image"]}: {event["digest"]}, {event["blobs"]} blobs, '
+                      f'{human_bytes(event["bytes"])} ({platforms_text(event["platforms"], 60)})')
+        elif kind == "blob":
+            self.line(f'{event["image"]}: {event["digest"]} {human_bytes(event["size"])} {event["result"]}')
+        elif kind == "image":
+            error = event.get("error")
+            self.line(f'{event["image"]}: failed: {error["code"]}: {error["message"]}' if error else
+                      f'{event["image"]}: done, {event["fetched"]} blobs fetched, {event["cached"]} cached')
+        elif kind == "end":
+            self.line("\n" + summary_table(self.images))
+
+    def line(self, text: str) -> None:
+        self.stream.write(printable_lines(text) + "\n")
+        self.stream.flush()
+
+
+class TerminalView(ProgressView):
+    """A terminal: a line per image being fetched (bytes, rate, ETA) and an
+    overall line, redrawn in place with ANSI escapes; each image's result
+    stays above them; the summary table at the end."""
+
+    REDRAW_INTERVAL = 0.1             # seconds: smooth enough, and few writes
+
+    def __init__(self, stream, columns: int = 80) -> None:
+        super().__init__(stream)
+        self.columns = max(columns, 40)
+        self.active = {}              # image -> its last progress event
+        self.total_images = 0
+        self.drawn = 0                # lines of the block on screen
+        self.drawn_at = 0.0
+
+    def show(self, event: dict) -> None:
+        kind = event.get("event")
+        if kind == "start":
+            self.total_images = len(event["images"])
+        elif kind == "resolved":
+            self.active[event["image"]] = {"bytes_done": 0, "bytes_total": event["bytes"], "rate_bytes_per_second": 0}
+        elif kind == "progress":
+            self.active[event["image"]] = event
+        elif kind == "image":
+            self.active.pop(event["image"], None)
+            self.erase()
+            error = event.get("error")
+            self.stream.write(printable_lines(
+                f'FAILED {event["image"]}: {error["code"]}: {error["message"]}' if error else
+                f'ok {event["image"]}: {event["fetched"]} fetched, {event["cached"]} cached, '
+                f'{human_bytes(event["bytes"])} in {event["seconds"]:.1f} s')[:self.columns] + "\n")
+        elif kind == "end":
+            self.erase()
+            self.stream.write("\n" + summary_table(self.images) + "\n")
+            self.stream.flush()
+            return
+        if kind == "image" or time.monotonic() - self.drawn_at >= self.REDRAW_INTERVAL:
+            self.draw()
+
+    def lines(self) -> list:
+        lines = []
+        for name, state in self.active.items():
+            done, total, rate = state["bytes_done"], state["bytes_total"], state["rate_bytes_per_second"]
+            lines.append(f"  {name}  {human_bytes(done)} / {human_bytes(total)}  {human_bytes(rate)}/s  "
+                         f"ETA {eta_text(done, total, rate)}")
+        done_bytes = sum(state["bytes_done"] for state in self.active.values())
+        total_bytes = sum(state["bytes_total"] for state in self.active.values())
+        lines.append(f"{len(self.images)}/{self.total_images} images done; in progress "
+                     f"{human_bytes(done_bytes)} / {human_bytes(total_bytes)}")
+        return [printable_lines(line)[:self.columns - 1] for line in lines]
+
+    def erase(self) -> None:
+        """Move up over the block and clear it."""
+        if self.drawn:
+            self.stream.write(f"\x1b[{self.drawn}F\x1b[J")
+            self.drawn = 0
+
+    def draw(self) -> None:
+        self.erase()
+        lines = self.lines()
+        self.stream.write("".join(f"\r\x1b[2K{line}\n" for line in lines))
+        self.stream.flush()
+        self.drawn, self.drawn_at = len(lines), time.monotonic()
+
+
+def printable_lines(text: str) -> str:
+    """Text for a terminal or a log: each character that is not printable
+    escaped, newlines aside (a message may come from an upstream)."""
+    return "\n".join("".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+                              for char in line) for line in text.split("\n"))
 
 
 # Server and main ###########################################################
@@ -6410,16 +7470,44 @@ class Proxy:
                                   {registry_name(route) for route in self.all_routes()})
         self.backoff = UpstreamBackoff(self.clock)
         self.auth = UpstreamAuth(self.upstreams, self.clock, config)
+        self.prefetches = Prefetches()
+        self.pins = PinnedImages(config.prefetch_file, self.routes)  # raises ConfigError for a bad file
         self.cache = None
         if config.cache_dir:
             self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age, self.clock,
-                               config.max_fills, self.metrics)
+                               config.max_fills, self.metrics, self.pins.images)
         self.access = Access(self.cache.records if self.cache else None, self.clock)
 
     def start(self) -> None:
-        """The background work: the cache's evictor."""
+        """The background work: the cache's evictor, and keeping PREFETCH_FILE's images warm."""
         if self.cache is not None:
             self.cache.start_evictor()
+        if self.config.prefetch_file:
+            KeepWarm(self).start()
+
+    def prefetch(self, images: list, answer: Answers, background: bool = False) -> None:
+        """POST /admin/prefetch: its events to the client as NDJSON while it runs;
+        from a browser, run in the background, and the browser sent to /status."""
+        delivery = {"gone": False}
+
+        def send(event: dict) -> None:
+            if delivery["gone"]:
+                return
+            try:
+                answer.send_line(json.dumps(event, separators=(",", ":")).encode() + b"\n")
+            except OSError:  # the client left: stop, as a client's Ctrl-C stops its pull
+                delivery["gone"] = True
+                job.cancel()
+
+        job = PrefetchJob(self, images, (lambda event: None) if background else send, source="admin")
+        self.prefetches.begin(job)  # 503 before anything is sent
+        if background:
+            threading.Thread(target=self.prefetches.finish, args=(job,), daemon=True, name="prefetch").start()
+            return answer.send_small(303, b"", headers=PAGE_HEADERS + (("Location", "/status#prefetches"),))
+        answer.start_lines("application/x-ndjson")
+        self.prefetches.finish(job)
+        if not delivery["gone"]:
+            answer.end_lines()
 
     def client_of(self, peer: str, headers, for_logs: bool = False) -> str:
         """The client's address (see client_address): limits and ALLOW_CLIENTS
@@ -6521,6 +7609,7 @@ class Proxy:
             "routes": [self.route_status(route) for route in self.all_routes()],
             "cache": self.cache_status(now),
             "traffic": {"since_start": since_start, "last_hour": activity.pop("last_hour")},
+            "prefetches": self.prefetches.status(),
             **activity,
         }
 
@@ -6698,11 +7787,11 @@ class JsonLines(logging.Formatter):
         return json.dumps(line)
 
 
-def configure_logging(debug: bool, log_format: str = "text") -> None:
+def configure_logging(debug: bool, log_format: str = "text", level: int | None = None) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLines() if log_format == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
+    logging.basicConfig(level=level or (logging.DEBUG if debug else logging.INFO), handlers=[handler])
 
 
 CACHE_COMMANDS = ("verify", "stats", "prune")
@@ -6714,13 +7803,139 @@ def cache_command(action: str, config: Config) -> int:
         print("dockerproxy.py: error: CACHE_DIR is empty: there is no cache", file=sys.stderr)
         return 2
     try:
-        cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age)
+        pins = PinnedImages(config.prefetch_file, RouteTable(config))
+        cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age, pinned=pins.images)
         report = {"verify": cache.verify, "stats": cache.stats, "prune": cache.sweep}[action]()
     except OSError as err:
         return cannot_use(err, config)
     for key, value in report.items():
         print(f"{key}: {value}")
     return 1 if report.get("bad_removed") else 0
+
+
+# The prefetch command --------------------------------------------------------
+
+def prefetch_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dockerproxy.py prefetch", usage="%(prog)s [IMAGE ...] [--file FILE] [--platform OS/ARCH[/VARIANT]] "
+        "[--json] [--proxy URL] [settings]",
+        description="Fetch images into the cache: every manifest, config and layer, verified.  Without "
+        "--proxy, into CACHE_DIR with the server's settings (a proxy may be running on it); with --proxy, "
+        "the proxy at URL does the work (POST /admin/prefetch, with ADMIN_TOKEN from the environment or .env).  "
+        "Exit status: 0 every image was prefetched, 1 one or more failed, 2 bad arguments.")
+    parser.add_argument("images", nargs="*", metavar="IMAGE",
+                        help="as docker names it: alpine, alpine:3.20, library/alpine@sha256:..., "
+                             "ghcr.io/owner/app:1, registry.k8s.io/pause:3.9")
+    parser.add_argument("--file", action="append", default=[], metavar="FILE",
+                        help="more images, one a line, each optionally followed by platforms "
+                             "(alpine:3.20 linux/amd64,linux/arm64); # starts a comment")
+    parser.add_argument("--platform", action="append", default=[], metavar="OS/ARCH[/VARIANT]",
+                        help="only these platforms of an index, and their attestations (repeatable; "
+                             "default: every entry, as skopeo copy --all needs)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per event (NDJSON)")
+    parser.add_argument("--proxy", metavar="URL", help="have the proxy at URL do it, e.g. http://127.0.0.1:8080")
+    add_settings(parser)
+    return parser
+
+
+def prefetch_images(names: list, files: list, platforms: list) -> list:
+    """The command's images: [(ImageReference, platforms)]; ConfigError if any is bad."""
+    try:
+        default = tuple(parse_platform(platform) for platform in platforms)
+        images = [(parse_image_reference(name), default) for name in names]
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    for path in files:
+        images += [(reference, own or default) for reference, own in read_image_list(path)]
+    if not images:
+        raise ConfigError("name at least one image, or --file")
+    if len(images) > MAX_PREFETCH_IMAGES:
+        raise ConfigError(f"at most {MAX_PREFETCH_IMAGES} images at once")
+    return images
+
+
+def progress_view(json_lines: bool, stream=None) -> ProgressView:
+    """NDJSON with --json; on a terminal (TERM not dumb), progress redrawn in place; else log lines."""
+    stream = stream or sys.stdout
+    if json_lines:
+        return JsonView(stream)
+    if stream.isatty() and os.environ.get("TERM", "") != "dumb":
+        return TerminalView(stream, shutil.get_terminal_size().columns)
+    return LogView(stream)
+
+
+def prefetch_command(argv: list, environ: dict) -> int:
+    """python3 dockerproxy.py prefetch IMAGE...: here, or in the proxy at --proxy."""
+    options = prefetch_parser().parse_args(argv)
+    try:
+        config = config_from_args(options, environ)
+        images = prefetch_images(options.images, options.file, options.platform)
+    except ConfigError as err:
+        print(f"dockerproxy.py prefetch: error: {err}", file=sys.stderr)
+        return 2
+    configure_logging(config.debug, config.log_format, logging.DEBUG if config.debug else logging.WARNING)
+    view = progress_view(options.json)
+    try:
+        if options.proxy:
+            return prefetch_remotely(options.proxy, config, images, view)
+        if not config.cache_dir:
+            print("dockerproxy.py prefetch: error: CACHE_DIR is empty: there is no cache to fill", file=sys.stderr)
+            return 2
+        try:
+            proxy = Proxy(config)
+            proxy.cache.count()
+        except OSError as err:
+            return cannot_use(err, config)
+        job = PrefetchJob(proxy, images, view.event)
+        try:
+            ok = job.run()
+        except KeyboardInterrupt:  # Ctrl-C: what is stored stays; downloads in flight are dropped
+            job.cancel()
+            print("\ndockerproxy.py prefetch: interrupted", file=sys.stderr)
+            return 130
+        proxy.cache.wait_idle(config.read_timeout)
+        return 0 if ok else 1
+    finally:
+        view.close()
+
+
+def image_line(reference: ImageReference, platforms: tuple) -> str:
+    """An image as a prefetch list writes it (the admin API's "images" items)."""
+    return f"{reference} {','.join(map(platform_name, platforms))}" if platforms else str(reference)
+
+
+def prefetch_remotely(url: str, config: Config, images: list, view: ProgressView) -> int:
+    """POST /admin/prefetch to the proxy at `url`; its NDJSON events to `view`."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        print(f"dockerproxy.py prefetch: error: --proxy {url!r}: not an http(s) URL", file=sys.stderr)
+        return 2
+    body = json.dumps({"images": [image_line(*image) for image in images]}).encode()
+    headers = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
+    if config.admin_token:
+        headers["Authorization"] = f"Bearer {config.admin_token}"
+    timeout = config.connect_timeout + config.read_timeout
+    connection = (http.client.HTTPSConnection(parts.netloc, timeout=timeout, context=ssl.create_default_context())
+                  if parts.scheme == "https" else http.client.HTTPConnection(parts.netloc, timeout=timeout))
+    try:
+        connection.request("POST", parts.path.rstrip("/") + "/admin/prefetch", body, headers)
+        response = connection.getresponse()
+        if response.status != 200:
+            failure = RegistrySession.failure(response)
+            print(f"dockerproxy.py prefetch: {url} refused: {failure.code}: {failure.message}", file=sys.stderr)
+            return 1
+        for line in iter(lambda: response.readline(MAX_SMALL_BODY), b""):
+            if line.strip():
+                view.event(json.loads(line))
+    except (OSError, ValueError, http.client.HTTPException) as err:
+        print(f"dockerproxy.py prefetch: {url}: {err}", file=sys.stderr)
+        return 1
+    finally:
+        connection.close()
+    if view.ok is None:
+        print(f"dockerproxy.py prefetch: {url} ended its answer before the prefetch did", file=sys.stderr)
+        return 1
+    return 0 if view.ok else 1
 
 
 class Shutdown:
@@ -6881,6 +8096,9 @@ def main(argv: list | None = None, environ: dict | None = None) -> int:
     """The command line: serve, or run a cache command.  argv and environ
     default to the process's own; tests pass theirs."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    environ = os.environ if environ is None else environ
+    if argv[:1] == ["prefetch"]:
+        return prefetch_command(argv[1:], environ)
     action = None
     if argv[:1] == ["cache"]:
         if len(argv) < 2 or argv[1] not in CACHE_COMMANDS:
@@ -6888,7 +8106,7 @@ def main(argv: list | None = None, environ: dict | None = None) -> int:
             return 2
         action, argv = argv[1], argv[2:]
     try:
-        config = load_config(argv, os.environ if environ is None else environ)
+        config = load_config(argv, environ)
     except ConfigError as err:
         print(f"dockerproxy.py: error: {err}", file=sys.stderr)
         return 2
