@@ -7337,7 +7337,7 @@ class TerminalView(ProgressView):
                 f'{human_bytes(event["bytes"])} in {event["seconds"]:.1f} s')[:self.columns] + "\n")
         elif kind == "end":
             self.erase()
-            self.stream.write("\n" + summary_table(self.images) + "\n")
+            self.stream.write("\n" + printable_lines(summary_table(self.images)) + "\n")
             self.stream.flush()
             return
         if kind == "image" or time.monotonic() - self.drawn_at >= self.REDRAW_INTERVAL:
