@@ -6723,9 +6723,9 @@ class RegistrySession:
     """A registry client of the proxy's own handler: requests by path, with
     the Bearer token dance a client does (the token from our /v2/auth)."""
 
-    def __init__(self, server: InternalServer, timeout: float) -> None:
+    def __init__(self, server: InternalServer, timeout: float, tokens: dict | None = None) -> None:
         self.connection = InternalConnection(server, timeout)
-        self.tokens = {}              # repository -> "Bearer ..."
+        self.tokens = {} if tokens is None else tokens  # repository -> "Bearer ...", shared by a job's sessions
 
     def close(self) -> None:
         self.connection.close()
@@ -6847,6 +6847,10 @@ class PrefetchJob:
         self._tasks = queue.Queue()
         self._claimed = {}            # digest -> Event set once its first task of this job ended
         self._sessions = []
+        # One token per repository for all the job's connections: a worker asking
+        # without it would get a 401 upstream, which drops the repository's
+        # anonymous-pull mark and declines the fill clients may have joined.
+        self._tokens = {}
         self._emitting = threading.Lock()  # events leave one at a time; a slow reader holds only this
 
     # Running -----------------------------------------------------------------
@@ -6882,7 +6886,7 @@ class PrefetchJob:
         self.close_sessions()
 
     def session(self) -> RegistrySession:
-        session = RegistrySession(self.server, self.timeout)
+        session = RegistrySession(self.server, self.timeout, self._tokens)
         with self._lock:
             self._sessions.append(session)
         return session
