@@ -80,5 +80,8 @@ say "smoke checks against a real dockerproxy.py process"
 say "benchmark smoke run (bench/run --quick: tiny blob, one run; figures are not judged)"
 "$PYTHON" bench/run --quick
 
+say "prefetch smoke run (bench/prefetch --quick: 6 blobs of 1 MiB, one run; figures are not judged)"
+"$PYTHON" bench/prefetch --quick
+
 say "load smoke run (bench/load --quick: 50 clients, 50 slow-loris connections, 5 s; figures are not judged)"
 "$PYTHON" bench/load --quick
