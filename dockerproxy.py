@@ -97,7 +97,7 @@ Settings (command-line flag > environment > .env file > default):
   MAX_UPSTREAM_REQUESTS=32  requests awaiting each upstream host's answer (more wait, then 503)
   PREFETCH_FILE=            images kept cached: prefetched, re-checked, never evicted
   PREFETCH_INTERVAL=1h      how often PREFETCH_FILE's tags are checked (0: at start only)
-  PREFETCH_PARALLEL=3       blobs a prefetch downloads at once (at most MAX_FILLS)
+  PREFETCH_PARALLEL=3       blobs a prefetch downloads at once (all: <= MAX_FILLS/2)
 
 Operators' pages: /healthz (alive), /readyz (should get traffic), /metrics
 (Prometheus), /status and /status.json (hit ratio, pulls, upstreams,
@@ -117,6 +117,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import contextlib
 import errno
 import fcntl
 import functools
@@ -873,7 +874,7 @@ SETTINGS = (
             "how often PREFETCH_FILE's tags are checked (a HEAD upstream) and what moved fetched, "
             "s/m/h/d (0: at start only)"),
     Setting("PREFETCH_PARALLEL", "3", parse_count,
-            "blobs a prefetch downloads at once, never more than MAX_FILLS"),
+            "blobs a prefetch downloads at once; all prefetches together at most half of MAX_FILLS"),
 )
 
 UPSTREAM_PREFIX = "UPSTREAM_"
@@ -1299,6 +1300,9 @@ class ImageReference(collections.namedtuple("ImageReference", "registry reposito
                 + (f"@{self.digest}" if self.digest else ""))
 
 
+# A registry in an image name: host names and IPv4 addresses, with a port.
+REGISTRY_HOST = re.compile(r"[a-z0-9](?:[a-z0-9.-]{0,252}[a-z0-9])?(?::[0-9]{1,5})?\Z")
+
 # Docker's names for Docker Hub (reference.ParseNormalizedNamed).
 DOCKER_HUB_NAMES = ("docker.io", "index.docker.io", "registry-1.docker.io")
 
@@ -1319,6 +1323,8 @@ def parse_image_reference(text: str) -> ImageReference:
     first, slash, rest = name.partition("/")
     if slash and looks_like_registry_host(first):
         registry, path = first.lower(), rest
+        if not REGISTRY_HOST.match(registry) or int(registry.partition(":")[2] or 0) > 65535:
+            raise ValueError(f"{text.strip()!r}: {first!r} is not a registry host[:port]")
     else:
         registry, path = "docker.io", name
     if registry in DOCKER_HUB_NAMES:
@@ -1820,6 +1826,11 @@ def bare_media_type(content_type: str) -> str:
 
 # Platforms as docker's --platform names them: os/architecture[/variant].
 PLATFORM = re.compile(r"([a-z0-9_.-]{1,32})/([a-z0-9_.-]{1,32})(?:/([a-z0-9_.-]{1,32}))?\Z")
+PLATFORM_PART = re.compile(r"[a-z0-9_.-]{1,32}\Z")
+
+# Platforms one image of a prefetch may name: more is not a fleet, and each
+# costs a pass over the index and a place in messages.
+MAX_PREFETCH_PLATFORMS = 16
 
 # The variant an architecture has when none is named (containerd's
 # platforms.Normalize): linux/arm64 is linux/arm64/v8.
@@ -1850,8 +1861,9 @@ def descriptor_platform(descriptor: dict) -> tuple:
     platform = descriptor.get("platform")
     platform = platform if isinstance(platform, dict) else {}
     fields = (platform.get("os"), platform.get("architecture"), platform.get("variant"))
-    return tuple(value.lower() if isinstance(value, str) else "" for value in fields[:2]) + (
-        fields[2].lower() if isinstance(fields[2], str) else "",)
+    # An upstream's strings: only what a platform name can be (they reach messages and terminals).
+    return tuple(value.lower() if isinstance(value, str) and PLATFORM_PART.match(value.lower()) else ""
+                 for value in fields)
 
 
 def platform_matches(wanted: tuple, platform: tuple) -> bool:
@@ -1925,6 +1937,14 @@ def chosen_manifests(entries: list, wanted: tuple) -> list:
     return chosen + [entry for entry in entries if entry.describes in digests and entry not in chosen]
 
 
+def parse_platforms(texts: list) -> tuple:
+    """--platform values, each once, at most MAX_PREFETCH_PLATFORMS; ValueError."""
+    platforms = tuple(dict.fromkeys(parse_platform(text) for text in texts))
+    if len(platforms) > MAX_PREFETCH_PLATFORMS:
+        raise ValueError(f"at most {MAX_PREFETCH_PLATFORMS} platforms")
+    return platforms
+
+
 def parse_image_list(text: str) -> list:
     """A prefetch list: one image a line, optionally followed by platforms
     ("alpine:3.20 linux/amd64,linux/arm64"); "#" starts a comment.
@@ -1937,7 +1957,7 @@ def parse_image_list(text: str) -> list:
         try:
             if len(fields) > 2:
                 raise ValueError("one image and at most one comma-separated platform list a line")
-            platforms = tuple(parse_platform(item) for item in fields[1].split(",")) if len(fields) == 2 else ()
+            platforms = parse_platforms(fields[1].split(",")) if len(fields) == 2 else ()
             images.append((parse_image_reference(fields[0]), platforms))
         except ValueError as err:
             raise ValueError(f"line {number}: {err}") from None
@@ -5991,7 +6011,7 @@ class AdminAction(AdminPart):
         form = self.request.form
         lines = (form.get("images") or []) + (form.get("image") or [])
         try:
-            default = tuple(parse_platform(text) for text in form.get("platforms", []) + form.get("platform", []))
+            default = parse_platforms(form.get("platforms", []) + form.get("platform", []))
             images = [(reference, own or default) for reference, own in parse_image_list("\n".join(lines))]
         except ValueError as err:
             raise RegistryError(400, "NAME_INVALID", str(err)) from None
@@ -6662,6 +6682,9 @@ PROGRESS_INTERVAL = 0.5
 # Finished prefetches the status page lists.
 RECENT_PREFETCHES = 5
 
+# A media type an index names, as it may go into an Accept header.
+MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,126}/[a-z0-9][a-z0-9.+-]{0,126}\Z")
+
 # What a prefetch accepts for a tag: what docker sends, so the tag index entry
 # it leaves is the one docker's pulls read.
 PREFETCH_ACCEPT = ", ".join((
@@ -6680,6 +6703,18 @@ class PrefetchFailed(Exception):
 
     def document(self) -> dict:
         return {"code": self.code, "message": self.message, "status": self.status}
+
+
+def prefetch_failure(err: Exception, what: str) -> PrefetchFailed:
+    """Any error of one image's prefetch as its registry error; an unexpected one logged whole."""
+    if isinstance(err, PrefetchFailed):
+        return err
+    if isinstance(err, RegistryError):
+        return PrefetchFailed(err.code, err.message, err.status)
+    if isinstance(err, (OSError, http.client.HTTPException)):
+        return PrefetchFailed("UNAVAILABLE", f"connection to the proxy's handler: {err}")
+    log.error("prefetch of %s failed", printable(what), exc_info=err)
+    return PrefetchFailed("UNKNOWN", f"internal error: {type(err).__name__}")
 
 
 class InternalHandler(ProxyHandler):
@@ -6836,7 +6871,7 @@ class PrefetchJob:
         config = proxy.config
         self.proxy = proxy
         self.server = InternalServer(proxy)
-        self.images = [ImageProgress(reference, platforms) for reference, platforms in images]
+        self.images = [ImageProgress(reference, platforms) for reference, platforms in dict.fromkeys(images)]
         self.parallel = max(1, min(parallel or config.prefetch_parallel, config.max_fills))
         self.source = source
         self.timeout = config.connect_timeout + (FOLLOWER_PATIENCE_READ_TIMEOUTS + 1) * config.read_timeout
@@ -6916,10 +6951,8 @@ class PrefetchJob:
         try:
             self.check_cancelled()
             blobs = self.manifests(session, image)
-        except PrefetchFailed as err:
-            return self.finish_blob(image, error=err)
-        except (OSError, http.client.HTTPException) as err:
-            return self.finish_blob(image, error=PrefetchFailed("UNAVAILABLE", f"connection to the proxy: {err}"))
+        except Exception as err:  # this image failed; the others go on, and the end event comes
+            return self.finish_blob(image, error=prefetch_failure(err, image.name))
         with self._lock:
             image.blobs, image.pending = len(blobs), image.pending + len(blobs)
             image.bytes_total = sum(blob.size for blob in blobs)
@@ -6944,14 +6977,15 @@ class PrefetchJob:
                                  f"takes at most {MAX_INDEX_ENTRIES} (name the platforms wanted)")
         if not chosen:
             offered = sorted({platform_name(entry.platform) for entry in entries})
-            raise PrefetchFailed("MANIFEST_UNKNOWN", f"no manifest for {', '.join(map(platform_name, image.wanted))} "
-                                 f"in the index (it has {', '.join(offered)})", 404)
+            raise PrefetchFailed("MANIFEST_UNKNOWN", "none of the platforms asked for is in the index (it has "
+                                 f"{', '.join(offered[:8])}{', ...' if len(offered) > 8 else ''})", 404)
         image.platforms = list(dict.fromkeys(platform_name(entry.platform) for entry in chosen))
         blobs = {}
         for entry in chosen:
             self.check_cancelled()
-            accept = PREFETCH_ACCEPT if entry.media_type in ("", *accepted_types(PREFETCH_ACCEPT)) else (
-                f"{entry.media_type}, {PREFETCH_ACCEPT}")
+            accept = PREFETCH_ACCEPT
+            if MEDIA_TYPE.match(entry.media_type) and entry.media_type not in accepted_types(PREFETCH_ACCEPT):
+                accept = f"{entry.media_type}, {PREFETCH_ACCEPT}"  # (an upstream's string: checked first)
             _, child = self.manifest(session, reference, entry.digest, accept)
             for blob in manifest_references(child):
                 if not blob.manifest:
@@ -6997,11 +7031,10 @@ class PrefetchJob:
             try:
                 self.check_cancelled()
                 result, seconds = self.blob(session, image, blob)
-            except PrefetchFailed as err:
-                self.finish_blob(image, error=err)
-            except (OSError, http.client.HTTPException) as err:
-                session.close()
-                self.finish_blob(image, error=PrefetchFailed("UNAVAILABLE", f"blob {blob.digest}: {err}"))
+            except Exception as err:  # this image failed; the worker goes on with the next blob
+                if not isinstance(err, PrefetchFailed):
+                    session.close()  # the connection may be mid-answer
+                self.finish_blob(image, error=prefetch_failure(err, f"{image.name}, blob {blob.digest}"))
             else:
                 self.emit({"event": "blob", "image": image.name, "digest": blob.digest, "size": blob.size,
                            "result": result, "seconds": round(seconds, 3)})
@@ -7020,7 +7053,8 @@ class PrefetchJob:
                     self.progress(image, blob.size, fetched=False)
                     return "cached", time.monotonic() - began
                 fills.wait_room(self.timeout)
-                self.download(session, image, blob, path)
+                with self.download_slot():
+                    self.download(session, image, blob, path)
                 fills.wait_digest_stored(blob.digest, self.timeout)
                 if store.exists(blob.digest):
                     return "fetched", time.monotonic() - began
@@ -7029,6 +7063,17 @@ class PrefetchJob:
         finally:
             if first:
                 self._claimed[blob.digest].set()
+
+    @contextlib.contextmanager
+    def download_slot(self):
+        """One of the downloads all prefetches share (see Prefetches.downloads)."""
+        slots = self.proxy.prefetches.downloads
+        while not slots.acquire(timeout=1.0):
+            self.check_cancelled()
+        try:
+            yield
+        finally:
+            slots.release()
 
     def claim(self, digest: str) -> bool:
         """True for the first task of this digest; the others wait for it to end."""
@@ -7082,7 +7127,7 @@ class PrefetchJob:
                 image.seconds = time.monotonic() - image.started
         if done:
             if image.error is not None:
-                log.warning("prefetch of %s failed: %s", image.name, printable(image.error.message))
+                log.warning("prefetch of %s failed: %s", printable(image.name), printable(image.error.message))
             self.emit(image.summary())
 
     # The status page ---------------------------------------------------------
@@ -7104,15 +7149,20 @@ class Prefetches:
     """The prefetches a proxy runs (the admin API's, the keep-warm one), at
     most MAX_PREFETCHES at once, and the last few that ended: /status lists them."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_fills: int = 16) -> None:
         self._running = []
         self._ended = collections.deque(maxlen=RECENT_PREFETCHES)
         self._lock = threading.Lock()
+        # Blob downloads of all prefetches together: half of MAX_FILLS, at
+        # least 1, so clients' misses keep fills of their own.
+        self.downloads = threading.BoundedSemaphore(max(1, max_fills // 2))
 
     def begin(self, job: PrefetchJob) -> None:
-        """Count `job` as running; 503 if MAX_PREFETCHES are."""
+        """Count `job` as running; 503 if MAX_PREFETCHES are (keep-warm's one
+        round is not counted: admin requests cannot keep it from its turn)."""
         with self._lock:
-            if len(self._running) >= MAX_PREFETCHES:
+            counted = [running for running in self._running if running.source != "keep-warm"]
+            if job.source != "keep-warm" and len(counted) >= MAX_PREFETCHES:
                 raise RegistryError(503, "UNAVAILABLE", f"{MAX_PREFETCHES} prefetches are running; retry later",
                                     headers=(("Retry-After", "60"),))
             self._running.append(job)
@@ -7134,12 +7184,6 @@ class Prefetches:
     def run(self, job: PrefetchJob) -> bool:
         self.begin(job)
         return self.finish(job)
-
-    def cancel_all(self) -> None:
-        with self._lock:
-            running = list(self._running)
-        for job in running:
-            job.cancel()
 
     def status(self) -> list:
         with self._lock:
@@ -7231,9 +7275,21 @@ def read_image_list(path: str) -> list:
 
 # What a person sees: progress on a terminal, log lines, or NDJSON -----------
 
+def screen_text(text: str) -> str:
+    """Text for a terminal or a log line: each character that is not printable
+    (newlines too) escaped.  Names and messages may come from an upstream, or
+    from the proxy at --proxy: none may move the cursor or forge a line."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+                   for char in text)
+
+
 def platforms_text(platforms: list, width: int = 28) -> str:
     text = ", ".join(platforms) or "-"
-    return text if len(text) <= width else f"{platforms[0]} +{len(platforms) - 1}"
+    return screen_text(text if len(text) <= width else f"{platforms[0]} +{len(platforms) - 1}")
+
+
+def failure_text(error: dict) -> str:
+    return screen_text(f'{error["code"]}: {error["message"]}')
 
 
 def summary_table(images: list) -> str:
@@ -7241,12 +7297,42 @@ def summary_table(images: list) -> str:
     rows = [("IMAGE", "PLATFORMS", "FETCHED", "CACHED", "BYTES", "TIME", "RESULT")]
     for image in images:
         error = image.get("error")
-        rows.append((image["image"], platforms_text(image["platforms"]), str(image["fetched"]),
+        rows.append((screen_text(image["image"]), platforms_text(image["platforms"]), str(image["fetched"]),
                      str(image["cached"]), human_bytes(image["bytes"]), f'{image["seconds"]:.1f} s',
-                     f'{error["code"]}: {error["message"]}' if error else "ok"))
+                     failure_text(error) if error else "ok"))
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
                      for row in rows)
+
+
+# The fields of each event and their types: what the views read, checked on
+# events from a proxy at --proxy (other events and fields are left alone).
+NUMBER = (int, float)
+EVENT_FIELDS = {
+    "start": {"images": list, "parallel": int},
+    "resolved": {"image": str, "digest": str, "platforms": list, "blobs": int, "bytes": int},
+    "progress": {"image": str, "bytes_done": NUMBER, "bytes_total": NUMBER, "rate_bytes_per_second": NUMBER},
+    "blob": {"image": str, "digest": str, "size": int, "result": str, "seconds": NUMBER},
+    "image": {"image": str, "ok": bool, "platforms": list, "fetched": int, "cached": int, "bytes": int,
+              "seconds": NUMBER},
+    "end": {"ok": bool},
+}
+
+
+def checked_event(event: object) -> dict:
+    """An event as the views read it; ValueError if it is not one."""
+    kind = event.get("event") if isinstance(event, dict) else None
+    fields = EVENT_FIELDS.get(kind, {}) if isinstance(kind, str) else None
+    if fields is None or not all(isinstance(event.get(name), types) and not (
+            types is not bool and isinstance(event.get(name), bool)) for name, types in fields.items()):
+        raise ValueError("not an event of a dockerproxy prefetch")
+    if not all(isinstance(item, str) for item in event.get("platforms", [])):
+        raise ValueError("not an event of a dockerproxy prefetch")
+    error = event.get("error")
+    if error is not None and not (isinstance(error, dict) and isinstance(error.get("code"), str)
+                                  and isinstance(error.get("message"), str)):
+        raise ValueError("not an event of a dockerproxy prefetch")
+    return event
 
 
 def eta_text(done: int, total: int, rate: float) -> str:
@@ -7291,20 +7377,22 @@ class LogView(ProgressView):
 
     def show(self, event: dict) -> None:
         kind = event.get("event")
+        name = screen_text(event.get("image", ""))
         if kind == "resolved":
-            self.line(f'{event["image"]}: {event["digest"]}, {event["blobs"]} blobs, '
+            self.line(f'{name}: {screen_text(event["digest"])}, {event["blobs"]} blobs, '
                       f'{human_bytes(event["bytes"])} ({platforms_text(event["platforms"], 60)})')
         elif kind == "blob":
-            self.line(f'{event["image"]}: {event["digest"]} {human_bytes(event["size"])} {event["result"]}')
+            self.line(f'{name}: {screen_text(event["digest"])} {human_bytes(event["size"])} '
+                      f'{screen_text(event["result"])}')
         elif kind == "image":
             error = event.get("error")
-            self.line(f'{event["image"]}: failed: {error["code"]}: {error["message"]}' if error else
-                      f'{event["image"]}: done, {event["fetched"]} blobs fetched, {event["cached"]} cached')
+            self.line(f'{name}: failed: {failure_text(error)}' if error else
+                      f'{name}: done, {event["fetched"]} blobs fetched, {event["cached"]} cached')
         elif kind == "end":
             self.line("\n" + summary_table(self.images))
 
     def line(self, text: str) -> None:
-        self.stream.write(printable_lines(text) + "\n")
+        self.stream.write(text + "\n")
         self.stream.flush()
 
 
@@ -7334,14 +7422,13 @@ class TerminalView(ProgressView):
         elif kind == "image":
             self.active.pop(event["image"], None)
             self.erase()
-            error = event.get("error")
-            self.stream.write(printable_lines(
-                f'FAILED {event["image"]}: {error["code"]}: {error["message"]}' if error else
-                f'ok {event["image"]}: {event["fetched"]} fetched, {event["cached"]} cached, '
-                f'{human_bytes(event["bytes"])} in {event["seconds"]:.1f} s')[:self.columns] + "\n")
+            error, name = event.get("error"), screen_text(event["image"])
+            self.stream.write((f'FAILED {name}: {failure_text(error)}' if error else
+                               f'ok {name}: {event["fetched"]} fetched, {event["cached"]} cached, '
+                               f'{human_bytes(event["bytes"])} in {event["seconds"]:.1f} s')[:self.columns] + "\n")
         elif kind == "end":
             self.erase()
-            self.stream.write("\n" + printable_lines(summary_table(self.images)) + "\n")
+            self.stream.write("\n" + summary_table(self.images) + "\n")
             self.stream.flush()
             return
         if kind == "image" or time.monotonic() - self.drawn_at >= self.REDRAW_INTERVAL:
@@ -7351,13 +7438,13 @@ class TerminalView(ProgressView):
         lines = []
         for name, state in self.active.items():
             done, total, rate = state["bytes_done"], state["bytes_total"], state["rate_bytes_per_second"]
-            lines.append(f"  {name}  {human_bytes(done)} / {human_bytes(total)}  {human_bytes(rate)}/s  "
+            lines.append(f"  {screen_text(name)}  {human_bytes(done)} / {human_bytes(total)}  {human_bytes(rate)}/s  "
                          f"ETA {eta_text(done, total, rate)}")
         done_bytes = sum(state["bytes_done"] for state in self.active.values())
         total_bytes = sum(state["bytes_total"] for state in self.active.values())
         lines.append(f"{len(self.images)}/{self.total_images} images done; in progress "
                      f"{human_bytes(done_bytes)} / {human_bytes(total_bytes)}")
-        return [printable_lines(line)[:self.columns - 1] for line in lines]
+        return [line[:self.columns - 1] for line in lines]
 
     def erase(self) -> None:
         """Move up over the block and clear it."""
@@ -7371,13 +7458,6 @@ class TerminalView(ProgressView):
         self.stream.write("".join(f"\r\x1b[2K{line}\n" for line in lines))
         self.stream.flush()
         self.drawn, self.drawn_at = len(lines), time.monotonic()
-
-
-def printable_lines(text: str) -> str:
-    """Text for a terminal or a log: each character that is not printable
-    escaped, newlines aside (a message may come from an upstream)."""
-    return "\n".join("".join(char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
-                              for char in line) for line in text.split("\n"))
 
 
 # Server and main ###########################################################
@@ -7474,7 +7554,7 @@ class Proxy:
                                   {registry_name(route) for route in self.all_routes()})
         self.backoff = UpstreamBackoff(self.clock)
         self.auth = UpstreamAuth(self.upstreams, self.clock, config)
-        self.prefetches = Prefetches()
+        self.prefetches = Prefetches(config.max_fills)
         self.pins = PinnedImages(config.prefetch_file, self.routes)  # raises ConfigError for a bad file
         self.cache = None
         if config.cache_dir:
@@ -7845,7 +7925,7 @@ def prefetch_parser() -> argparse.ArgumentParser:
 def prefetch_images(names: list, files: list, platforms: list) -> list:
     """The command's images: [(ImageReference, platforms)]; ConfigError if any is bad."""
     try:
-        default = tuple(parse_platform(platform) for platform in platforms)
+        default = parse_platforms(platforms)
         images = [(parse_image_reference(name), default) for name in names]
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -7910,9 +7990,15 @@ def image_line(reference: ImageReference, platforms: tuple) -> str:
 
 def prefetch_remotely(url: str, config: Config, images: list, view: ProgressView) -> int:
     """POST /admin/prefetch to the proxy at `url`; its NDJSON events to `view`."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        print(f"dockerproxy.py prefetch: error: --proxy {url!r}: not an http(s) URL", file=sys.stderr)
+    try:
+        parts = urllib.parse.urlsplit(url)
+        usable = parts.scheme in ("http", "https") and parts.hostname and not parts.username and (
+            parts.port or 1) and not parts.query and not parts.fragment
+    except ValueError:  # a bad port or IPv6 literal
+        usable = False
+    if not usable:
+        print(f"dockerproxy.py prefetch: error: --proxy {screen_text(url)!r}: not an http(s)://host[:port] URL",
+              file=sys.stderr)
         return 2
     body = json.dumps({"images": [image_line(*image) for image in images]}).encode()
     headers = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
@@ -7926,18 +8012,19 @@ def prefetch_remotely(url: str, config: Config, images: list, view: ProgressView
         response = connection.getresponse()
         if response.status != 200:
             failure = RegistrySession.failure(response)
-            print(f"dockerproxy.py prefetch: {url} refused: {failure.code}: {failure.message}", file=sys.stderr)
+            print(f"dockerproxy.py prefetch: {screen_text(url)} refused: {screen_text(failure.code)}: "
+                  f"{screen_text(failure.message)}", file=sys.stderr)
             return 1
         for line in iter(lambda: response.readline(MAX_SMALL_BODY), b""):
             if line.strip():
-                view.event(json.loads(line))
-    except (OSError, ValueError, http.client.HTTPException) as err:
-        print(f"dockerproxy.py prefetch: {url}: {err}", file=sys.stderr)
+                view.event(checked_event(json.loads(line)))
+    except (OSError, ValueError, RecursionError, http.client.HTTPException) as err:
+        print(f"dockerproxy.py prefetch: {screen_text(url)}: {screen_text(str(err))}", file=sys.stderr)
         return 1
     finally:
         connection.close()
     if view.ok is None:
-        print(f"dockerproxy.py prefetch: {url} ended its answer before the prefetch did", file=sys.stderr)
+        print(f"dockerproxy.py prefetch: {screen_text(url)} ended its answer before the prefetch did", file=sys.stderr)
         return 1
     return 0 if view.ok else 1
 

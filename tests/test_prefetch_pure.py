@@ -380,7 +380,7 @@ def test_log_view_writes_plain_lines_a_line_per_blob_and_ends_with_the_table():
         if event["event"] == "blob":
             assert [line for line in lines if event["digest"] in line and line.endswith(event["result"])], event
     assert any(line.startswith("docker.io/library/alpine:3.20: done") for line in lines), output
-    table = dockerproxy.printable_lines(dockerproxy.summary_table([EVENTS[6], EVENTS[7]]))
+    table = dockerproxy.summary_table([EVENTS[6], EVENTS[7]])
     assert output.rstrip("\n").endswith(table)
     assert lines[-3].startswith("IMAGE ")
     assert lines[-2].startswith("docker.io/library/alpine:3.20 ") and lines[-2].endswith("  ok")
