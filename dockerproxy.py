@@ -1785,7 +1785,7 @@ def document_media_type(manifest: bytes) -> str | None:
     """
     try:
         document = json.loads(manifest)
-    except ValueError:
+    except (ValueError, RecursionError):  # deep nesting: not a manifest either
         return None
     if not isinstance(document, dict):
         return None
@@ -1803,7 +1803,7 @@ def document_media_type(manifest: bytes) -> str | None:
 def is_json(data: bytes) -> bool:
     try:
         json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return True
 
@@ -1814,7 +1814,7 @@ def is_schema1(manifest: bytes, headers) -> bool:
         return True
     try:
         document = json.loads(manifest)
-    except ValueError:
+    except (ValueError, RecursionError):
         return False
     return isinstance(document, dict) and document.get("schemaVersion") == 1
 
@@ -1927,14 +1927,47 @@ def manifest_references(document: object) -> list:
     return list(found.values())
 
 
+def manifest_problem(document: object) -> str:
+    """Why no client could pull what this manifest describes ("" if nothing):
+    not an object of a kind we know, an index without entries or one nested
+    in another, an image without a config, a descriptor without a valid
+    digest and size.  manifest_references() skips what is invalid; a
+    prefetch must not call such an image warm."""
+    if not isinstance(document, dict):
+        return "not a JSON object"
+    if "manifests" in document:
+        entries = document["manifests"]
+        if not isinstance(entries, list) or not entries:
+            return "an index without manifests"
+        if not all(valid_descriptor(item) and "size" in item for item in entries):
+            return "an index entry without a valid digest and size"
+        return ""
+    if document.get("schemaVersion") == 1:
+        layers = document.get("fsLayers")
+        if not isinstance(layers, list) or not layers or not all(
+                isinstance(item, dict) and isinstance(item.get("blobSum"), str) and DIGEST.match(item["blobSum"])
+                for item in layers):
+            return "a schema 1 manifest without valid fsLayers"
+        return ""
+    if document.get("schemaVersion") != 2:
+        return "neither schema version 1 nor 2"
+    if not (valid_descriptor(document.get("config")) and "size" in document["config"]):
+        return "an image manifest without a valid config"
+    items = document.get("layers", []), document.get("blobs", [])
+    if not all(isinstance(group, list) for group in items) or not all(
+            valid_descriptor(item) and "size" in item for group in items for item in group):
+        return "a layer without a valid digest and size"
+    return ""
+
+
 def chosen_manifests(entries: list, wanted: tuple) -> list:
     """Of an index's entries, those of the wanted platforms (all when none are
     named), with the attestation manifests that describe those."""
     if not wanted:
         return list(entries)
     chosen = [entry for entry in entries if any(platform_matches(want, entry.platform) for want in wanted)]
-    digests = {entry.digest for entry in chosen}
-    return chosen + [entry for entry in entries if entry.describes in digests and entry not in chosen]
+    digests, taken = {entry.digest for entry in chosen}, {id(entry) for entry in chosen}
+    return chosen + [entry for entry in entries if entry.describes in digests and id(entry) not in taken]
 
 
 def parse_platforms(texts: list) -> tuple:
@@ -3366,6 +3399,12 @@ class BlobStore:
         os.replace(spool.path, final)
         return is_new
 
+    def size(self, digest: str) -> int | None:
+        try:
+            return os.path.getsize(object_path(self.root, digest))
+        except OSError:
+            return None
+
     def manifest(self, digest: str) -> object:
         """A stored manifest's JSON document; None if it is not one."""
         try:
@@ -4008,6 +4047,12 @@ class Budget:
         with self._lock:
             self.size = size
             self.objects = objects
+
+    def fits(self, length: int) -> bool:
+        """Whether reserve(length) would succeed now (nothing is reserved)."""
+        with self._lock:
+            return not self.max_size or (self.reserved + length <= self.max_size and self.size + self.reserved
+                                         + length <= MAX_SIZE_OVERSHOOT * self.max_size)
 
     def fits_without_eviction(self) -> bool:
         with self._lock:
@@ -6763,6 +6808,13 @@ class RegistrySession:
         self.tokens = {} if tokens is None else tokens  # repository -> "Bearer ...", shared by a job's sessions
 
     def close(self) -> None:
+        """End the connection; a read blocked on it (another thread's) returns at once."""
+        sock = self.connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # close() alone would wait for the blocked reader's lock
+            except OSError:
+                pass
         self.connection.close()
 
     def request(self, method: str, path: str, repository: str, accept: str = ""):
@@ -6968,7 +7020,7 @@ class PrefetchJob:
         digest, document = self.manifest(session, reference, reference.reference, PREFETCH_ACCEPT)
         image.digest = digest
         entries = [entry for entry in manifest_references(document) if entry.manifest]
-        if not entries:
+        if not entries:  # an image manifest
             image.platforms = ["(single platform)"]
             return [blob for blob in manifest_references(document) if not blob.manifest]
         chosen = chosen_manifests(entries, image.wanted)
@@ -6987,9 +7039,11 @@ class PrefetchJob:
             if MEDIA_TYPE.match(entry.media_type) and entry.media_type not in accepted_types(PREFETCH_ACCEPT):
                 accept = f"{entry.media_type}, {PREFETCH_ACCEPT}"  # (an upstream's string: checked first)
             _, child = self.manifest(session, reference, entry.digest, accept)
+            if isinstance(child, dict) and "manifests" in child:
+                raise PrefetchFailed("MANIFEST_INVALID", f"index entry {entry.digest} is an index itself: "
+                                     "nested indexes are not prefetched")
             for blob in manifest_references(child):
-                if not blob.manifest:
-                    blobs.setdefault(blob.digest, blob)
+                blobs.setdefault(blob.digest, blob)
         return list(blobs.values())
 
     def manifest(self, session: RegistrySession, reference: ImageReference, wanted: str, accept: str) -> tuple:
@@ -7005,9 +7059,19 @@ class PrefetchJob:
         if bytes_digest(body, digest) != digest:
             raise PrefetchFailed("DIGEST_INVALID", f"manifest {wanted} does not match its digest {digest}")
         try:
-            return digest, json.loads(body)
-        except ValueError:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
             raise PrefetchFailed("MANIFEST_INVALID", f"manifest {wanted} is not JSON") from None
+        problem = manifest_problem(document)
+        if problem:
+            raise PrefetchFailed("MANIFEST_INVALID", f"manifest {digest}: {problem}")
+        self.proxy.cache.fills.wait_digest_stored(digest, self.timeout)
+        if not self.proxy.cache.store.exists(digest):
+            # Passed on uncached, as to every client: a signed schema 1 manifest,
+            # one without a media type, or one nothing verifies.
+            raise PrefetchFailed("MANIFEST_INVALID", f"manifest {digest} was sent on, not cached (signed schema 1, "
+                                 "no media type, or nothing verifies it): it cannot be served offline")
+        return digest, document
 
     def image_path(self, reference: ImageReference) -> str:
         """/v2/<registry>/<name>: routed by its registry as a path prefix is (MODE=debug: everything to its target)."""
@@ -7046,20 +7110,26 @@ class PrefetchJob:
         first = self.claim(blob.digest)
         try:
             path = f"{self.image_path(image.reference)}/blobs/{blob.digest}"
-            store, fills = self.proxy.cache.store, self.proxy.cache.fills
-            for attempt in range(2):
+            store, cache = self.proxy.cache.store, self.proxy.cache
+            for last in (False, True):
                 if store.exists(blob.digest):
                     session.request("HEAD", path, image.reference.repository).read()
+                    self.check_size(blob)
                     self.progress(image, blob.size, fetched=False)
                     return "cached", time.monotonic() - began
-                fills.wait_room(self.timeout)
+                cache.fills.wait_room(self.timeout)
                 with self.download_slot():
-                    self.download(session, image, blob, path)
-                fills.wait_digest_stored(blob.digest, self.timeout)
+                    length = self.download(session, image, blob, path)
+                cache.fills.wait_digest_stored(blob.digest, self.timeout)
                 if store.exists(blob.digest):
+                    self.check_size(blob)
                     return "fetched", time.monotonic() - began
-            raise PrefetchFailed("UNAVAILABLE", f"blob {blob.digest} was sent on uncached: MAX_FILLS downloads "
-                                 "were running, or CACHE_MAX_SIZE has no room for it")
+                if length is None:
+                    raise PrefetchFailed("UNAVAILABLE", f"blob {blob.digest} came without a Content-Length: "
+                                         "the cache keeps only blobs of known length")
+                if last or not cache.budget.fits(length):  # only a race for a fill is worth a second download
+                    raise PrefetchFailed("UNAVAILABLE", f"blob {blob.digest} was sent on uncached: CACHE_MAX_SIZE "
+                                         "has no room for it, or MAX_FILLS downloads were running")
         finally:
             if first:
                 self._claimed[blob.digest].set()
@@ -7085,20 +7155,44 @@ class PrefetchJob:
         done.wait(self.timeout)
         return False
 
-    def download(self, session: RegistrySession, image: ImageProgress, blob: Descriptor, path: str) -> None:
-        """GET the blob through the cache, its bytes counted and dropped."""
+    def download(self, session: RegistrySession, image: ImageProgress, blob: Descriptor, path: str) -> int | None:
+        """GET the blob through the cache, its bytes counted and dropped; its length, if announced.
+
+        read1() returns after one read from the socket, so progress, a cancel
+        and the rate check come between any two arrivals, however slow.  A
+        download nobody else waits for is given up as a fill nobody waits for
+        is: averaging under ORPHAN_MIN_RATE after ORPHAN_GRACE seconds.
+        """
         response = session.request("GET", path, image.reference.repository)
-        length = response.length      # http.client raises IncompleteRead if the body ends short of it
-        buffer, received = thread_buffer(), 0
-        while True:
-            self.check_cancelled()
-            count = response.readinto(buffer)
-            if not count:
-                break
-            received += count
-            self.progress(image, count)
-        if length is not None and received != length:  # (http.client raises first; a check costs nothing)
-            raise PrefetchFailed("UNAVAILABLE", f"blob {blob.digest}: {received} bytes, not the {length} announced")
+        length, received, began = response.length, 0, time.monotonic()
+        try:
+            while True:
+                self.check_cancelled()
+                count = len(response.read1(CHUNK_SIZE))
+                if not count:
+                    break
+                received += count
+                self.progress(image, count)
+                elapsed = time.monotonic() - began
+                if elapsed > ORPHAN_GRACE and received / elapsed < ORPHAN_MIN_RATE:
+                    raise PrefetchFailed("UNAVAILABLE", f"blob {blob.digest} came at {human_bytes(received / elapsed)}"
+                                         f"/s, under {human_bytes(ORPHAN_MIN_RATE)}/s after {ORPHAN_GRACE:.0f} s")
+        except http.client.IncompleteRead:
+            session.close()
+            raise PrefetchFailed("UNAVAILABLE", f"blob {blob.digest} broke off after {received} of {length} bytes: "
+                                 "upstream cut it short, or its bytes did not match the digest") from None
+        except BaseException:
+            session.close()  # the rest of the body is still on the connection
+            raise
+        response.close()  # read to its end: the connection takes the next request
+        return length
+
+    def check_size(self, blob: Descriptor) -> None:
+        """A stored blob has the size its manifest says (docker and containerd refuse it otherwise)."""
+        size = self.proxy.cache.store.size(blob.digest)
+        if blob.size and size is not None and size != blob.size:
+            raise PrefetchFailed("MANIFEST_INVALID",
+                                 f"blob {blob.digest} is {size} bytes; its manifest says {blob.size}")
 
     def progress(self, image: ImageProgress, count: int, fetched: bool = True) -> None:
         now = time.monotonic()
