@@ -3533,6 +3533,7 @@ class AccessRecords:
         self.root = root
         self.clock = clock
         self.trouble = trouble
+        self._marking = threading.Lock()  # see mark_public()
 
     def linked_since(self, upstream: str, repository: str, digest: str) -> float | None:
         """When the object was first linked to the repository, if it is."""
@@ -3599,12 +3600,21 @@ class AccessRecords:
             return []
 
     def mark_public(self, upstream: str, repository: str) -> None:
+        """The marker's time is now, or stays later if it is (never earlier).
+
+        Each record() links, then marks: the last mark must come after every
+        link, or an object linked just before it would not be servable
+        anonymously.  Two threads (parallel downloads of one pull) could
+        otherwise write their times out of order: the time is read and
+        written under a lock, and never moved back.
+        """
         path = public_marker_path(self.root, upstream, repository)
-        now = self.clock.time()
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "ab"):
-                os.utime(path, (now, now))
+            with self._marking:
+                now = max(self.clock.time(), self.public_since(upstream, repository) or 0.0)
+                with open(path, "ab"):
+                    os.utime(path, (now, now))
         except OSError as err:
             self.trouble.warn(err)
 

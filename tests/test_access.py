@@ -149,3 +149,29 @@ def test_the_rule_is_stated_where_it_is_implemented():
     rule = dockerproxy.Access.__doc__
     for words in ("linked", "ACCESS_TTL", "anonymous", "credentials", "HEAD", "fill"):
         assert words in rule
+
+
+class StaleClock(dockerproxy.Clock):
+    """A clock a thread read a moment ago: what record() saw before another thread marked."""
+
+    def __init__(self, now):
+        self.now = now
+
+    def time(self):
+        return self.now
+
+
+def test_an_anonymous_pull_mark_is_never_moved_back_so_every_earlier_link_stays_servable(tmp_path):
+    """Parallel downloads of one pull record their blobs at once: each links, then marks the
+    repository public.  A mark written late with the time read early must not move the marker
+    back before a link another thread made meanwhile (prefetch saw this with 3 downloads at once:
+    a blob linked after that time was refused offline with 502)."""
+    clock = StaleClock(1000.0)
+    records = dockerproxy.AccessRecords(str(tmp_path), clock, dockerproxy.DiskTrouble())
+    access = dockerproxy.Access(records, clock)
+    access.record(None, UPSTREAM, REPOSITORY, [DIGEST])          # thread B: link at 1000, mark at 1000
+    clock.now = 999.5                                             # thread A's time, read before B ran
+    records.mark_public(UPSTREAM, REPOSITORY)                     # ... written after
+    clock.now = 1001.0
+    assert records.public_since(UPSTREAM, REPOSITORY) == 1000.0
+    assert access.may_serve(None, UPSTREAM, REPOSITORY, DIGEST, stale=True)
