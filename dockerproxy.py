@@ -2904,6 +2904,8 @@ class Metrics:
             self._values[f"dockerproxy_cache_{name}_total"][()] = 0
         for reason in REFUSAL_REASONS:
             self._values["dockerproxy_client_refusals_total"][(reason,)] = 0
+        for result in ("ok", "failed"):
+            self._values["dockerproxy_prefetch_images_total"][(result,)] = 0
         for route in route_names:
             self._values["dockerproxy_upstream_requests_total"][(route, "GET", "200")] = 0
             self._values["dockerproxy_upstream_bytes_total"][(route,)] = 0
@@ -6772,6 +6774,17 @@ def prefetch_failure(err: Exception, what: str) -> PrefetchFailed:
     return PrefetchFailed("UNKNOWN", f"internal error: {type(err).__name__}")
 
 
+def error_of(response) -> PrefetchFailed:
+    """The registry error of a failed answer (an http.client response), its body read (bounded)."""
+    body = response.read(MAX_SMALL_BODY)
+    try:
+        error = json.loads(body)["errors"][0]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        code, message = "UNKNOWN", f"HTTP {response.status} {response.reason}"
+    return PrefetchFailed(code, message, response.status)
+
+
 class InternalHandler(ProxyHandler):
     """The handler of a prefetch's connection: a client's, but the rules
     about clients (ALLOW_CLIENTS, RATE_LIMIT_*) do not apply to it."""
@@ -6840,6 +6853,13 @@ class RegistrySession:
             raise self.failure(response)
         return response
 
+    def failure(self, response) -> PrefetchFailed:
+        """error_of() the answer; a connection with some of its body left unread is closed."""
+        failure = error_of(response)
+        if not response.isclosed():
+            self.close()
+        return failure
+
     def send(self, method: str, path: str, repository: str, accept: str):
         headers = {"Host": "localhost", "User-Agent": f"{SERVER_VERSION} (prefetch)"}
         if accept:
@@ -6855,17 +6875,6 @@ class RegistrySession:
                 if last:
                     raise
 
-    @staticmethod
-    def failure(response) -> PrefetchFailed:
-        """The registry error of a failed answer, its body read (bounded)."""
-        body = response.read(MAX_SMALL_BODY)
-        try:
-            error = json.loads(body)["errors"][0]
-            code, message = str(error["code"]), str(error["message"])
-        except (ValueError, KeyError, IndexError, TypeError):
-            code, message = "UNKNOWN", f"HTTP {response.status} {response.reason}"
-        return PrefetchFailed(code, message, response.status)
-
     def fetch_token(self, challenge: str, repository: str) -> bool:
         """A token from our own /v2/auth for the scope the challenge names."""
         scheme, params = parse_challenge(challenge)
@@ -6875,6 +6884,8 @@ class RegistrySession:
         fields = [(name, params[name]) for name in ("service", "scope") if params.get(name)]
         response = self.send("GET", f"/v2/auth?{urllib.parse.urlencode(fields)}", "", "")
         body = response.read(MAX_SMALL_BODY)
+        if not response.isclosed():
+            self.close()  # a token answer larger than that is no token; its rest is on the connection
         try:
             answer = json.loads(body) if response.status == 200 else {}
             token = answer.get("token") or answer.get("access_token")
@@ -7062,10 +7073,18 @@ class PrefetchJob:
         response = session.request("GET", path, reference.repository, accept)
         body = response.read(MAX_MANIFEST_SIZE + 1)
         if len(body) > MAX_MANIFEST_SIZE:
+            session.close()  # the rest is still on the connection
             raise PrefetchFailed("MANIFEST_INVALID", f"manifest {wanted} is larger than {MAX_MANIFEST_SIZE} bytes")
         digest = wanted if DIGEST.match(wanted) else response.getheader("docker-content-digest", "")
         if not DIGEST.match(digest):
             digest = bytes_digest(body, "sha256:")
+        self.proxy.cache.fills.wait_digest_stored(digest, self.timeout)
+        if not self.proxy.cache.store.exists(digest):
+            # Passed on uncached, as to every client: a signed schema 1 manifest
+            # (whose digest leaves its signatures out), one without a media
+            # type, or one nothing verifies.
+            raise PrefetchFailed("MANIFEST_INVALID", f"manifest {digest} was sent on, not cached (signed schema 1, "
+                                 "no media type, or nothing verifies it): it cannot be served offline")
         if bytes_digest(body, digest) != digest:
             raise PrefetchFailed("DIGEST_INVALID", f"manifest {wanted} does not match its digest {digest}")
         try:
@@ -7075,12 +7094,6 @@ class PrefetchJob:
         problem = manifest_problem(document)
         if problem:
             raise PrefetchFailed("MANIFEST_INVALID", f"manifest {digest}: {problem}")
-        self.proxy.cache.fills.wait_digest_stored(digest, self.timeout)
-        if not self.proxy.cache.store.exists(digest):
-            # Passed on uncached, as to every client: a signed schema 1 manifest,
-            # one without a media type, or one nothing verifies.
-            raise PrefetchFailed("MANIFEST_INVALID", f"manifest {digest} was sent on, not cached (signed schema 1, "
-                                 "no media type, or nothing verifies it): it cannot be served offline")
         return digest, document
 
     def image_path(self, reference: ImageReference) -> str:
@@ -8115,7 +8128,7 @@ def prefetch_remotely(url: str, config: Config, images: list, view: ProgressView
         connection.request("POST", parts.path.rstrip("/") + "/admin/prefetch", body, headers)
         response = connection.getresponse()
         if response.status != 200:
-            failure = RegistrySession.failure(response)
+            failure = error_of(response)
             print(f"dockerproxy.py prefetch: {screen_text(url)} refused: {screen_text(failure.code)}: "
                   f"{screen_text(failure.message)}", file=sys.stderr)
             return 1
