@@ -187,6 +187,7 @@ def start_proxy(tmp_path):
 
     yield start
     for server in servers:
+        server.proxy.draining.set()  # ends keep-warm threads and prefetches (PREFETCH_FILE)
         server.shutdown()
         server.server_close()
 

@@ -187,16 +187,8 @@ def prefetches_section(html):
 
 @pytest.fixture
 def start(start_proxy):
-    """start_proxy, whose keep-warm threads end with the test (draining stops them)."""
-    started = []
-
-    def run(*argv, **environ):
-        proxy = start_proxy(*argv, **environ)
-        started.append(proxy)
-        return proxy
-    yield run
-    for proxy in started:
-        proxy.server.proxy.draining.set()
+    """start_proxy (whose teardown ends keep-warm threads and prefetches)."""
+    return start_proxy
 
 
 # 1, 2: the command, standalone #############################################

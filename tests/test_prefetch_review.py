@@ -25,15 +25,8 @@ JSON_BEARER = {**BEARER, "Content-Type": "application/json"}
 
 @pytest.fixture
 def start(start_proxy):
-    """start_proxy, whose keep-warm threads end with the test (draining stops them)."""
-    started = []
-
-    def run(*argv, **environ):
-        started.append(start_proxy(*argv, **environ))
-        return started[-1]
-    yield run
-    for proxy in started:
-        proxy.server.proxy.draining.set()
+    """start_proxy (whose teardown ends keep-warm threads and prefetches)."""
+    return start_proxy
 
 
 def admin_prefetch(proxy, images, **fields):

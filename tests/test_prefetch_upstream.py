@@ -36,15 +36,8 @@ def sha256(data):
 
 @pytest.fixture
 def start(start_proxy):
-    """start_proxy, whose keep-warm threads and prefetches end with the test (draining stops them)."""
-    started = []
-
-    def run(*argv, **environ):
-        started.append(start_proxy(*argv, **environ))
-        return started[-1]
-    yield run
-    for proxy in started:
-        proxy.server.proxy.draining.set()
+    """start_proxy (whose teardown ends keep-warm threads and prefetches)."""
+    return start_proxy
 
 
 class Running:
