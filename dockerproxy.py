@@ -3527,6 +3527,13 @@ class TagIndex:
         return dropped
 
 
+# How far ahead of this process's clock a repository's anonymous-pull mark may
+# be and still be kept (not moved back): a mark another thread wrote a moment
+# after the time a record() read.  Seconds: far more than a thread waits for
+# the disk, far less than ACCESS_TTL.
+MARK_SKEW = 5.0
+
+
 class AccessRecords:
     """What the Access rule reads from disk: which objects each repository of
     each upstream holds (links), and when it was last pulled anonymously."""
@@ -3602,19 +3609,23 @@ class AccessRecords:
             return []
 
     def mark_public(self, upstream: str, repository: str) -> None:
-        """The marker's time is now, or stays later if it is (never earlier).
+        """The marker's time is now, or a moment later if another thread just marked.
 
         Each record() links, then marks: the last mark must come after every
         link, or an object linked just before it would not be servable
         anonymously.  Two threads (parallel downloads of one pull) could
         otherwise write their times out of order: the time is read and
-        written under a lock, and never moved back.
+        written under a lock, and not moved back by up to MARK_SKEW (a marker
+        further ahead is a clock stepped back, or another process's skewed
+        clock: kept, it would hold the repository open long after).
         """
         path = public_marker_path(self.root, upstream, repository)
         try:
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with self._marking:
-                now = max(self.clock.time(), self.public_since(upstream, repository) or 0.0)
+                now, marked = self.clock.time(), self.public_since(upstream, repository) or 0.0
+                if now < marked <= now + MARK_SKEW:
+                    now = marked  # another thread's mark, a moment later than the time we read
                 with open(path, "ab"):
                     os.utime(path, (now, now))
         except OSError as err:
@@ -6826,9 +6837,11 @@ class RegistrySession:
     """A registry client of the proxy's own handler: requests by path, with
     the Bearer token dance a client does (the token from our /v2/auth)."""
 
-    def __init__(self, server: InternalServer, timeout: float, tokens: dict | None = None) -> None:
+    def __init__(self, server: InternalServer, timeout: float, tokens: dict | None = None,
+                 cancelled: threading.Event | None = None) -> None:
         self.connection = InternalConnection(server, timeout)
         self.tokens = {} if tokens is None else tokens  # repository -> "Bearer ...", shared by a job's sessions
+        self.cancelled = cancelled or threading.Event()  # set: no new request, no new connection
 
     def close(self) -> None:
         """End the connection; a read blocked on it (another thread's) returns at once."""
@@ -6867,11 +6880,15 @@ class RegistrySession:
         if repository in self.tokens:
             headers["Authorization"] = self.tokens[repository]
         for last in (False, True):
+            if self.cancelled.is_set():  # (a cancel's shutdown looks like a kept-alive connection's end)
+                raise PrefetchFailed("UNAVAILABLE", "prefetch cancelled")
             try:
                 self.connection.request(method, path, headers=headers)
                 return self.connection.getresponse()
             except (ConnectionError, http.client.BadStatusLine, http.client.CannotSendRequest):
                 self.connection.close()  # the handler ended a kept-alive connection: once more, anew
+                if self.cancelled.is_set():
+                    raise PrefetchFailed("UNAVAILABLE", "prefetch cancelled") from None
                 if last:
                     raise
 
@@ -6990,11 +7007,11 @@ class PrefetchJob:
 
     def cancel(self) -> None:
         """Stop: no new request; those in flight are cut (their fills go on as clients' would)."""
-        self.cancelled.set()
+        self.cancelled.set()  # before the sessions close: a request cut by it is not sent again
         self.close_sessions()
 
     def session(self) -> RegistrySession:
-        session = RegistrySession(self.server, self.timeout, self._tokens)
+        session = RegistrySession(self.server, self.timeout, self._tokens, self.cancelled)
         with self._lock:
             self._sessions.append(session)
         return session

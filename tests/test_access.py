@@ -175,3 +175,15 @@ def test_an_anonymous_pull_mark_is_never_moved_back_so_every_earlier_link_stays_
     clock.now = 1001.0
     assert records.public_since(UPSTREAM, REPOSITORY) == 1000.0
     assert access.may_serve(None, UPSTREAM, REPOSITORY, DIGEST, stale=True)
+
+
+def test_an_anonymous_pull_mark_far_ahead_of_the_clock_is_moved_back_to_now(tmp_path):
+    """A marker more than MARK_SKEW ahead (the clock was stepped back, or another process's clock
+    is skewed) is not kept: kept, it would hold the repository open long after ACCESS_TTL, and what
+    was linked after it turned private would pass `linked <= since` (second attacker pass)."""
+    clock = StaleClock(1000.0 + 86400)
+    records = dockerproxy.AccessRecords(str(tmp_path), clock, dockerproxy.DiskTrouble())
+    records.mark_public(UPSTREAM, REPOSITORY)                     # a day ahead
+    clock.now = 1000.0                                            # stepped back
+    records.mark_public(UPSTREAM, REPOSITORY)
+    assert records.public_since(UPSTREAM, REPOSITORY) == 1000.0

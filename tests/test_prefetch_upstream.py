@@ -436,3 +436,24 @@ def test_a_prefetch_of_a_manifest_nested_past_the_json_parser_fails_with_a_clear
     assert error["code"] == code and words in error["message"], error
     assert running.image("docker.io/library/fine:1")["ok"] is True
     assert problems(caplog) == []
+
+
+# Second attacker pass #######################################################
+
+def test_a_cancel_while_a_manifest_is_awaited_sends_no_request_again_and_the_job_ends(start, fake):
+    """cancel() shuts the connections down; the request waiting for its answer then saw what
+    looks like a kept-alive connection's end, and was sent again on a new connection nobody
+    closed, which waited for the whole stalled answer (second attacker pass)."""
+    fake.add_image("library/slow", "1", [b"layer-bytes"])
+    proxy = start("--upstream", f"docker={fake.url}", READ_TIMEOUT="60")
+    fake.fault("registry", "/library/slow/manifests/1", "stall", count=10, timeout=60)
+    running = Running(proxy, "slow:1")
+    try:
+        assert fake.wait_stalled(1, timeout=20)
+        running.job.cancel()
+        assert running.ended(timeout=20), "run() still waits for the stalled answer after cancel()"
+        assert fake.stalled_count == 1  # the manifest was not asked again
+        assert "raised" not in running.result and running.events[-1]["event"] == "end"
+        assert running.image("docker.io/library/slow:1")["error"]["message"] == "prefetch cancelled"
+    finally:
+        fake.release.set()
