@@ -102,7 +102,8 @@ Settings (command-line flag > environment > .env file > default):
 Operators' pages: /healthz (alive), /readyz (should get traffic), /metrics
 (Prometheus), /status and /status.json (hit ratio, pulls, upstreams,
 prefetches), and POST /admin/purge, /admin/evict and /admin/prefetch; the
-last four need ADMIN_ALLOW or ADMIN_TOKEN.  SIGTERM drains and exits; SIGHUP reads the pattern files again.
+last four need ADMIN_ALLOW or ADMIN_TOKEN.  SIGTERM drains and exits; SIGHUP
+reads the pattern files again.
 
 Run ``python3 dockerproxy.py --help`` for the same list with the flags,
 ``python3 dockerproxy.py cache verify|stats|prune`` to check, count or trim
@@ -1338,7 +1339,6 @@ def parse_image_reference(text: str) -> ImageReference:
     return ImageReference(registry, path, tag or ("" if digest else "latest"), digest)
 
 
-
 class Endpoint(collections.namedtuple("Endpoint", "name route target query location",
                                       defaults=(None, None, "", ""))):
     """What a request asks for, as dispatch() found it: its name (one of
@@ -1857,7 +1857,8 @@ def platform_name(platform: tuple) -> str:
 
 
 def descriptor_platform(descriptor: dict) -> tuple:
-    """An index entry's platform as parse_platform() gives it ('unknown', 'unknown', '' if none)."""
+    """An index entry's platform as parse_platform() gives it; a part missing, or
+    not one a platform name can have, is ""."""
     platform = descriptor.get("platform")
     platform = platform if isinstance(platform, dict) else {}
     fields = (platform.get("os"), platform.get("architecture"), platform.get("variant"))
@@ -1895,9 +1896,11 @@ def attestation_target(item: dict) -> str:
 
 
 def valid_descriptor(item: object) -> bool:
-    return (isinstance(item, dict) and isinstance(item.get("digest"), str) and DIGEST.match(item["digest"])
-            and isinstance(item.get("size", 0), int) and not isinstance(item.get("size", 0), bool)
-            and 0 <= item.get("size", 0) <= MAX_UPSTREAM_LENGTH)
+    """A descriptor with a digest we know and, if it has one, a size in range (a bool is no size)."""
+    if not isinstance(item, dict) or not isinstance(item.get("digest"), str) or not DIGEST.match(item["digest"]):
+        return False
+    size = item.get("size", 0)
+    return type(size) is int and 0 <= size <= MAX_UPSTREAM_LENGTH
 
 
 def manifest_references(document: object) -> list:
@@ -1929,9 +1932,8 @@ def manifest_references(document: object) -> list:
 
 def manifest_problem(document: object) -> str:
     """Why no client could pull what this manifest describes ("" if nothing):
-    not an object of a kind we know, an index without entries or one nested
-    in another, an image without a config, a descriptor without a valid
-    digest and size.  manifest_references() skips what is invalid; a
+    not an object of a kind we know, an index without entries, an image
+    without a config, a descriptor without a valid digest and size.  manifest_references() skips what is invalid; a
     prefetch must not call such an image warm."""
     if not isinstance(document, dict):
         return "not a JSON object"
@@ -4047,11 +4049,15 @@ class Budget:
 
     def reserve(self, length: int) -> bool:
         with self._lock:
-            if self.max_size and (self.reserved + length > self.max_size or self.size + self.reserved + length
-                                  > MAX_SIZE_OVERSHOOT * self.max_size):
+            if not self._room_for(length):
                 return False
             self.reserved += length
         return True
+
+    def _room_for(self, length: int) -> bool:
+        """The limits of reserve() (the caller holds the lock)."""
+        return not self.max_size or (self.reserved + length <= self.max_size and self.size + self.reserved
+                                     + length <= MAX_SIZE_OVERSHOOT * self.max_size)
 
     def unreserve(self, length: int | None) -> None:
         with self._lock:
@@ -4074,8 +4080,7 @@ class Budget:
     def fits(self, length: int) -> bool:
         """Whether reserve(length) would succeed now (nothing is reserved)."""
         with self._lock:
-            return not self.max_size or (self.reserved + length <= self.max_size and self.size + self.reserved
-                                         + length <= MAX_SIZE_OVERSHOOT * self.max_size)
+            return self._room_for(length)
 
     def fits_without_eviction(self) -> bool:
         with self._lock:
@@ -6739,7 +6744,7 @@ MAX_PREFETCH_IMAGES = 1000
 # must not cause unbounded work.
 MAX_INDEX_ENTRIES = 256
 
-# Prefetches one proxy runs at once (the admin API's and the keep-warm one):
+# Prefetches the admin API runs at once (the keep-warm round is not counted):
 # each holds PREFETCH_PARALLEL + 1 connections and threads of its own.
 MAX_PREFETCHES = 4
 
@@ -6758,6 +6763,12 @@ MEDIA_TYPE = re.compile(r"[a-z0-9][a-z0-9.+-]{0,126}/[a-z0-9][a-z0-9.+-]{0,126}\
 PREFETCH_ACCEPT = ", ".join((
     "application/vnd.docker.distribution.manifest.list.v2+json", OCI_INDEX,
     "application/vnd.docker.distribution.manifest.v2+json", OCI_MANIFEST))
+
+
+def prefetch_patience(config: Config) -> float:
+    """How long a prefetch waits for its handler's next bytes: the connect, and
+    a fill's follower's patience plus one more READ_TIMEOUT."""
+    return config.connect_timeout + (FOLLOWER_PATIENCE_READ_TIMEOUTS + 1) * config.read_timeout
 
 
 class PrefetchFailed(Exception):
@@ -6949,8 +6960,8 @@ class PrefetchJob:
     """Prefetch a list of images into the cache, reporting each step as an event.
 
     Manifests are fetched in the calling thread, image after image; their
-    blobs go to PREFETCH_PARALLEL workers, each with a connection of its own
-    (capped by MAX_FILLS: a prefetch never takes every fill from clients).  A
+    blobs go to PREFETCH_PARALLEL workers, each with a connection of its own,
+    downloading in the slots all prefetches share (Prefetches.downloads).  A
     blob already stored is asked with a HEAD (its Access record is made as
     for a client), never downloaded; one shared by several images of the job
     is fetched once.  `emit` gets every event, from any thread, one at a time.
@@ -6964,7 +6975,7 @@ class PrefetchJob:
         self.images = [ImageProgress(reference, platforms) for reference, platforms in dict.fromkeys(images)]
         self.parallel = max(1, min(parallel or config.prefetch_parallel, config.max_fills))
         self.source = source
-        self.timeout = config.connect_timeout + (FOLLOWER_PATIENCE_READ_TIMEOUTS + 1) * config.read_timeout
+        self.timeout = prefetch_patience(config)
         self.started = time.time()
         self.cancelled = threading.Event()
         self._emit = emit
@@ -7150,7 +7161,8 @@ class PrefetchJob:
         first = self.claim(blob.digest)
         try:
             path = f"{self.image_path(image.reference)}/blobs/{blob.digest}"
-            store, cache = self.proxy.cache.store, self.proxy.cache
+            cache = self.proxy.cache
+            store = cache.store
             for last in (False, True):
                 if store.exists(blob.digest):
                     session.request("HEAD", path, image.reference.repository).read()
@@ -7280,8 +7292,8 @@ class PrefetchJob:
 
 
 class Prefetches:
-    """The prefetches a proxy runs (the admin API's, the keep-warm one), at
-    most MAX_PREFETCHES at once, and the last few that ended: /status lists them."""
+    """The prefetches a proxy runs (the admin API's, at most MAX_PREFETCHES at
+    once, and the keep-warm round), and the last few that ended: /status lists them."""
 
     def __init__(self, max_fills: int = 16) -> None:
         self._running = []
@@ -7347,7 +7359,7 @@ class KeepWarm(threading.Thread):
         try:
             images = read_image_list(self.proxy.config.prefetch_file)
         except ConfigError as err:
-            log.error("keep-warm: %s; trying again in %s", err, human_duration(self.proxy.config.prefetch_interval))
+            log.error("keep-warm: %s; the next round reads it again", err)
             return
         job = PrefetchJob(self.proxy, images, lambda event: None, source="keep-warm")
         try:
@@ -7536,6 +7548,9 @@ class TerminalView(ProgressView):
     stays above them; the summary table at the end."""
 
     REDRAW_INTERVAL = 0.1             # seconds: smooth enough, and few writes
+    # Image lines drawn at most: the block must fit a terminal, or moving up over
+    # it to redraw fails.  Images downloading come first; the others are counted.
+    MAX_IMAGE_LINES = 8
 
     def __init__(self, stream, columns: int = 80) -> None:
         super().__init__(stream)
@@ -7569,11 +7584,14 @@ class TerminalView(ProgressView):
             self.draw()
 
     def lines(self) -> list:
+        active = sorted(self.active.items(), key=lambda item: not item[1]["bytes_done"])  # stable: started first
         lines = []
-        for name, state in self.active.items():
+        for name, state in active[:self.MAX_IMAGE_LINES]:
             done, total, rate = state["bytes_done"], state["bytes_total"], state["rate_bytes_per_second"]
             lines.append(f"  {screen_text(name)}  {human_bytes(done)} / {human_bytes(total)}  {human_bytes(rate)}/s  "
                          f"ETA {eta_text(done, total, rate)}")
+        if len(active) > self.MAX_IMAGE_LINES:
+            lines.append(f"  ... and {len(active) - self.MAX_IMAGE_LINES} more images waiting")
         done_bytes = sum(state["bytes_done"] for state in self.active.values())
         total_bytes = sum(state["bytes_total"] for state in self.active.values())
         lines.append(f"{len(self.images)}/{self.total_images} images done; in progress "
@@ -8104,6 +8122,9 @@ def prefetch_command(argv: list, environ: dict) -> int:
             proxy.cache.count()
         except OSError as err:
             return cannot_use(err, config)
+        except ConfigError as err:  # a pattern file or PREFETCH_FILE that cannot be read
+            print(f"dockerproxy.py prefetch: error: {err}", file=sys.stderr)
+            return 2
         job = PrefetchJob(proxy, images, view.event)
         try:
             ok = job.run()
@@ -8138,7 +8159,7 @@ def prefetch_remotely(url: str, config: Config, images: list, view: ProgressView
     headers = {"Content-Type": "application/json", "Accept": "application/x-ndjson"}
     if config.admin_token:
         headers["Authorization"] = f"Bearer {config.admin_token}"
-    timeout = config.connect_timeout + config.read_timeout
+    timeout = config.connect_timeout + prefetch_patience(config)  # the proxy's prefetch may wait that long
     connection = (http.client.HTTPSConnection(parts.netloc, timeout=timeout, context=ssl.create_default_context())
                   if parts.scheme == "https" else http.client.HTTPConnection(parts.netloc, timeout=timeout))
     try:

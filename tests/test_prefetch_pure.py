@@ -414,6 +414,27 @@ def test_terminal_view_redraws_its_block_in_place_and_ends_with_the_table():
     assert last[0].startswith("IMAGE ") and last[1].endswith("  ok") and last[2].startswith("ghcr.io/o/a:1 ")
 
 
+def test_terminal_view_block_stays_a_few_lines_however_many_images_wait():
+    """A list of 40 images is resolved long before its blobs download: one line each would make a
+    block taller than the terminal, and moving up over it to redraw would fail.  Those downloading
+    come first; the others are counted on one line."""
+    stream = io.StringIO()
+    view = dockerproxy.TerminalView(stream, 100)
+    view.REDRAW_INTERVAL = 0
+    names = [f"docker.io/library/image{number}:1" for number in range(40)]
+    view.event({"event": "start", "images": names, "parallel": 3})
+    for name in names:
+        view.event({"event": "resolved", "image": name, "digest": "sha256:" + "a" * 64, "platforms": [],
+                    "blobs": 1, "bytes": 1000})
+    view.event({"event": "progress", "image": names[39], "bytes_done": 500, "bytes_total": 1000,
+                "rate_bytes_per_second": 100})
+    lines = view.lines()
+    assert len(lines) == view.MAX_IMAGE_LINES + 2, lines
+    assert names[39] in lines[0] and "500 B / 1000 B" in lines[0]
+    assert lines[-2] == f"  ... and {40 - view.MAX_IMAGE_LINES} more images waiting"
+    assert re.findall(r"\x1b\[(\d+)F", stream.getvalue())[-1] == str(len(lines))
+
+
 # The command on a pseudo-terminal, a pipe, --json, TERM=dumb ###############
 
 LAYER_SIZE = 1024 * 1024

@@ -301,3 +301,15 @@ def test_keep_warm_is_admitted_while_four_admin_prefetches_run_and_a_fifth_admin
     with pytest.raises(dockerproxy.RegistryError) as refused:
         prefetches.begin(Job("admin"))
     assert refused.value.status == 503 and refused.value.code == "UNAVAILABLE"
+
+
+def test_the_command_exits_2_naming_a_bad_prefetch_file_of_its_settings_without_a_traceback(tmp_path):
+    """PREFETCH_FILE comes with the server's settings (.env, environment): the command builds the
+    proxy's parts, which read it; a bad one is a bad argument, not a crash (final read)."""
+    listed = tmp_path / "prefetch.txt"
+    listed.write_text("Alpine:1\n")
+    result = run_command(tmp_path, "prefetch", "alpine:1", "--cache-dir", str(tmp_path / "cache"),
+                         "--prefetch-file", str(listed))
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert "prefetch.txt" in result.stderr and "line 1" in result.stderr
