@@ -98,6 +98,22 @@ Settings (command-line flag > environment > .env file > default):
   PREFETCH_FILE=            images kept cached: prefetched, re-checked, never evicted
   PREFETCH_INTERVAL=1h      how often PREFETCH_FILE's tags are checked (0: at start only)
   PREFETCH_PARALLEL=3       blobs a prefetch downloads at once (all: <= MAX_FILLS/2)
+  CACHE_S3=                 s3://bucket/prefix: the cache in a bucket shared by
+                            instances (CACHE_DIR: spool and hot copy)
+  S3_ENDPOINT=, S3_REGION=us-east-1, S3_ADDRESSING=path
+                            the S3 API (default AWS), region, path or virtual hosts
+  AWS_ACCESS_KEY_ID=, AWS_SECRET_ACCESS_KEY=, AWS_SESSION_TOKEN=
+                            the bucket's credentials (environment only)
+  CACHE_S3_MAX_SIZE=0, CACHE_S3_MAX_AGE=0
+                            the bucket's limits (0: none), swept by one instance
+  CACHE_S3_LIFECYCLE=false  leave them to the bucket's lifecycle rules instead
+  S3_REDIRECT=false         blob GETs the bucket holds: 307 to a presigned URL
+  S3_REDIRECT_TTL=20m       how long that URL works
+  S3_REDIRECT_BASE=         a CDN in front of the bucket, for those redirects
+  PEERS=                    every instance (http://a:8080,...): one upstream fetch
+                            per blob for all of them
+  PEER_SELF=                this instance's entry (default: found by PORT and address)
+  PEER_SECRET=              signs requests between peers (environment only)
 
 Operators' pages: /healthz (alive), /readyz (should get traffic), /metrics
 (Prometheus), /status and /status.json (hit ratio, pulls, upstreams,
@@ -117,6 +133,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import calendar
 import collections
 import contextlib
 import errno
@@ -144,6 +161,7 @@ import threading
 import time
 import urllib.parse
 import weakref
+import xml.etree.ElementTree
 
 __version__ = "0.1.0"
 
@@ -501,7 +519,10 @@ class Config(collections.namedtuple("Config", (
         "metrics admin_token admin_allow metrics_public ready_min_free log_format "
         "shutdown_delay shutdown_grace rate_limit_requests rate_limit_bytes rate_limit_transfers "
         "rate_limit_exempt trusted_proxies allow_clients allow_images deny_images block_message "
-        "max_upstream_requests prefetch_file prefetch_interval prefetch_parallel routes accounts"),
+        "max_upstream_requests prefetch_file prefetch_interval prefetch_parallel cache_s3 s3_endpoint "
+        "s3_region s3_addressing aws_access_key_id aws_secret_access_key aws_session_token "
+        "cache_s3_max_size cache_s3_max_age cache_s3_lifecycle s3_redirect s3_redirect_ttl "
+        "s3_redirect_base peers peer_self peer_secret routes accounts"),
         defaults=({},))):
     """Every setting, parsed and checked.  Built by load_config(); the defaults
     are in SETTINGS.  routes: the Route table; accounts: the auth file's
@@ -512,7 +533,7 @@ class Config(collections.namedtuple("Config", (
 
     def __repr__(self) -> str:
         return "Config(" + ", ".join(f"{name}={value!r}" for name, value in zip(self._fields, self)
-                                     if name not in ("accounts", "admin_token")) + ")"
+                                     if name not in SECRET_FIELDS) + ")"
 
 
 def parse_port(text: str) -> int:
@@ -556,6 +577,68 @@ def parse_wait(text: str) -> float:
     if not 0 <= seconds <= 3600:
         raise ValueError("must be between 0 and 3600 seconds")
     return seconds
+
+
+# What S3 accepts in a presigned URL's X-Amz-Expires: a week.
+MAX_PRESIGN_SECONDS = 7 * 86400
+
+# PEERS at most: rendezvous hashing scores every peer for each miss, and a
+# cluster beyond this is better split by registry.
+MAX_PEERS = 64
+
+
+def parse_s3_location(text: str) -> tuple:
+    """'s3://bucket/some/prefix' -> ("bucket", "some/prefix/"); '' -> ("", "")."""
+    text = text.strip()
+    if not text:
+        return "", ""
+    url = urllib.parse.urlsplit(text)
+    bucket = url.netloc
+    if url.scheme != "s3" or not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", bucket) or url.query:
+        raise ValueError("expected s3://bucket[/prefix] (a bucket name of 3-63 lower-case letters, "
+                         "digits, dots and hyphens)")
+    prefix = url.path.strip("/")
+    if prefix and not re.fullmatch(r"[A-Za-z0-9!_.*'()/\-]{1,512}", prefix) or "//" in prefix:
+        raise ValueError("a prefix of letters, digits and !_.*'()- between slashes")
+    return bucket, f"{prefix}/" if prefix else ""
+
+
+def parse_addressing(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("path", "virtual"):
+        raise ValueError("path or virtual")
+    return value
+
+
+def parse_region(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"[a-z0-9\-]{1,32}", value):
+        raise ValueError("a region name such as us-east-1 (R2 and MinIO take auto or us-east-1)")
+    return value
+
+
+def parse_redirect_ttl(text: str) -> float:
+    seconds = parse_duration(text)
+    if not 1 <= seconds <= MAX_PRESIGN_SECONDS:
+        raise ValueError("between 1s and 7d (S3's limit for a presigned URL)")
+    return seconds
+
+
+def parse_endpoint(text: str) -> str:
+    """An S3 endpoint or a redirect base: scheme://host[:port], or empty."""
+    return parse_upstream_url(text) if text.strip() else ""
+
+
+def parse_peers(text: str) -> tuple:
+    """'http://a:8080, http://b:8080' -> ("http://a:8080", "http://b:8080"): sorted, no duplicate."""
+    peers = {parse_upstream_url(item) for item in text.split(",") if item.strip()}
+    if len(peers) > MAX_PEERS:
+        raise ValueError(f"more than {MAX_PEERS} peers")
+    return tuple(sorted(peers))
+
+
+def parse_peer(text: str) -> str:
+    return parse_upstream_url(text) if text.strip() else ""
 
 
 SIZE_UNITS = {"": 1, "k": 1024, "m": 1024 ** 2, "g": 1024 ** 3, "t": 1024 ** 4}
@@ -876,7 +959,39 @@ SETTINGS = (
             "s/m/h/d (0: at start only)"),
     Setting("PREFETCH_PARALLEL", "3", parse_count,
             "blobs a prefetch downloads at once; all prefetches together at most half of MAX_FILLS"),
+    Setting("CACHE_S3", "", parse_s3_location,
+            "s3://bucket/prefix: keep the cache in an S3 bucket that several instances share "
+            "(CACHE_DIR becomes its spool and hot copy)"),
+    Setting("S3_ENDPOINT", "", parse_endpoint,
+            "the S3 API's URL (default AWS: https://s3.<S3_REGION>.amazonaws.com)"),
+    Setting("S3_REGION", "us-east-1", parse_region, "the bucket's region, as signatures name it"),
+    Setting("S3_ADDRESSING", "path", parse_addressing,
+            "path (ENDPOINT/bucket/key) or virtual (bucket.ENDPOINT/key)"),
+    Setting("AWS_ACCESS_KEY_ID", "", str.strip, "the bucket's access key", secret=True),
+    Setting("AWS_SECRET_ACCESS_KEY", "", str.strip, "the bucket's secret key", secret=True),
+    Setting("AWS_SESSION_TOKEN", "", str.strip, "a temporary credential's session token", secret=True),
+    Setting("CACHE_S3_MAX_SIZE", "0", parse_size,
+            "evict the bucket's least recently used objects above this size, K/M/G/T (0: no limit)"),
+    Setting("CACHE_S3_MAX_AGE", "0", parse_duration,
+            "remove the bucket's objects unused this long, s/m/h/d (0: never)"),
+    Setting("CACHE_S3_LIFECYCLE", "false", parse_bool,
+            "leave the bucket's size and age to its own lifecycle rules: no sweep"),
+    Setting("S3_REDIRECT", "false", parse_bool,
+            "answer a blob GET the bucket holds with a 307 to a presigned URL of it"),
+    Setting("S3_REDIRECT_TTL", "20m", parse_redirect_ttl, "how long a presigned URL works (at most 7d)"),
+    Setting("S3_REDIRECT_BASE", "", parse_endpoint,
+            "a CDN in front of the bucket: redirects go to it, with the same signed path"),
+    Setting("PEERS", "", parse_peers,
+            "every instance on the bucket, this one too (http://a:8080,http://b:8080): "
+            "each blob is fetched upstream by one of them"),
+    Setting("PEER_SELF", "", parse_peer,
+            "this instance's entry of PEERS (default: the one on PORT at a name or address of this machine)"),
+    Setting("PEER_SECRET", "", str.strip, "shared secret that signs requests between PEERS", secret=True),
 )
+
+# Config fields never printed (Config's repr, --help): credentials and secrets.
+SECRET_FIELDS = ("accounts", "admin_token", "aws_access_key_id", "aws_secret_access_key",
+                 "aws_session_token", "peer_secret")
 
 UPSTREAM_PREFIX = "UPSTREAM_"
 
@@ -889,7 +1004,9 @@ def build_parser() -> argparse.ArgumentParser:
                "only, never a flag: argv is visible to every user) give the proxy an upstream "
                "account for clients that bring no credentials.  ADMIN_TOKEN (environment or "
                ".env only, for the same reason) is the bearer token of /status, /metrics and "
-               "/admin/.  "
+               "/admin/; AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY and AWS_SESSION_TOKEN are the "
+               "CACHE_S3 bucket's credentials, and PEER_SECRET signs requests between PEERS "
+               "(environment or .env only too).  "
                "Commands: 'cache verify' re-hashes every cached object and removes bad ones; "
                "'cache stats' prints counts and sizes; 'cache prune' applies CACHE_MAX_SIZE and "
                "CACHE_MAX_AGE now (passing PREFETCH_FILE's images by); 'prefetch IMAGE...' fetches "
@@ -1111,6 +1228,7 @@ def check_config(config: Config) -> None:
         raise ConfigError("MODE='debug': needs TARGET_UPSTREAM")
     if config.prefetch_file and not config.cache_dir:
         raise ConfigError("PREFETCH_FILE: there is no cache to keep warm (CACHE_DIR is empty)")
+    check_shared_config(config)
     seen = {}
     for route in config.routes:
         for host in route.registry_hosts:
@@ -1126,6 +1244,30 @@ def check_config(config: Config) -> None:
             if not item.startswith("@") and pattern_registry(item) not in registries | {""}:
                 raise ConfigError(f"{setting}: {item!r} names no registry of the route table "
                                   f"({', '.join(sorted(registries))})")
+
+
+def check_shared_config(config: Config) -> None:
+    """CACHE_S3, S3_REDIRECT and PEERS: what each needs."""
+    if config.cache_s3[0]:
+        if not config.cache_dir:
+            raise ConfigError("CACHE_S3: needs CACHE_DIR, where fills spool before they are uploaded")
+        if not (config.aws_access_key_id and config.aws_secret_access_key):
+            raise ConfigError("CACHE_S3: needs AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                              "(environment or .env)")
+    elif config.s3_redirect or config.cache_s3_lifecycle or config.cache_s3_max_size or config.cache_s3_max_age:
+        raise ConfigError("S3_REDIRECT and CACHE_S3_*: need CACHE_S3")
+    if config.s3_redirect_base and not config.s3_redirect:
+        raise ConfigError("S3_REDIRECT_BASE: needs S3_REDIRECT=true")
+    if config.peers:
+        if not config.cache_dir:
+            raise ConfigError("PEERS: needs CACHE_DIR (a peer serves what it cached)")
+        if len(config.peer_secret) < MIN_PEER_SECRET:
+            raise ConfigError(f"PEERS: needs PEER_SECRET of at least {MIN_PEER_SECRET} characters "
+                              "(environment or .env)")
+        if config.mode == "debug":
+            raise ConfigError("PEERS: not with MODE=debug")
+    elif config.peer_self:
+        raise ConfigError("PEER_SELF: needs PEERS")
 
 
 # Routing and dispatch (pure: no I/O) #######################################
@@ -2753,6 +2895,23 @@ METRIC_FAMILIES = {
         "gauge", "The last RateLimit-Remaining an upstream sent (Docker Hub: pulls left).", ("route",)),
     "dockerproxy_upstream_ratelimit_limit": (
         "gauge", "The last RateLimit-Limit an upstream sent (Docker Hub: pulls per window).", ("route",)),
+    "dockerproxy_s3_requests_total": (
+        "counter", "Requests to the CACHE_S3 bucket, by operation and result: ok, error (an S3 "
+        "error answer), unreachable.", ("operation", "result")),
+    "dockerproxy_s3_uploads_total": (
+        "counter", "Verified objects uploaded to the bucket, by result: ok or failed.", ("result",)),
+    "dockerproxy_s3_redirects_total": ("counter", "Blob GETs answered with a presigned redirect.", ()),
+    "dockerproxy_s3_evictions_total": (
+        "counter", "Objects removed from the bucket by CACHE_S3_MAX_SIZE or CACHE_S3_MAX_AGE.", ()),
+    "dockerproxy_s3_objects": ("gauge", "Objects in the bucket, as its last count found.", ()),
+    "dockerproxy_s3_size_bytes": ("gauge", "Bytes in the bucket, as its last count found.", ()),
+    "dockerproxy_peer_requests_total": (
+        "counter", "Misses this instance asked a peer to fill, by result: ok (the peer sent the "
+        "blob), declined (it could not: filled here), unreachable (the next peer was asked).", ("result",)),
+    "dockerproxy_peer_served_total": (
+        "counter", "Requests of peers this instance answered, by cache result (hit, miss, bypass) "
+        "or refused (a wrong or stale PEER_SECRET proof).", ("result",)),
+    "dockerproxy_peer_up": ("gauge", "1 while a peer of PEERS answers, 0 while it is passed over.", ("peer",)),
     "dockerproxy_connections_open": ("gauge", "Client connections open.", ()),
     "dockerproxy_threads": ("gauge", "Threads of the process.", ()),
     "dockerproxy_fills_in_flight": ("gauge", "Downloads into the cache in progress.", ()),
@@ -2773,6 +2932,9 @@ METRIC_FAMILIES = {
         "counter", "Blob and manifest bytes sent to clients (distribution's name).", ("type",)),
 }
 
+
+# What asking a peer to fill a miss can come to (dockerproxy_peer_requests_total).
+PEER_ASK_RESULTS = ("ok", "declined", "unreachable")
 
 # The families Metrics counts; the others are read at scrape time (render()'s gauges).
 COUNTED_FAMILIES = tuple(name for name, (kind, _, _) in METRIC_FAMILIES.items()
@@ -2919,6 +3081,18 @@ class Metrics:
     def add(self, name: str, labels: tuple = (), amount: float = 1) -> None:
         with self._lock:
             self._count(name, labels, amount)
+
+    def start_shared(self, bucket: bool, peers: bool) -> None:
+        """The series of CACHE_S3's and PEERS' counters, at 0 from the start (only when configured)."""
+        with self._lock:
+            if bucket:
+                for result in ("ok", "failed"):
+                    self._values["dockerproxy_s3_uploads_total"][(result,)] = 0
+                for name in ("redirects", "evictions"):
+                    self._values[f"dockerproxy_s3_{name}_total"][()] = 0
+            if peers:
+                for result in PEER_ASK_RESULTS:
+                    self._values["dockerproxy_peer_requests_total"][(result,)] = 0
 
     def value(self, name: str, labels: tuple = ()) -> float:
         """A series' value now (0 if it never counted): for the status page and tests."""
@@ -3683,6 +3857,7 @@ class Fill:
         self.orphaned = None         # (when, bytes written) its last client left, if it goes on
         self.spool_path = ""         # where the bytes so far are
         self.stored_digest = ""      # once stored, the name late followers open instead
+        self.source = "upstream"     # or "bucket" or "peer": only what came from upstream is uploaded
 
     def set_state(self, state: str) -> None:
         with self.cond:
@@ -3860,6 +4035,9 @@ class Fills:
         self._changed = threading.Condition()
         self._running = {}            # key -> Fill
         self._storing = {}            # digest -> verified Fill being fsynced and renamed
+        self._uploading = 0           # stored fills being uploaded to the bucket
+        self.on_stored = None         # (digest, media type) -> None: the upload to a bucket, if any
+        self.on_corrupt = None        # (digest) -> None: the bucket's copy did not match its digest
 
     def begin(self, key: tuple, identity: str | None, now: float) -> tuple:
         """(fill, True) for the first request of `key`, (its fill, False) for the
@@ -3887,7 +4065,8 @@ class Fills:
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no fill is running or being stored; False on timeout."""
         with self._changed:
-            return self._changed.wait_for(lambda: not self._running and not self._storing, timeout)
+            return self._changed.wait_for(
+                lambda: not self._running and not self._storing and not self._uploading, timeout)
 
     def wait_room(self, timeout: float) -> bool:
         """Wait until fewer than MAX_FILLS run (a prefetch's next blob is then cached); False on timeout."""
@@ -3968,6 +4147,8 @@ class Fills:
             log.warning("cache fill of %s stopped: %s", digest or "manifest", printable(str(err)))
             if isinstance(err, DigestMismatch):
                 self.metrics.add("dockerproxy_cache_verify_failures_total")
+                if fill.source == "bucket" and self.on_corrupt is not None:
+                    self.on_corrupt(digest)
             spool.discard()
             response.close()
         finally:
@@ -3975,7 +4156,22 @@ class Fills:
             self.budget.unreserve(fill.length)
             with self._changed:
                 self._storing.pop(actual, None)
+                upload = state == Fill.DONE and fill.source == "upstream" and self.on_stored is not None
+                self._uploading += upload
             self.end(fill, state)
+        if upload:
+            self._upload(actual, media_type)
+
+    def _upload(self, digest: str, media_type: str | None) -> None:
+        """After the fill ended (its clients served, new ones find it stored): to the bucket."""
+        try:
+            self.on_stored(digest, media_type)
+        except Exception:
+            log.exception("upload of %s failed", digest)
+        finally:
+            with self._changed:
+                self._uploading -= 1
+                self._changed.notify_all()
 
     def _copy_verified(self, fill: Fill, response, spool: Spool, digest: str | None) -> str:
         """Upstream bytes to the spool, hashed as they land; their digest if all is well."""
@@ -4092,7 +4288,7 @@ class Cache:
     them, kept under CACHE_MAX_SIZE and CACHE_MAX_AGE by an evictor thread."""
 
     def __init__(self, root: str, max_size: int, max_age: float, clock: Clock | None = None,
-                 max_fills: int = 16, metrics: Metrics | None = None, pinned=None) -> None:
+                 max_fills: int = 16, metrics: Metrics | None = None, pinned=None, shared=None) -> None:
         self.root = root
         self.max_size = max_size
         self.max_age = max_age
@@ -4106,9 +4302,13 @@ class Cache:
         self.budget = Budget(max_size, self._sweep_now.set)
         self.store = BlobStore(root, clock)
         remove_abandoned_temps(root)
-        self.tags = TagIndex(root, clock, trouble)
-        self.records = AccessRecords(root, clock, trouble)
+        self.shared = shared                 # a SharedStore (CACHE_S3): tags and records live there
+        self.tags = shared.tags if shared else TagIndex(root, clock, trouble)
+        self.records = shared.records if shared else AccessRecords(root, clock, trouble)
         self.fills = Fills(self.store, self.budget, trouble, max_fills, self.metrics)
+        if shared is not None:
+            self.fills.on_stored = functools.partial(shared.upload, self.store)
+            self.fills.on_corrupt = shared.discard
 
     def tag(self, upstream: str, repository: str, tag: str, kind: str) -> dict | None:
         """A tag's entry, with the media type stored with the manifest's bytes
@@ -4116,8 +4316,42 @@ class Cache:
         entry = self.tags.get(upstream, repository, tag, kind)
         if entry is None:
             return None
-        entry["media_type"] = self.store.media_type(entry["digest"])
+        entry["media_type"] = self.media_type(entry["digest"])
         return entry if entry["media_type"] else None
+
+    def media_type(self, digest: str) -> str | None:
+        """The media type of a stored manifest, copied from the bucket first
+        if only the bucket has it; None if it is not stored."""
+        media_type = self.store.media_type(digest)
+        if media_type is None and self.shared is not None and not self.store.exists(digest):
+            media_type = self.copy_manifest(digest)
+        return media_type
+
+    def copy_manifest(self, digest: str) -> str | None:
+        """A manifest the bucket holds, checked and stored here (it is small); its media type."""
+        found = self.shared.manifest(digest)
+        if found is None:
+            return None
+        data, media_type = found
+        if not self.budget.reserve(len(data)):
+            return None
+        spool = None
+        try:
+            spool = self.store.new_spool(digest)
+            spool.write(data)
+            spool.finish(len(data))
+            is_new = self.store.put(spool, digest, media_type)
+            self.budget.stored(len(data) if is_new else 0, 1 if is_new else 0)
+        except OSError as err:
+            log.warning("cache: manifest %s from the bucket not stored: %s", digest, err.strerror or err)
+            if spool is not None:
+                spool.discard()
+            return None
+        finally:
+            if spool is not None:
+                spool.close()
+            self.budget.unreserve(len(data))
+        return media_type
 
     def tag_entries(self, upstream: str, repository: str, tag: str) -> list:
         entries = (self.tag(upstream, repository, tag, kind) for kind in self.tags.kinds(upstream, repository, tag))
@@ -4460,9 +4694,9 @@ class UpstreamResponse:
         self.close()
         raise UpstreamUnavailable(f"upstream answer larger than {limit} bytes")
 
-    def consume(self) -> bytes:
+    def consume(self, limit: int = MAX_SMALL_BODY) -> bytes:
         """A small body read to its end, and the connection given back."""
-        body = self.read_small()
+        body = self.read_small(limit)
         self.release()
         return body
 
@@ -4826,6 +5060,20 @@ class UpstreamAuth:
             token = token[0]
         return token or None
 
+    def anonymous_authorization(self, route: Route, repository: str) -> str | None:
+        """An anonymous token for `repository` (a peer's request brings none:
+        the owner pulls as an anonymous client would)."""
+        challenge = self.challenge(route)
+        if challenge is None or challenge[0] != "bearer":
+            return None
+        key = ("anonymous", route.name, repository)
+        token = self.tokens.get(key)
+        if token is None:
+            realm, service = checked_realm(route, challenge[1])
+            token, expires_in = self.request_token(realm, service, f"repository:{repository}:pull", None, route.name)
+            self.tokens.put(key, token, expires_in)
+        return token or None
+
     def account_token(self, route: Route, params: dict, repository: str) -> tuple:
         """("Bearer ...", lifetime) from the route's realm with the proxy's account; ("", 0) if refused."""
         realm, service = checked_realm(route, params)
@@ -4890,6 +5138,1133 @@ class UpstreamAuth:
         if not isinstance(token, str) or not TOKEN.match(token):
             return "", 0.0  # none, or not one that may go into a header
         return f"Bearer {token}", min(max(expires_in, 0.0), MAX_TOKEN_LIFETIME)
+
+
+# Shared cache: an S3 bucket, and peers that fill for each other ############
+#
+# With CACHE_S3, blobs, manifests, tag entries and the Access records live in
+# one bucket that every instance reads, and CACHE_DIR holds fills in progress
+# and a hot copy of recent objects.  With PEERS, a miss for a blob is filled
+# by one instance for the whole cluster (its owner by rendezvous hashing):
+# the others ask it instead of upstream.
+
+# S3 requests at once per instance (uploads aside: one per fill).
+MAX_S3_REQUESTS = 64
+
+# A listing page: S3 sends at most 1000 keys, each a few hundred bytes of XML.
+S3_LIST_PAGE = 1000
+MAX_S3_LISTING = 4 * 1024 * 1024
+
+# An object from this size is uploaded in parts of PART_SIZE (more when it
+# would take more than MAX_PARTS, S3's limit): a failed part is the only
+# part sent again, and no single request outlives READ_TIMEOUT's patience.
+MULTIPART_THRESHOLD = 64 * 1024 * 1024
+PART_SIZE = 32 * 1024 * 1024
+MAX_PARTS = 10_000
+
+# A multipart upload older than this is no live peer's (a part takes
+# seconds): the next start-up of any instance aborts it.
+STALE_UPLOAD_AGE = 3600.0
+
+# Uploads the journal keeps at most (a bucket down for a day of fills).
+MAX_JOURNALED_UPLOADS = 10_000
+UPLOAD_JOURNAL = "s3-uploads"
+
+# How long a digest found in the bucket is believed to be there without
+# asking again: a sweep removes only what nobody used for a long time.
+BUCKET_SEEN_TTL = 60.0
+
+# How long an anonymous-pull mark read from the bucket is believed: a
+# repository another instance saw turn private closes here within this.
+PUBLIC_MARK_TTL = 5.0
+
+# A tag entry is a small JSON document: a larger one is not ours.
+MAX_TAG_ENTRY = 4096
+
+# An object's last use goes to the bucket at most once per this per
+# instance, and at most MAX_PENDING_USES wait for the next write.
+USE_MARK_INTERVAL = 3600.0
+USE_FLUSH_INTERVAL = 60.0
+MAX_PENDING_USES = 100_000
+
+# Peer requests: the header carrying the proof, how far a peer's clock may
+# be off, how long to wait for a peer to connect (a live one answers in
+# milliseconds: a silent one is down), and how long a peer that did not
+# answer is passed over.
+PEER_HEADER = "X-Dockerproxy-Peer"
+PEER_SKEW = 60.0
+PEER_CONNECT_TIMEOUT = 2.0
+PEER_RETRY = 30.0
+MIN_PEER_SECRET = 16
+
+
+# The pure parts: signatures, keys, listings.
+#
+# AWS Signature Version 4, as the S3 documentation describes it ("Authenticating
+# Requests (AWS Signature Version 4)"): a canonical form of the request, hashed
+# into a string to sign, signed with a key derived from the secret for one day,
+# region and service.  tests/test_s3_pure.py checks it against AWS's own worked
+# examples.
+
+SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
+UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+
+class S3Credentials(collections.namedtuple("S3Credentials", "access_key secret_key session_token",
+                                           defaults=("",))):
+    """An access key, its secret and an optional session token; the repr shows none of the secrets."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return f"S3Credentials(access_key={self.access_key[:4]}..., secret_key=***)"
+
+
+def uri_encode(text: str, keep_slash: bool = True) -> str:
+    """RFC 3986 percent-encoding of everything but the unreserved characters (and / in a path)."""
+    return urllib.parse.quote(text, safe="-_.~/" if keep_slash else "-_.~")
+
+
+def canonical_query(query) -> str:
+    """(name, value) pairs encoded and sorted, as signed and as sent."""
+    pairs = sorted((uri_encode(name, False), uri_encode(value, False)) for name, value in query)
+    return "&".join(f"{name}={value}" for name, value in pairs)
+
+
+def sigv4_canonical_request(method: str, path: str, query, headers: dict, payload_hash: str) -> str:
+    """The canonical request: `path` as sent (S3 encodes keys once and never normalises them)."""
+    names = sorted(headers)
+    lines = "".join(f"{name}:{' '.join(str(headers[name]).split())}\n" for name in names)
+    return "\n".join((method, path, canonical_query(query), lines, ";".join(names), payload_hash))
+
+
+def sigv4_string_to_sign(amz_date: str, scope: str, canonical_request: str) -> str:
+    digest = hashlib.sha256(canonical_request.encode()).hexdigest()
+    return "\n".join((SIGV4_ALGORITHM, amz_date, scope, digest))
+
+
+def sigv4_signing_key(secret_key: str, date: str, region: str, service: str) -> bytes:
+    key = ("AWS4" + secret_key).encode()
+    for part in (date, region, service, "aws4_request"):
+        key = hmac.new(key, part.encode(), hashlib.sha256).digest()
+    return key
+
+
+def sigv4_signature(credentials: S3Credentials, region: str, service: str, amz_date: str,
+                    canonical_request: str) -> tuple:
+    """(scope, hex signature) of a canonical request."""
+    scope = f"{amz_date[:8]}/{region}/{service}/aws4_request"
+    key = sigv4_signing_key(credentials.secret_key, amz_date[:8], region, service)
+    text = sigv4_string_to_sign(amz_date, scope, canonical_request)
+    return scope, hmac.new(key, text.encode(), hashlib.sha256).hexdigest()
+
+
+def sigv4_authorization(method: str, path: str, query, headers: dict, payload_hash: str,
+                        credentials: S3Credentials, region: str, amz_date: str, service: str = "s3") -> str:
+    """The Authorization header of a request whose `headers` (lower-case names,
+    host and x-amz-date among them) are all signed."""
+    canonical = sigv4_canonical_request(method, path, query, headers, payload_hash)
+    scope, signature = sigv4_signature(credentials, region, service, amz_date, canonical)
+    return (f"{SIGV4_ALGORITHM} Credential={credentials.access_key}/{scope}, "
+            f"SignedHeaders={';'.join(sorted(headers))}, Signature={signature}")
+
+
+def sigv4_presigned_query(method: str, host: str, path: str, credentials: S3Credentials, region: str,
+                          amz_date: str, expires: int, service: str = "s3") -> list:
+    """The query of a presigned URL (only host signed, payload unsigned), X-Amz-Signature last."""
+    query = [("X-Amz-Algorithm", SIGV4_ALGORITHM),
+             ("X-Amz-Credential", f"{credentials.access_key}/{amz_date[:8]}/{region}/{service}/aws4_request"),
+             ("X-Amz-Date", amz_date), ("X-Amz-Expires", str(int(expires))), ("X-Amz-SignedHeaders", "host")]
+    if credentials.session_token:
+        query.append(("X-Amz-Security-Token", credentials.session_token))
+    canonical = sigv4_canonical_request(method, path, query, {"host": host}, UNSIGNED_PAYLOAD)
+    _, signature = sigv4_signature(credentials, region, service, amz_date, canonical)
+    return query + [("X-Amz-Signature", signature)]
+
+
+def amz_date(when: float) -> str:
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(when))
+
+
+# Where the bucket keeps things.  Blobs and manifests lie where distribution's
+# S3 driver puts them, so its tools can read them; the proxy's own records
+# (links, tag entries, anonymous-pull marks, last use) lie under dockerproxy/.
+
+def blob_key(prefix: str, digest: str) -> str:
+    algorithm, _, hexdigest = digest.partition(":")
+    return f"{prefix}docker/registry/v2/blobs/{algorithm}/{hexdigest[:2]}/{hexdigest}/data"
+
+
+def digest_of_blob_key(prefix: str, key: str) -> str | None:
+    """The digest a key of blob_key() names; None for any other key."""
+    parts = key[len(prefix):].split("/") if key.startswith(prefix) else []
+    if len(parts) != 8 or parts[:4] != ["docker", "registry", "v2", "blobs"] or parts[7] != "data":
+        return None
+    digest = f"{parts[4]}:{parts[6]}"
+    return digest if DIGEST.match(digest) and parts[5] == parts[6][:2] else None
+
+
+def record_key(prefix: str, upstream: str, repository: str, *rest: str) -> str:
+    """A repository's record: the upstream's host:port in the key, as on disk."""
+    netloc = urllib.parse.urlsplit(upstream).netloc
+    return "/".join((f"{prefix}dockerproxy/repos/{netloc}/{repository}",) + rest)
+
+
+def link_key(prefix: str, upstream: str, repository: str, digest: str) -> str:
+    return record_key(prefix, upstream, repository, "_links", *digest.split(":", 1))
+
+
+def used_key(prefix: str, digest: str) -> str:
+    """An empty object whose time is an object's last use (written at most once an hour)."""
+    return f"{prefix}dockerproxy/used/{digest.replace(':', '/', 1)}"
+
+
+def digest_of_used_key(prefix: str, key: str) -> str | None:
+    algorithm, _, hexdigest = key[len(f"{prefix}dockerproxy/used/"):].partition("/")
+    digest = f"{algorithm}:{hexdigest}"
+    return digest if key.startswith(f"{prefix}dockerproxy/used/") and DIGEST.match(digest) else None
+
+
+def xml_escaped(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def xml_children(element, name: str) -> list:
+    """The children named `name`, whatever their namespace."""
+    return [child for child in element if child.tag.rpartition("}")[2] == name]
+
+
+def xml_text(element, name: str) -> str:
+    found = xml_children(element, name)
+    return (found[0].text or "") if found else ""
+
+
+def parse_xml(body: bytes):
+    """An S3 answer's XML document; ValueError if it is not one (no DTD: no entity expansion)."""
+    if b"<!DOCTYPE" in body[:1024].upper() or b"<!ENTITY" in body.upper():
+        raise ValueError("an XML answer with a DTD")
+    try:
+        return xml.etree.ElementTree.fromstring(body)
+    except xml.etree.ElementTree.ParseError as err:
+        raise ValueError(f"not XML: {err}") from None
+
+
+def s3_time(text: str) -> float:
+    """'2026-12-01T02:55:14.000Z' -> Unix time; 0 if unreadable."""
+    try:
+        return calendar.timegm(time.strptime(text.strip()[:19], "%Y-%m-%dT%H:%M:%S"))
+    except ValueError:
+        return 0.0
+
+
+def parse_object_list(body: bytes) -> tuple:
+    """A ListObjectsV2 page: ([(key, size, last modified)], the next continuation token or "")."""
+    root = parse_xml(body)
+    entries = []
+    for item in xml_children(root, "Contents"):
+        size = xml_text(item, "Size")
+        entries.append((xml_text(item, "Key"), int(size) if size.isdigit() else 0,
+                        s3_time(xml_text(item, "LastModified"))))
+    truncated = xml_text(root, "IsTruncated").strip().lower() == "true"
+    return entries, xml_text(root, "NextContinuationToken") if truncated else ""
+
+
+def parse_upload_list(body: bytes) -> tuple:
+    """A ListMultipartUploads page: ([(key, upload id, initiated)], (next key, next id) or None)."""
+    root = parse_xml(body)
+    uploads = [(xml_text(item, "Key"), xml_text(item, "UploadId"), s3_time(xml_text(item, "Initiated")))
+               for item in xml_children(root, "Upload")]
+    truncated = xml_text(root, "IsTruncated").strip().lower() == "true"
+    following = (xml_text(root, "NextKeyMarker"), xml_text(root, "NextUploadIdMarker"))
+    return uploads, following if truncated and any(following) else None
+
+
+def s3_error(body: bytes) -> tuple:
+    """(code, message) of an S3 error document; ("", "") if it is not one."""
+    try:
+        root = parse_xml(body)
+    except ValueError:
+        return "", ""
+    return printable(xml_text(root, "Code"))[:64], printable(xml_text(root, "Message"))[:200]
+
+
+# Peers: which instance fills a digest, and how a peer proves it is one.
+
+def rendezvous_order(peers, key: str) -> list:
+    """The peers by their score for `key`, highest first (rendezvous hashing):
+    every instance computes the same order, and losing one peer moves only
+    the keys it owned."""
+    def score(peer: str) -> bytes:
+        return hashlib.sha256(f"{peer}\n{key}".encode()).digest()
+    return sorted(peers, key=score, reverse=True)
+
+
+def peer_signature(secret: str, method: str, path: str, timestamp: str) -> str:
+    """The HMAC a peer request carries: of what it asks and when, never the secret itself."""
+    message = "\n".join(("dockerproxy-peer-v1", method, path, timestamp)).encode()
+    return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
+
+
+def peer_request_problem(secret: str, method: str, path: str, timestamp: str, signature: str,
+                         now: float) -> str:
+    """Why a peer request's proof fails, or ""."""
+    if not re.fullmatch(r"[0-9]{1,12}", timestamp or ""):
+        return "no timestamp"
+    if abs(now - int(timestamp)) > PEER_SKEW:
+        return "stale timestamp"
+    expected = peer_signature(secret, method, path, timestamp)
+    if not hmac.compare_digest(expected, (signature or "").lower()):
+        return "wrong signature"
+    return ""
+
+
+class S3Failure(OSError):
+    """An S3 request that failed: no answer (status 0), or an error answer.
+    An OSError, so a bucket that fails degrades the cache as a failing disk does."""
+
+    def __init__(self, operation: str, status: int, code: str = "", message: str = "") -> None:
+        super().__init__(errno.EIO, f"S3 {operation}: {status or 'no answer'} {code} {message}".strip())
+        self.operation = operation
+        self.status = status
+        self.code = code
+
+
+class FileRegion(io.RawIOBase):
+    """`length` bytes of an open file from `offset`, read with pread: a request body."""
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        super().__init__()
+        self.fd = fd
+        self.position = offset
+        self.end = offset + length
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        count = self.end - self.position if size < 0 else min(size, self.end - self.position)
+        data = os.pread(self.fd, count, self.position) if count > 0 else b""
+        if count > 0 and not data:
+            raise OSError(errno.EIO, "the file is shorter than the upload")
+        self.position += len(data)
+        return data
+
+
+def region_sha256(fd: int, offset: int, length: int) -> str:
+    """The SHA-256 of part of a file (an upload part's x-amz-content-sha256)."""
+    hasher, region = hashlib.sha256(), FileRegion(fd, offset, length)
+    for data in iter(lambda: region.read(FILL_BUFFER), b""):
+        hasher.update(data)
+    return hasher.hexdigest()
+
+
+class Bucket:
+    """One S3 bucket through its REST API, every request signed (SigV4) with
+    the real payload hash: small bodies from memory, large ones read from a
+    file.  Addressed by path (endpoint/bucket/key) or virtually (bucket.endpoint/key)."""
+
+    def __init__(self, config: Config, clock: Clock, metrics: Metrics) -> None:
+        self.name, self.prefix = config.cache_s3
+        self.region = config.s3_region
+        self.endpoint = config.s3_endpoint or f"https://s3.{config.s3_region}.amazonaws.com"
+        self.credentials = S3Credentials(config.aws_access_key_id, config.aws_secret_access_key,
+                                         config.aws_session_token)
+        self.clock = clock
+        self.metrics = metrics
+        url = urllib.parse.urlsplit(self.endpoint)
+        virtual = config.s3_addressing == "virtual"
+        self.scheme = url.scheme
+        self.host = f"{self.name}.{url.netloc}" if virtual else url.netloc
+        self.base_path = "" if virtual else f"/{self.name}"
+        self.read_timeout = config.read_timeout
+        self.connect_timeout = config.connect_timeout
+        self.http = Upstreams(config.connect_timeout, config.read_timeout,
+                              {urllib.parse.urlsplit(f"{url.scheme}://{self.host}").hostname},
+                              clock, Metrics(), MAX_S3_REQUESTS)
+
+    def __repr__(self) -> str:
+        return f"Bucket(s3://{self.name}/{self.prefix} at {self.endpoint})"
+
+    def path(self, key: str) -> str:
+        return f"{self.base_path}/{uri_encode(key)}"
+
+    def signed(self, method: str, path: str, query, payload_hash: str, extra: dict) -> dict:
+        headers = {"host": self.host, "x-amz-date": amz_date(self.clock.time()),
+                   "x-amz-content-sha256": payload_hash, **extra}
+        if self.credentials.session_token:
+            headers["x-amz-security-token"] = self.credentials.session_token
+        headers["authorization"] = sigv4_authorization(method, path, query, headers, payload_hash,
+                                                       self.credentials, self.region, headers["x-amz-date"])
+        return headers
+
+    def url(self, path: str, query) -> str:
+        return f"{self.scheme}://{self.host}{path}" + (f"?{canonical_query(query)}" if query else "")
+
+    def send(self, operation: str, method: str, key: str = "", query=(), body: bytes = b"",
+             extra: dict | None = None, ok=(200,)) -> UpstreamResponse:
+        """One signed request; S3Failure unless its status is in `ok` (404 among them, if asked)."""
+        path = self.path(key) if key else (self.base_path or "/")
+        headers = self.signed(method, path, query, hashlib.sha256(body).hexdigest(), extra or {})
+        try:
+            response = self.http.send(method, self.url(path, query), headers, body or None)
+        except RegistryError as err:
+            self.count(operation, "unreachable")
+            raise S3Failure(operation, 0, "", err.message) from None
+        return self.checked(operation, response, ok)
+
+    def body(self, operation: str, method: str, key: str = "", query=(), body: bytes = b"",
+             extra: dict | None = None, ok=(200,), limit: int = MAX_SMALL_BODY) -> bytes:
+        """send(), and the answer's body read whole (at most `limit` bytes)."""
+        response = self.send(operation, method, key, query, body, extra, ok)
+        try:
+            return response.consume(limit)
+        except RegistryError as err:
+            self.count(operation, "unreachable")
+            raise S3Failure(operation, 0, "", err.message) from None
+
+    def checked(self, operation: str, response: UpstreamResponse, ok) -> UpstreamResponse:
+        if response.status in ok:
+            self.count(operation, "ok")
+            return response
+        try:
+            code, message = s3_error(response.read_small())
+        except RegistryError:
+            code, message = "", ""
+        response.close()
+        self.count(operation, "error")
+        raise S3Failure(operation, response.status, code, message)
+
+    def count(self, operation: str, result: str) -> None:
+        self.metrics.add("dockerproxy_s3_requests_total", (operation, result))
+
+    # Objects -----------------------------------------------------------------
+
+    def head(self, key: str) -> tuple | None:
+        """(size, content type) of an object; None if there is none."""
+        response = self.send("head", "HEAD", key, ok=(200, 404))
+        response.release()
+        if response.status == 404:
+            return None
+        length = response.headers.get("content-length", "")
+        if not length.isdigit():
+            raise S3Failure("head", response.status, "", "no Content-Length")
+        return int(length), bare_media_type(response.headers.get("content-type", ""))
+
+    def get(self, key: str) -> UpstreamResponse | None:
+        """A GET's answer, its body still to read (release() or close() it); None if absent."""
+        response = self.send("get", "GET", key, ok=(200, 404))
+        if response.status == 404:
+            response.consume()
+            return None
+        return response
+
+    def get_small(self, key: str, limit: int = MAX_SMALL_BODY) -> bytes | None:
+        response = self.get(key)
+        if response is None:
+            return None
+        try:
+            return response.consume(limit)
+        except RegistryError as err:  # broken off, or larger than limit: not what was put there
+            raise S3Failure("get", 0, "", err.message) from None
+
+    def put_small(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
+        self.body("put", "PUT", key, body=data, extra={"content-type": content_type})
+
+    def delete(self, key: str) -> None:
+        self.body("delete", "DELETE", key, ok=(200, 204, 404))
+
+    def list(self, prefix: str):
+        """(key, size, last modified) of every object under `prefix`, a page at a time."""
+        token = ""
+        while True:
+            query = [("list-type", "2"), ("prefix", prefix), ("max-keys", str(S3_LIST_PAGE))]
+            query += [("continuation-token", token)] if token else []
+            body = self.body("list", "GET", query=query, limit=MAX_S3_LISTING)
+            entries, token = parse_object_list(body)
+            yield from entries
+            if not token:
+                return
+
+    # Large objects from files --------------------------------------------------
+
+    def send_file(self, operation: str, method: str, key: str, query, fd: int, offset: int, length: int,
+                  payload_hash: str, extra: dict) -> tuple:
+        """A request whose body is part of a file, on a connection of its own
+        (a pooled one could not resend it); (status, headers, small body)."""
+        path = self.path(key)
+        headers = self.signed(method, path, query, payload_hash,
+                              {**extra, "content-length": str(length)})
+        url = urllib.parse.urlsplit(self.url(path, query))
+        if url.scheme == "https":
+            connection = http.client.HTTPSConnection(url.hostname, url.port, timeout=self.connect_timeout,
+                                                     context=ssl.create_default_context())
+        else:
+            connection = http.client.HTTPConnection(url.hostname, url.port, timeout=self.connect_timeout)
+        connection.blocksize = CHUNK_SIZE
+        try:
+            connection.connect()
+            connection.sock.settimeout(self.read_timeout)
+            connection.request(method, url.path + (f"?{url.query}" if url.query else ""),
+                               body=FileRegion(fd, offset, length), headers=headers)
+            response = connection.getresponse()
+            body = response.read(MAX_SMALL_BODY)
+        except (OSError, http.client.HTTPException) as err:
+            self.count(operation, "unreachable")
+            raise S3Failure(operation, 0, "", err.__class__.__name__) from None
+        finally:
+            connection.close()
+        if response.status != 200:
+            self.count(operation, "error")
+            raise S3Failure(operation, response.status, *s3_error(body))
+        self.count(operation, "ok")
+        return response.status, response.headers, body
+
+    def put_file(self, key: str, fd: int, size: int, sha256_hex: str, content_type: str) -> None:
+        self.send_file("put", "PUT", key, (), fd, 0, size, sha256_hex, {"content-type": content_type})
+
+    def start_upload(self, key: str, content_type: str) -> str:
+        body = self.body("upload_start", "POST", key, [("uploads", "")], extra={"content-type": content_type})
+        upload_id = xml_text(parse_xml(body), "UploadId")
+        if not upload_id:
+            raise S3Failure("upload_start", 200, "", "no UploadId")
+        return upload_id
+
+    def upload_part(self, key: str, upload_id: str, number: int, fd: int, offset: int, length: int) -> str:
+        """One part; its ETag."""
+        query = [("partNumber", str(number)), ("uploadId", upload_id)]
+        _, headers, _ = self.send_file("upload_part", "PUT", key, query, fd, offset, length,
+                                       region_sha256(fd, offset, length), {})
+        etag = headers.get("etag", "")
+        if not etag:
+            raise S3Failure("upload_part", 200, "", "no ETag")
+        return etag
+
+    def complete_upload(self, key: str, upload_id: str, etags: list) -> None:
+        parts = "".join(f"<Part><PartNumber>{number}</PartNumber><ETag>{xml_escaped(etag)}</ETag></Part>"
+                        for number, etag in enumerate(etags, 1))
+        document = f"<CompleteMultipartUpload>{parts}</CompleteMultipartUpload>".encode()
+        body = self.body("upload_complete", "POST", key, [("uploadId", upload_id)], document)
+        if parse_xml(body).tag.rpartition("}")[2] == "Error":
+            raise S3Failure("upload_complete", 200, *s3_error(body))  # S3 may fail after its 200
+
+    def abort_upload(self, key: str, upload_id: str) -> None:
+        self.body("upload_abort", "DELETE", key, [("uploadId", upload_id)], ok=(200, 204, 404))
+
+    def uploads(self, prefix: str):
+        """(key, upload id, initiated) of every multipart upload in progress under `prefix`."""
+        following = None
+        while True:
+            query = [("uploads", ""), ("prefix", prefix)]
+            if following:
+                query += [("key-marker", following[0]), ("upload-id-marker", following[1])]
+            body = self.body("upload_list", "GET", query=query, limit=MAX_S3_LISTING)
+            uploads, following = parse_upload_list(body)
+            yield from uploads
+            if following is None:
+                return
+
+    def presigned_url(self, key: str, expires: float, base: str = "") -> str:
+        """A GET URL anyone may use until it expires; on `base` (a CDN) if given, with the same signed path."""
+        path = self.path(key)
+        query = sigv4_presigned_query("GET", self.host, path, self.credentials, self.region,
+                                      amz_date(self.clock.time()), int(expires))
+        origin = base or f"{self.scheme}://{self.host}"
+        return f"{origin}{path}?{canonical_query(query)}"
+
+    def check(self) -> None:
+        """At start: the credentials and the bucket work (a listing of one key); S3Failure if not."""
+        query = [("list-type", "2"), ("prefix", self.prefix), ("max-keys", "1")]
+        self.body("list", "GET", query=query, limit=MAX_S3_LISTING)
+
+
+class UploadJournal:
+    """The multipart uploads this instance began and has not ended, in a file
+    of CACHE_DIR: a start-up aborts what the last run left (a crash, a kill,
+    a bucket that went away mid-upload), and never another instance's."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+
+    def entries(self) -> list:
+        """(upload id, key) of each upload begun and not ended."""
+        try:
+            with open(self.path, encoding="utf-8") as file:
+                lines = file.read(MAX_SMALL_BODY * 16).splitlines()
+        except (OSError, ValueError):
+            return []
+        return [tuple(line.split(" ", 1)) for line in lines if " " in line]
+
+    def _write(self, entries: list) -> None:
+        write_atomic(self.path, "".join(f"{upload_id} {key}\n" for upload_id, key in entries).encode())
+
+    def began(self, upload_id: str, key: str) -> None:
+        with self._lock:
+            self._write(self.entries()[-MAX_JOURNALED_UPLOADS:] + [(upload_id, key)])
+
+    def ended(self, upload_id: str) -> None:
+        with self._lock:
+            self._write([entry for entry in self.entries() if entry[0] != upload_id])
+
+
+class BucketRecords(AccessRecords):
+    """AccessRecords in the bucket, so that what one instance linked every
+    instance may serve.  A link or an anonymous-pull mark is an object whose
+    body is the time it was made (the writer's clock, as on disk: instances
+    keep their clocks in step, MARK_SKEW covers the rest).  A link read once
+    is remembered (only a purge removes one); a mark is read again after
+    PUBLIC_MARK_TTL, so a repository one instance saw turn private closes on
+    the others within seconds."""
+
+    def __init__(self, bucket: Bucket, clock: Clock, trouble: DiskTrouble) -> None:
+        super().__init__("", clock, trouble)
+        self.bucket = bucket
+        self.prefix = bucket.prefix
+        self._linked = {}             # link key -> time linked
+        self._marks = {}              # mark key -> (time marked or None, when read)
+        self._lock = threading.Lock()
+
+    def _read_time(self, key: str) -> float | None:
+        data = self.bucket.get_small(key, 64)
+        try:
+            return float(data) if data is not None else None
+        except ValueError:
+            return None
+
+    def linked_since(self, upstream: str, repository: str, digest: str) -> float | None:
+        key = link_key(self.prefix, upstream, repository, digest)
+        known = self._linked.get(key)
+        if known is not None:
+            return known
+        try:
+            linked = self._read_time(key)
+        except S3Failure as err:
+            self.trouble.warn(err)
+            return None
+        if linked is not None:
+            self._remember(self._linked, key, linked)
+        return linked
+
+    @staticmethod
+    def _remember(table: dict, key: str, value) -> None:
+        if len(table) >= MAX_REMEMBERED:
+            table.clear()  # bounded: the cost is a few reads again
+        table[key] = value
+
+    def link(self, upstream: str, repository: str, digests) -> None:
+        now = self.clock.time()
+        try:
+            for digest in digests:
+                key = link_key(self.prefix, upstream, repository, digest)
+                if key not in self._linked:
+                    self.bucket.put_small(key, repr(now).encode(), "text/plain")
+                    self._remember(self._linked, key, now)
+        except S3Failure as err:
+            self.trouble.warn(err)
+
+    def public_since(self, upstream: str, repository: str, fresh: bool = False) -> float | None:
+        key = record_key(self.prefix, upstream, repository, "_public")
+        known = self._marks.get(key)
+        if known is not None and not fresh and self.clock.monotonic() - known[1] < PUBLIC_MARK_TTL:
+            return known[0]
+        try:
+            marked = self._read_time(key)
+        except S3Failure as err:
+            self.trouble.warn(err)
+            return known[0] if known else None
+        self._remember(self._marks, key, (marked, self.clock.monotonic()))
+        return marked
+
+    def drop_public(self, upstream: str, repository: str) -> None:
+        key = record_key(self.prefix, upstream, repository, "_public")
+        self._marks.pop(key, None)
+        try:
+            self.bucket.delete(key)
+        except S3Failure as err:
+            self.trouble.warn(err)
+
+    def mark_public(self, upstream: str, repository: str) -> None:
+        """As on disk (see AccessRecords.mark_public): never moved back by up to MARK_SKEW."""
+        key = record_key(self.prefix, upstream, repository, "_public")
+        with self._marking:
+            now, marked = self.clock.time(), self.public_since(upstream, repository, fresh=True) or 0.0
+            if now < marked <= now + MARK_SKEW:
+                now = marked
+            try:
+                self.bucket.put_small(key, repr(now).encode(), "text/plain")
+            except S3Failure as err:
+                self.trouble.warn(err)
+                return
+            self._remember(self._marks, key, (now, self.clock.monotonic()))
+
+    def forget(self, upstream: str, repository: str) -> list:
+        links = record_key(self.prefix, upstream, repository, "_links") + "/"
+        digests = []
+        try:
+            for key, _, _ in list(self.bucket.list(links)):
+                algorithm, _, hexdigest = key[len(links):].partition("/")
+                digests.append(f"{algorithm}:{hexdigest}")
+                self.bucket.delete(key)
+                self._linked.pop(key, None)
+        except S3Failure as err:
+            self.trouble.warn(err)
+        self.drop_public(upstream, repository)
+        return digests
+
+    def linked_anywhere(self) -> set:
+        found = set()
+        for key, _, _ in self.bucket.list(f"{self.prefix}dockerproxy/repos/"):
+            head, _, digest = key.rpartition("/_links/")
+            if head and DIGEST.match(digest.replace("/", ":", 1)):
+                found.add(digest.replace("/", ":", 1))
+        return found
+
+    def repositories(self) -> int:
+        names = set()
+        for key, _, _ in self.bucket.list(f"{self.prefix}dockerproxy/repos/"):
+            for marker in ("/_links/", "/_tags/"):
+                if marker in key:
+                    names.add(key.partition(marker)[0])
+        return len(names)
+
+
+class BucketTags(TagIndex):
+    """The TagIndex in the bucket: an entry is a small JSON object, as on disk."""
+
+    def __init__(self, bucket: Bucket, clock: Clock, trouble: DiskTrouble) -> None:
+        super().__init__("", clock, trouble)
+        self.bucket = bucket
+        self.prefix = bucket.prefix
+
+    def _key(self, upstream: str, repository: str, tag: str, kind: str = "") -> str:
+        return record_key(self.prefix, upstream, repository, "_tags", tag, f"{kind}.json" if kind else "")
+
+    def get(self, upstream: str, repository: str, tag: str, kind: str) -> dict | None:
+        try:
+            data = self.bucket.get_small(self._key(upstream, repository, tag, kind), MAX_TAG_ENTRY)
+            entry = json.loads(data) if data is not None else None
+        except S3Failure as err:
+            self.trouble.warn(err)
+            return None
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(entry, dict) or not DIGEST.match(str(entry.get("digest"))):
+            return None
+        return entry
+
+    def kinds(self, upstream: str, repository: str, tag: str) -> list:
+        directory = self._key(upstream, repository, tag)
+        try:
+            return sorted(key[len(directory):-5] for key, _, _ in self.bucket.list(directory)
+                          if key.endswith(".json") and "/" not in key[len(directory):])
+        except S3Failure as err:
+            self.trouble.warn(err)
+            return []
+
+    def put(self, upstream: str, repository: str, tag: str, kind: str, digest: str, media_type: str) -> None:
+        entry = {"digest": digest, "media_type": media_type, "checked": self.clock.time()}
+        try:
+            self.bucket.put_small(self._key(upstream, repository, tag, kind), json.dumps(entry).encode(),
+                                  "application/json")
+        except S3Failure as err:
+            self.trouble.warn(err)
+
+    def _delete_under(self, prefix: str) -> set:
+        """Delete every entry under `prefix`; the tags they were of."""
+        tags = set()
+        try:
+            for key, _, _ in list(self.bucket.list(prefix)):
+                tags.add(key[len(prefix):].partition("/")[0])
+                self.bucket.delete(key)
+        except S3Failure as err:
+            self.trouble.warn(err)
+        return tags
+
+    def drop(self, upstream: str, repository: str, tag: str) -> None:
+        self._delete_under(self._key(upstream, repository, tag))
+
+    def drop_all(self, upstream: str, repository: str) -> int:
+        return len(self._delete_under(record_key(self.prefix, upstream, repository, "_tags") + "/"))
+
+    def entry_files(self) -> list:
+        return [key for key, _, _ in self.bucket.list(f"{self.prefix}dockerproxy/repos/") if "/_tags/" in key]
+
+    def prune(self, exists) -> int:
+        """Nothing here: an entry whose manifest the bucket lost is a miss
+        (Cache.tag), and the next pull of the tag writes it anew."""
+        return 0
+
+
+class LastUse:
+    """When the bucket's objects were last used, written cheaply: each
+    instance notes the digests it serves and, once a minute, writes one
+    empty marker object for each digest it has not marked within
+    USE_MARK_INTERVAL: an object pulled all day costs 24 writes, not one per pull."""
+
+    def __init__(self, bucket: Bucket, clock: Clock) -> None:
+        self.bucket = bucket
+        self.clock = clock
+        self.marked = Recent(USE_MARK_INTERVAL, clock)
+        self._pending = set()
+        self._lock = threading.Lock()
+
+    def used(self, digest: str) -> None:
+        if self.marked.fresh(digest):
+            return
+        with self._lock:
+            if len(self._pending) < MAX_PENDING_USES:
+                self._pending.add(digest)
+
+    def flush(self) -> int:
+        """Write the pending markers; how many."""
+        with self._lock:
+            pending, self._pending = self._pending, set()
+        written = 0
+        for digest in pending:
+            try:
+                self.bucket.put_small(used_key(self.bucket.prefix, digest), b"", "text/plain")
+            except S3Failure as err:
+                log.warning("bucket: last use of %s not recorded: %s", digest, err.strerror)
+                continue
+            self.marked.add(digest)
+            written += 1
+        return written
+
+
+class SharedStore:
+    """The bucket as the cache's shared tier behind CACHE_DIR.
+
+    A fill from upstream is verified in its local spool and stored locally
+    as before, then uploaded (whole, or in parts above MULTIPART_THRESHOLD);
+    only verified bytes are ever uploaded, and an upload that fails is
+    aborted, so the bucket never holds a wrong object.  An object the
+    bucket holds but CACHE_DIR does not is copied back (a blob through a
+    Fill, as from upstream; a manifest at once), or answered with a
+    presigned redirect (S3_REDIRECT).  What objects the bucket holds is
+    remembered for BUCKET_SEEN_TTL.
+    """
+
+    def __init__(self, bucket: Bucket, config: Config, clock: Clock, metrics: Metrics) -> None:
+        self.bucket = bucket
+        self.clock = clock
+        self.metrics = metrics
+        self.trouble = DiskTrouble()
+        self.tags = BucketTags(bucket, clock, self.trouble)
+        self.records = BucketRecords(bucket, clock, self.trouble)
+        self.uses = LastUse(bucket, clock)
+        self.journal = UploadJournal(os.path.join(config.cache_dir, UPLOAD_JOURNAL))
+        self.redirect = config.s3_redirect
+        self.redirect_ttl = config.s3_redirect_ttl
+        self.redirect_base = config.s3_redirect_base
+        self.max_size = config.cache_s3_max_size
+        self.max_age = config.cache_s3_max_age
+        self.lifecycle = config.cache_s3_lifecycle
+        self.seen = Recent(BUCKET_SEEN_TTL, clock)
+        self.counted = None           # (objects, bytes, when) as the last listing found
+        self.uploads = 0              # uploads in progress
+        self._lock = threading.Lock()
+
+    def key(self, digest: str) -> str:
+        return blob_key(self.bucket.prefix, digest)
+
+    def has(self, digest: str) -> bool:
+        """The bucket holds `digest` (a failing bucket holds nothing)."""
+        if self.seen.fresh(digest):
+            return True
+        try:
+            found = self.bucket.head(self.key(digest)) is not None
+        except S3Failure as err:
+            self.trouble.warn(err)
+            return False
+        if found:
+            self.seen.add(digest)
+        return found
+
+    def open(self, digest: str) -> UpstreamResponse | None:
+        """A GET of the object, its body to read; None if absent or the bucket fails."""
+        try:
+            response = self.bucket.get(self.key(digest))
+        except S3Failure as err:
+            self.trouble.warn(err)
+            return None
+        if response is not None and response.length is None:
+            response.close()  # every S3 answer to a GET has a length: this is not one
+            return None
+        return response
+
+    def manifest(self, digest: str) -> tuple | None:
+        """(bytes, media type) of a manifest the bucket holds, checked against its digest; else None."""
+        try:
+            info = self.bucket.head(self.key(digest))
+            if info is None or info[1] in ("", BLOB_TYPE):  # a blob: no manifest
+                return None
+            data = self.bucket.get_small(self.key(digest), MAX_MANIFEST_SIZE)
+        except S3Failure as err:
+            self.trouble.warn(err)
+            return None
+        if data is None or bytes_digest(data, digest) != digest:
+            return None
+        return data, info[1]
+
+    def discard(self, digest: str) -> None:
+        """A bucket object whose bytes are not its digest (damaged in the store): removed."""
+        log.warning("bucket: %s does not match its digest: removed", digest)
+        self.seen.discard(digest)
+        try:
+            self.bucket.delete(self.key(digest))
+        except S3Failure as err:
+            self.trouble.warn(err)
+
+    def presigned_url(self, digest: str) -> str:
+        self.metrics.add("dockerproxy_s3_redirects_total")
+        return self.bucket.presigned_url(self.key(digest), self.redirect_ttl, self.redirect_base)
+
+    # Uploads -------------------------------------------------------------------
+
+    def upload(self, store: BlobStore, digest: str, media_type: str | None) -> None:
+        """Put a verified local object in the bucket, unless it is there already."""
+        if self.has(digest):
+            return
+        opened = store.open(digest)
+        if opened is None:  # evicted already
+            return
+        file, size = opened
+        with self._lock:
+            self.uploads += 1
+        try:
+            self._upload(file.fileno(), size, digest, media_type or BLOB_TYPE)
+            self.seen.add(digest)
+            self.trouble.cleared()
+            self.metrics.add("dockerproxy_s3_uploads_total", ("ok",))
+        except (OSError, ValueError) as err:  # S3Failure too; the object stays local only
+            self.metrics.add("dockerproxy_s3_uploads_total", ("failed",))
+            log.warning("bucket: upload of %s failed: %s", digest, printable(str(err)))
+        finally:
+            store.close(file)
+            with self._lock:
+                self.uploads -= 1
+
+    def _upload(self, fd: int, size: int, digest: str, content_type: str) -> None:
+        key = self.key(digest)
+        if size < MULTIPART_THRESHOLD:
+            sha256_hex = digest.partition(":")[2] if digest.startswith("sha256:") else region_sha256(fd, 0, size)
+            return self.bucket.put_file(key, fd, size, sha256_hex, content_type)
+        upload_id = self.bucket.start_upload(key, content_type)
+        self.journal.began(upload_id, key)
+        try:
+            part = max(PART_SIZE, -(-size // MAX_PARTS))
+            etags = [self.bucket.upload_part(key, upload_id, number, fd, offset, min(part, size - offset))
+                     for number, offset in enumerate(range(0, size, part), 1)]
+            self.bucket.complete_upload(key, upload_id, etags)
+        except BaseException:
+            self._abort(key, upload_id)
+            raise
+        self.journal.ended(upload_id)
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        """Abort an upload; if the bucket cannot be reached, the journal keeps it for the next start."""
+        try:
+            self.bucket.abort_upload(key, upload_id)
+            self.journal.ended(upload_id)
+        except S3Failure as err:
+            log.warning("bucket: could not abort upload %s of %s (the next start will): %s",
+                        printable(upload_id[:16]), printable(key), err.strerror)
+
+    def abort_stale_uploads(self) -> int:
+        """At start: abort this instance's unfinished uploads, and anyone's older
+        than STALE_UPLOAD_AGE (a live peer finishes its own well within that)."""
+        aborted = 0
+        for upload_id, key in self.journal.entries():
+            self._abort(key, upload_id)
+            aborted += 1
+        now = self.clock.time()
+        for key, upload_id, initiated in list(self.bucket.uploads(self.bucket.prefix)):
+            if initiated and now - initiated > STALE_UPLOAD_AGE:
+                self._abort(key, upload_id)
+                aborted += 1
+        return aborted
+
+    # The bucket's limits ------------------------------------------------------------
+
+    def objects(self) -> list:
+        """Every object of the bucket's blob store: StoredObject(digest, size, last use)."""
+        used = {}
+        for key, _, modified in self.bucket.list(f"{self.bucket.prefix}dockerproxy/used/"):
+            digest = digest_of_used_key(self.bucket.prefix, key)
+            if digest:
+                used[digest] = max(used.get(digest, 0.0), modified)
+        found = []
+        for key, size, modified in self.bucket.list(f"{self.bucket.prefix}docker/registry/v2/blobs/"):
+            digest = digest_of_blob_key(self.bucket.prefix, key)
+            if digest:
+                found.append(StoredObject(digest, size, max(modified, used.get(digest, 0.0))))
+        return found
+
+    def sweep(self, sweeping: bool) -> dict:
+        """Count the bucket; when `sweeping` (this instance is the sweeper) and
+        CACHE_S3_LIFECYCLE is off, remove what is unused for CACHE_S3_MAX_AGE,
+        then the least recently used down to the low-water mark of CACHE_S3_MAX_SIZE."""
+        self.uses.flush()
+        objects = sorted(self.objects(), key=lambda stored: (stored.last_used, stored.size, stored.digest))
+        total, removed, freed = sum(stored.size for stored in objects), 0, 0
+        if sweeping and not self.lifecycle and (self.max_size or self.max_age):
+            now = self.clock.time()
+            low_water = self.max_size * EVICTION_LOW_WATER if self.max_size and total > self.max_size else None
+            for stored in objects:
+                expired = self.max_age and now - stored.last_used > self.max_age
+                if not (expired or (low_water is not None and total > low_water)):
+                    continue
+                self.bucket.delete(self.key(stored.digest))
+                self.bucket.delete(used_key(self.bucket.prefix, stored.digest))
+                self.seen.discard(stored.digest)
+                total, removed, freed = total - stored.size, removed + 1, freed + stored.size
+            if removed:
+                log.info("bucket: evicted %d objects (%d bytes); %d bytes remain", removed, freed, total)
+        self.counted = (len(objects) - removed, total, self.clock.time())
+        self.metrics.add("dockerproxy_s3_evictions_total", (), removed)
+        return {"removed": removed, "freed_bytes": freed, "size_bytes": total}
+
+    def status(self) -> dict:
+        objects, size, when = self.counted or (None, None, None)
+        return {"bucket": f"s3://{self.bucket.name}/{self.bucket.prefix}", "endpoint": self.bucket.endpoint,
+                "objects": objects, "size_bytes": size, "counted": when, "max_size_bytes": self.max_size,
+                "max_age_seconds": self.max_age, "lifecycle": self.lifecycle, "redirect": self.redirect,
+                "uploads_in_progress": self.uploads}
+
+
+class Peers:
+    """The instances on one bucket (PEERS), this one among them.
+
+    A digest's fill belongs to the first live peer by rendezvous_order():
+    the others ask it, over an ordinary GET signed with PEER_SECRET, instead
+    of upstream.  A peer that does not answer (refused, or silent past
+    PEER_CONNECT_TIMEOUT) is passed over for PEER_RETRY, and the next by
+    score takes its digests.  Requests go to PEERS' addresses and nowhere else.
+    """
+
+    def __init__(self, config: Config, clock: Clock, metrics: Metrics, own: str) -> None:
+        self.peers = config.peers
+        self.own = own
+        self.secret = config.peer_secret
+        self.clock = clock
+        self.metrics = metrics
+        hosts = {urllib.parse.urlsplit(peer).hostname for peer in self.peers}
+        self.http = Upstreams(min(PEER_CONNECT_TIMEOUT, config.connect_timeout),
+                              config.read_timeout + config.connect_timeout, hosts, clock, Metrics(),
+                              config.max_upstream_requests)
+        self._down = {}               # peer -> (until, why): passed over until then
+        self._lock = threading.Lock()
+
+    def live(self) -> list:
+        now = self.clock.monotonic()
+        with self._lock:
+            return [peer for peer in self.peers if peer == self.own or self._down.get(peer, (0,))[0] <= now]
+
+    def order(self, key: str) -> list:
+        return rendezvous_order(self.live(), key)
+
+    def failed(self, peer: str, why: str) -> None:
+        with self._lock:
+            known = peer in self._down
+            self._down[peer] = (self.clock.monotonic() + PEER_RETRY, why)
+        if not known:
+            log.warning("peer %s did not answer (%s): its digests go to the next peer for %gs",
+                        peer, why, PEER_RETRY)
+
+    def answered(self, peer: str) -> None:
+        with self._lock:
+            if self._down.pop(peer, None) is not None:
+                log.info("peer %s answers again", peer)
+
+    def proof(self, method: str, path: str) -> str:
+        timestamp = str(int(self.clock.time()))
+        return f"{timestamp} {peer_signature(self.secret, method, path, timestamp)}"
+
+    def fetch(self, peer: str, route: Route, path: str) -> UpstreamResponse:
+        """GET `path` of `peer`, signed; RegistryError if it does not answer."""
+        headers = {PEER_HEADER: self.proof("GET", path), "user-agent": SERVER_VERSION}
+        return self.http.send("GET", peer + path, headers, purpose=(route.name, ""))
+
+    def check(self, method: str, path: str, proof: str) -> None:
+        """RegistryError 403 unless the proof of a peer request holds."""
+        timestamp, _, signature = proof.strip().partition(" ")
+        problem = peer_request_problem(self.secret, method, path, timestamp, signature, self.clock.time())
+        if problem:
+            self.metrics.add("dockerproxy_peer_served_total", ("refused",))
+            log.warning("peer request refused: %s", problem)
+            raise RegistryError(403, "DENIED", f"peer request refused: {problem}")
+
+    def status(self) -> list:
+        now = self.clock.monotonic()
+        with self._lock:
+            down = dict(self._down)
+        return [{"peer": peer, "self": peer == self.own,
+                 "state": "down" if down.get(peer, (0,))[0] > now else "up",
+                 "last_problem": down[peer][1] if peer in down else ""} for peer in self.peers]
+
+
+def own_peer(config: Config) -> str:
+    """Which entry of PEERS this instance is: PEER_SELF, else the one on PORT
+    whose host is this machine's name or one of its addresses; ConfigError if
+    none or several are."""
+    if config.peer_self:
+        if config.peer_self not in config.peers:
+            raise ConfigError(f"PEER_SELF={config.peer_self}: not an entry of PEERS")
+        return config.peer_self
+    names = {socket.gethostname().lower(), socket.getfqdn().lower(), "localhost"}
+    candidates = [peer for peer in config.peers
+                  if (urllib.parse.urlsplit(peer).port or 80) == config.port
+                  and (urllib.parse.urlsplit(peer).hostname in names
+                       or is_own_address(urllib.parse.urlsplit(peer).hostname))]
+    if len(candidates) != 1:
+        raise ConfigError(f"PEERS: {'none' if not candidates else 'several'} of its entries on port "
+                          f"{config.port} is this machine; set PEER_SELF")
+    return candidates[0]
+
+
+def is_own_address(host: str) -> bool:
+    """`host` resolves to an address of this machine (one a socket can bind)."""
+    try:
+        infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError):
+        return False
+    for family, _, _, _, address in infos:
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as probe:
+                probe.bind((address[0], 0))
+            return True
+        except OSError:
+            continue
+    return False
+
+
+class BucketKeeper(threading.Thread):
+    """Writes the last uses every USE_FLUSH_INTERVAL, and every SWEEP_INTERVAL
+    counts the bucket and, on the instance that owns the key "sweep" among the
+    live peers (this one, without PEERS), applies CACHE_S3_MAX_SIZE and
+    CACHE_S3_MAX_AGE: one sweeper at a time."""
+
+    def __init__(self, shared: SharedStore, peers: Peers | None, stopping: threading.Event) -> None:
+        super().__init__(daemon=True, name="bucket-keeper")
+        self.shared = shared
+        self.peers = peers
+        self.stopping = stopping
+
+    def sweeper(self) -> bool:
+        return self.peers is None or self.peers.order("sweep")[0] == self.peers.own
+
+    def run(self) -> None:
+        next_sweep = 0.0
+        while not self.stopping.is_set():
+            try:
+                if time.monotonic() >= next_sweep:
+                    next_sweep = time.monotonic() + SWEEP_INTERVAL
+                    self.shared.sweep(self.sweeper())
+                else:
+                    self.shared.uses.flush()
+            except Exception:
+                log.exception("bucket sweep failed")
+            self.stopping.wait(USE_FLUSH_INTERVAL)
 
 
 # Status page (pure: a document in, HTML out) ###############################
@@ -5083,6 +6458,35 @@ def prefetches_section(document: dict) -> str:
                          "No prefetch since start.") + "</section>")
 
 
+def shared_section(document: dict) -> str:
+    """The bucket (CACHE_S3) and the peers (PEERS); nothing without either."""
+    shared = document.get("shared") or {}
+    bucket, peers = shared.get("bucket"), shared.get("peers") or []
+    if not bucket and not peers:
+        return ""
+    parts = ['<section id="shared"><h2>Shared cache</h2>']
+    if bucket:
+        counted = (f'{bucket["objects"]} objects, {human_bytes(bucket["size_bytes"])} '
+                   f'(counted {escape_html(clock_time(bucket["counted"])[11:19])} UTC)'
+                   if bucket.get("counted") else "not counted yet")
+        limits = ("the bucket's lifecycle rules" if bucket["lifecycle"] else
+                  f'{human_bytes(bucket["max_size_bytes"]) if bucket["max_size_bytes"] else "no size limit"}, '
+                  f'{human_duration(bucket["max_age_seconds"]) if bucket["max_age_seconds"] else "no age limit"}')
+        parts.append(html_table(["Bucket", "Holds", "Limits", "Hits"], [[
+            escape_html(bucket["bucket"]) + f' <span class="muted">at {escape_html(bucket["endpoint"])}</span>',
+            counted, escape_html(limits), "redirected" if bucket["redirect"] else "sent by the proxy"]], ""))
+    if peers:
+        rows = [[escape_html(peer["peer"]) + (" (this one)" if peer["self"] else ""),
+                 f'<span class="{"ok" if peer["state"] == "up" else "bad"}">{peer["state"]}</span>',
+                 escape_html(peer["last_problem"])] for peer in peers]
+        asked = shared.get("asked_peers") or {}
+        parts.append(html_table(["Peer", "State", "Last problem"], rows, "")
+                     + f'<p class="muted">Misses asked of peers: {int(asked.get("ok", 0))} served, '
+                     f'{int(asked.get("declined", 0))} declined, {int(asked.get("unreachable", 0))} unreachable; '
+                     f'requests of peers answered: {int(shared.get("served_peers", 0))}.</p>')
+    return "".join(parts) + "</section>"
+
+
 def actions_section(csrf: str, cache_enabled: bool, logout: bool) -> str:
     token = f'<input type="hidden" name="csrf" value="{escape_html(csrf)}">'
     parts = ['<section id="actions"><h2>Actions</h2>']
@@ -5121,7 +6525,7 @@ def status_page(document: dict, csrf: str, refresh: int = 0, logout: bool = Fals
     sections = [traffic_section(document), cache_section(document), routes_section(document),
                 top_section("images", "Most pulled images, last 24 h", document["top_images"], "image"),
                 top_section("clients", "Clients that pulled most, last 24 h", document["top_clients"], "client"),
-                pulls_section(document), prefetches_section(document),
+                pulls_section(document), prefetches_section(document), shared_section(document),
                 actions_section(csrf, document["cache"]["enabled"], logout)]
     return page("dockerproxy status", header + "<main>" + "".join(sections) + "</main>", refresh)
 
@@ -5251,13 +6655,14 @@ class AdminGate:
 # objects: passed through, or through the cache (blobs, manifests by digest,
 # tags).
 
-class ClientRequest(collections.namedtuple("ClientRequest", "method headers host scheme implied form peer",
-                                           defaults=("",))):
+class ClientRequest(collections.namedtuple("ClientRequest", "method headers host scheme implied form peer via_peer",
+                                           defaults=("", False))):
     """What the serving parts know of a client's request; the handler parses it:
     its method; its headers (an http.client.HTTPMessage); the host it
     addressed, checked by dispatch(); "http" or "https", as it reached us;
     the Route of a request on that host that names no registry; the form of
-    a POST to /v2/auth or /admin/, else empty; the socket peer's address."""
+    a POST to /v2/auth or /admin/, else empty; the socket peer's address;
+    whether it is a request of another instance of PEERS (signed, anonymous)."""
 
     __slots__ = ()
 
@@ -5454,10 +6859,15 @@ class PassThrough(Part):
         return self.route.upstream + self.target.upstream_path + (f"?{query}" if query else "")
 
     def upstream_headers(self) -> dict:
-        """The client's headers, with the proxy's own account if the client brings none."""
-        headers = forwarded_request_headers(self.request.headers)
+        """The client's headers, with the proxy's own account if the client brings none
+        (a peer's request: never a credential of its own, whatever it carries)."""
+        headers = forwarded_request_headers(self.request.headers, same_host=not self.request.via_peer)
         if "authorization" not in headers and self.route.credentials:
             authorization = self.proxy.auth.authorization(self.route, self.target.repository)
+            if authorization:
+                headers["authorization"] = authorization
+        elif "authorization" not in headers and self.request.via_peer:
+            authorization = self.proxy.auth.anonymous_authorization(self.route, self.target.repository)
             if authorization:
                 headers["authorization"] = authorization
         return headers
@@ -5501,6 +6911,16 @@ def bytes_digest(data: bytes, digest: str) -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
+def peer_path(routes: RouteTable, route: Route, target: Target) -> str | None:
+    """The path that asks a peer for `target` on the same upstream: prefixed with
+    a registry host of a route to that upstream (every peer has the same routes);
+    None if no route to it has one (then this instance fills it itself)."""
+    for candidate in [route] + list(routes.routes.values()):
+        if candidate.upstream == route.upstream and candidate.registry_hosts:
+            return f"/v2/{candidate.registry_hosts[0]}/{target.repository}/{target.kind}/{target.reference}"
+    return None
+
+
 class WholeAnswer:
     """A verified manifest read into memory, handed to a fill as if it came from upstream."""
 
@@ -5534,7 +6954,9 @@ class CachedObject(PassThrough):
         super().__init__(proxy, request, answer, endpoint)
         self.cache = proxy.cache
         self.access = proxy.access
-        self.identity = proxy.access.identity(request.authorization)
+        self.identity = None if request.via_peer else proxy.access.identity(request.authorization)
+        self.fill_identity = self.identity  # whose pull a fill records (a peer's: anonymous)
+        self.from_bucket = False            # a fill's source: the bucket, which Access let this client have
 
     def may_serve(self, digest: str, stale: bool = False) -> bool:
         return self.access.may_serve(self.identity, self.route.upstream, self.target.repository, digest, stale)
@@ -5629,7 +7051,7 @@ class CachedObject(PassThrough):
         fills = self.cache.fills
         self.answer.note_cache("miss")  # asked upstream to fill the cache, whatever it answers
         try:
-            response = self.fetch("GET")
+            response = self.fetch_for_fill(fill, digest, manifest)
         except RegistryError as err:
             fills.end(fill, Fill.DECLINED)
             if upstream_down(err) and self.try_serve_stale(err.message):
@@ -5645,7 +7067,7 @@ class CachedObject(PassThrough):
         headers = [(name, value) for name, value in response_headers(response.headers, self.target.prefix)
                    if name != "Docker-Content-Digest"]
         headers += [("Docker-Content-Digest", digest)] if digest else []  # what the bytes are checked against
-        headers += [("X-Cache", "MISS")]
+        headers += [("X-Cache", "HIT" if fill.source == "bucket" else "MISS")]
         if manifest:
             response = self.verified_manifest(fill, response, digest, headers)
             if response is None:
@@ -5661,6 +7083,58 @@ class CachedObject(PassThrough):
             self.answer.note_cache("bypass")  # no room
             return self.send_uncached(response, headers)
         self.follow(fill, reader)
+
+    def fetch_for_fill(self, fill: Fill, digest: str | None, manifest: bool) -> UpstreamResponse:
+        """The answer a fill copies: the bucket's object (a blob Access let this
+        client have), else the answer of the peer that owns the digest, else upstream's."""
+        shared, peers = self.cache.shared, self.proxy.peers
+        if self.from_bucket:
+            response = shared.open(digest)
+            if response is not None:
+                fill.source = "bucket"
+                self.answer.note_cache("hit")
+                return response
+        if not manifest and digest and peers is not None and not self.request.via_peer:
+            response = self.ask_peers(digest)
+            if response is not None:
+                fill.source = "peer"
+                self.fill_identity = None  # the owner pulled it as an anonymous client
+                return response
+        return self.fetch("GET")
+
+    def ask_peers(self, digest: str) -> UpstreamResponse | None:
+        """The owner's answer for a blob this instance does not fill itself; None: fill it here.
+
+        Peers ahead of this one in the digest's order are asked in turn, and
+        one that does not answer is passed over.  An owner that answers with
+        anything but the whole blob (the image is private, upstream refused
+        or failed) leaves the fill to this instance, with this client's
+        own credentials.  Client credentials never go to a peer.
+        """
+        peers, metrics = self.proxy.peers, self.proxy.metrics
+        path = peer_path(self.proxy.routes, self.route, self.target)
+        if path is None:
+            return None
+        for peer in peers.order(digest):
+            if peer == peers.own:
+                return None
+            try:
+                response = peers.fetch(peer, self.route, path)
+            except UpstreamHeldBack:  # this instance's own limit on requests to it: not the peer's fault
+                return None
+            except (UpstreamUnavailable, UpstreamTimeout) as err:
+                peers.failed(peer, err.message)
+                metrics.add("dockerproxy_peer_requests_total", ("unreachable",))
+                continue
+            peers.answered(peer)
+            if response.status == 200 and response.length is not None and (
+                    response.headers.get("docker-content-digest") == digest):
+                metrics.add("dockerproxy_peer_requests_total", ("ok",))
+                return response
+            response.close()
+            metrics.add("dockerproxy_peer_requests_total", ("declined",))
+            return None
+        return None
 
     def verified_manifest(self, fill: Fill, response: UpstreamResponse, digest: str | None,
                           headers: list) -> WholeAnswer | None:
@@ -5737,7 +7211,7 @@ class CachedObject(PassThrough):
             self.cache.tags.put(upstream, repository, self.target.reference, tag_kind, digest, media_type)
         # This object only: what a manifest names is not proof that upstream
         # would serve it from this repository (Access, rule 1).
-        self.access.record(self.identity, upstream, repository, [digest])
+        self.access.record(self.fill_identity, upstream, repository, [digest])
 
 
 class BlobEndpoint(CachedObject):
@@ -5746,13 +7220,61 @@ class BlobEndpoint(CachedObject):
     def serve(self) -> None:
         digest = self.target.reference
         self.wait_until_stored()
+        shared = self.cache.shared
         if self.cache.store.exists(digest):
             if self.allow_or_relay_refusal(digest):
-                self.send_cached(digest, BLOB_TYPE)
+                self.send_stored(digest)
+        elif shared is not None and shared.has(digest):
+            if self.allow_or_relay_refusal(digest):
+                self.send_from_bucket(digest)
         elif self.request.method == "HEAD" or self.request.headers.get("range"):
             self.pass_through()
         else:
             self.fill_and_follow(digest, manifest=False)
+
+    def redirects(self) -> bool:
+        """S3_REDIRECT answers this request: a client's GET (a peer wants the bytes)."""
+        shared = self.cache.shared
+        return shared is not None and shared.redirect and self.request.method == "GET" and not self.request.via_peer
+
+    def send_stored(self, digest: str) -> None:
+        """A blob stored here: redirected to the bucket if it holds it too (S3_REDIRECT), else sent."""
+        if self.redirects() and self.cache.shared.has(digest):
+            return self.redirect_to_bucket(digest)
+        if self.cache.shared is not None:
+            self.cache.shared.uses.used(digest)
+        self.send_cached(digest, BLOB_TYPE)
+
+    def send_from_bucket(self, digest: str) -> None:
+        """A blob only the bucket holds: redirected there, its size told (HEAD), or copied here."""
+        shared = self.cache.shared
+        shared.uses.used(digest)
+        if self.redirects():
+            return self.redirect_to_bucket(digest)
+        if self.request.method == "HEAD":
+            return self.head_from_bucket(digest)
+        if self.request.headers.get("range"):
+            return self.pass_through()
+        self.from_bucket = True
+        self.fill_and_follow(digest, manifest=False)
+
+    def redirect_to_bucket(self, digest: str) -> None:
+        self.answer.note_cache("hit")
+        self.answer.send_small(307, b"", headers=(
+            ("Location", self.cache.shared.presigned_url(digest)), ("Docker-Content-Digest", digest),
+            ("X-Cache", "HIT")))
+
+    def head_from_bucket(self, digest: str) -> None:
+        try:
+            info = self.cache.shared.bucket.head(self.cache.shared.key(digest))
+        except S3Failure:
+            info = None
+        if info is None:  # gone since has(): upstream decides
+            return self.pass_through()
+        self.answer.note_cache("hit")
+        self.answer.send_small(200, b"", headers=(
+            ("Content-Type", BLOB_TYPE), ("Docker-Content-Digest", digest), ("ETag", f'"{digest}"'),
+            ("Accept-Ranges", "bytes"), ("X-Cache", "HIT")), content_length=info[0])
 
 
 class ManifestEndpoint(CachedObject):
@@ -5761,7 +7283,7 @@ class ManifestEndpoint(CachedObject):
     def serve(self) -> None:
         digest = self.target.reference
         self.wait_until_stored()
-        media_type = self.cache.store.media_type(digest)
+        media_type = self.cache.media_type(digest)
         if media_type and accepts(self.request.accept, media_type):
             if self.allow_or_relay_refusal(digest):
                 self.send_cached(digest, media_type)
@@ -6578,6 +8100,7 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         self.upstream_status = 0
         self.limited = None           # (limit key, is a blob transfer) of a request the limits admitted
         self.rules_client = None      # the client the limits and ALLOW_CLIENTS judge, once worked out
+        self.peer_request = False     # a request of another instance of PEERS
 
     def handle_request(self) -> None:
         self.reset_request_state()
@@ -6597,7 +8120,8 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
 
     def serve_request(self) -> None:
         target_host, path, query = split_target(self.path)
-        if self.proxy.config.allow_clients and path not in ALWAYS_OPEN and self.client_rules:
+        via_peer = self.from_peer()
+        if self.proxy.config.allow_clients and path not in ALWAYS_OPEN and self.client_rules and not via_peer:
             self.proxy.check_client(self.judged_client())
         problem = request_problem(self.command, self.headers)
         if problem:
@@ -6608,7 +8132,9 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
             path == "/v2/auth" or path in ADMIN_ACTIONS) else {}
         endpoint = self.endpoint = dispatch(self.proxy.routes, self.command, path, query, host)
         self.log_route(endpoint.route)
-        if endpoint.name in LIMITED_ENDPOINTS:
+        if via_peer and endpoint.name != "blob":
+            raise RegistryError(403, "DENIED", "a peer asks for blobs only")
+        if endpoint.name in LIMITED_ENDPOINTS and not via_peer:
             self.admit(endpoint)
         if endpoint.target is not None:
             self.proxy.check_image(endpoint.target.route, endpoint.target.repository)
@@ -6620,8 +8146,18 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
             return self.send_json(200, self.proxy.routes.describe())
         scheme = requested_scheme(isinstance(self.connection, ssl.SSLSocket), self.headers, trust)
         self.client = ClientRequest(self.command, self.headers, host, scheme,
-                                    self.proxy.routes.implied(host), form, self.client_address[0])
+                                    self.proxy.routes.implied(host), form, self.client_address[0], via_peer)
         serving_part(endpoint.name, self.proxy.cache)(self.proxy, self.client, self, endpoint).serve()
+
+    def from_peer(self) -> bool:
+        """A request of another instance of PEERS, its proof checked (403 if it fails).
+        Without PEERS the header means nothing: the request is a client's like any other."""
+        proof = self.headers.get(PEER_HEADER)
+        if proof is None or self.proxy.peers is None:
+            return False
+        self.proxy.peers.check(self.command, self.path, proof)
+        self.peer_request = True
+        return True
 
     def judged_client(self) -> str:
         """The client's address for the limits and ALLOW_CLIENTS, worked out once a request."""
@@ -6695,6 +8231,8 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         chose is escaped, the query left out."""
         served = self.served()
         self.proxy.observe(served, self.route)
+        if self.peer_request:
+            self.proxy.metrics.add("dockerproxy_peer_served_total", (self.cache_result or "other",))
         headers = getattr(self, "headers", None)
         fields = {"client": served.client, "method": printable(served.method),
                   "host": printable(headers.get("host", "-") if headers else "-"),
@@ -6711,7 +8249,8 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
         endpoint = self.endpoint.name if self.endpoint else "-"
         target = self.endpoint.target if self.endpoint else None
         cache = ""
-        if endpoint in ("blob", "manifest", "tag") and object_answer(self.status_sent):
+        to_bucket = self.status_sent == 307 and self.cache_result == "hit"  # S3_REDIRECT: a hit
+        if endpoint in ("blob", "manifest", "tag") and (object_answer(self.status_sent) or to_bucket):
             # an object was sent: from the cache, or relayed ("bypass" when nothing
             # was noted: no cache, or the upstream's answer passed on as it was)
             cache = (self.cache_result if self.proxy.cache is not None else "") or "bypass"
@@ -7708,18 +9247,44 @@ class Proxy:
         self.auth = UpstreamAuth(self.upstreams, self.clock, config)
         self.prefetches = Prefetches(config.max_fills)
         self.pins = PinnedImages(config.prefetch_file, self.routes)  # raises ConfigError for a bad file
-        self.cache = None
+        self.cache = self.shared = self.peers = None
+        if config.cache_dir and config.cache_s3[0]:
+            self.shared = SharedStore(Bucket(config, self.clock, self.metrics), config, self.clock, self.metrics)
         if config.cache_dir:
             self.cache = Cache(config.cache_dir, config.cache_max_size, config.cache_max_age, self.clock,
-                               config.max_fills, self.metrics, self.pins.images)
+                               config.max_fills, self.metrics, self.pins.images, self.shared)
+        if config.peers:
+            self.peers = Peers(config, self.clock, self.metrics, own_peer(config))
+        self.metrics.start_shared(self.shared is not None, self.peers is not None)
         self.access = Access(self.cache.records if self.cache else None, self.clock)
 
     def start(self) -> None:
-        """The background work: the cache's evictor, and keeping PREFETCH_FILE's images warm."""
+        """The background work: the cache's evictor, the bucket's keeper, and
+        keeping PREFETCH_FILE's images warm.  A bucket that refuses the
+        credentials stops start-up (ConfigError)."""
+        if self.shared is not None:
+            self.start_bucket()
         if self.cache is not None:
             self.cache.start_evictor()
         if self.config.prefetch_file:
             KeepWarm(self).start()
+
+    def start_bucket(self) -> None:
+        """Check the bucket's credentials, abort the uploads a past run left, start the keeper.
+        A bucket that does not answer yet is not fatal: the cache works from CACHE_DIR meanwhile."""
+        shared = self.shared
+        try:
+            shared.bucket.check()
+            aborted = shared.abort_stale_uploads()
+        except S3Failure as err:
+            if err.status in (400, 401, 403, 404):
+                raise ConfigError(bucket_refusal(err, shared.bucket)) from None
+            log.warning("bucket %r does not answer (%s): serving from CACHE_DIR and upstream until it does",
+                        shared.bucket, err.strerror)
+        else:
+            log.info("bucket %r: ready%s", shared.bucket,
+                     f"; aborted {aborted} unfinished uploads" if aborted else "")
+        BucketKeeper(shared, self.peers, self.draining).start()
 
     def prefetch(self, images: list, answer: Answers, background: bool = False) -> None:
         """POST /admin/prefetch: its events to the client as NDJSON while it runs;
@@ -7827,6 +9392,12 @@ class Proxy:
             if disk is not None:
                 gauges.update({"dockerproxy_cache_disk_free_bytes": disk[0],
                                "dockerproxy_cache_disk_size_bytes": disk[1]})
+        if self.shared is not None and self.shared.counted:
+            gauges.update({"dockerproxy_s3_objects": self.shared.counted[0],
+                           "dockerproxy_s3_size_bytes": self.shared.counted[1]})
+        if self.peers is not None:
+            gauges["dockerproxy_peer_up"] = {(peer["peer"],): int(peer["state"] == "up")
+                                             for peer in self.peers.status()}
         return self.metrics.render(gauges)
 
     def status(self) -> dict:
@@ -7846,8 +9417,19 @@ class Proxy:
             "cache": self.cache_status(now),
             "traffic": {"since_start": since_start, "last_hour": activity.pop("last_hour")},
             "prefetches": self.prefetches.status(),
+            "shared": self.shared_status(),
             **activity,
         }
+
+    def shared_status(self) -> dict:
+        """The bucket and the peers, as /status shows them."""
+        metrics = self.metrics
+        return {"bucket": self.shared.status() if self.shared else None,
+                "peers": self.peers.status() if self.peers else [],
+                "self": self.peers.own if self.peers else None,
+                "asked_peers": {result: metrics.value("dockerproxy_peer_requests_total", (result,))
+                                for result in PEER_ASK_RESULTS},
+                "served_peers": metrics.total("dockerproxy_peer_served_total")}
 
     def route_status(self, route: Route) -> dict:
         health = self.metrics.route_health.get(route.name)
@@ -7877,6 +9459,18 @@ class Proxy:
         return {"enabled": True, "size_bytes": self.cache.budget.size, "limit_bytes": self.cache.max_size,
                 "objects": self.cache.budget.objects, "free_bytes": free_bytes(self.cache.root) or 0,
                 "fills": fills}
+
+
+def bucket_refusal(err: S3Failure, bucket: Bucket) -> str:
+    """What a start-up refusal by the bucket means, naming the settings to fix."""
+    if err.code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",
+                    "ExpiredToken", "AuthorizationHeaderMalformed") or err.status in (401, 403):
+        settings = "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"
+        settings += ", AWS_SESSION_TOKEN" if bucket.credentials.session_token else ""
+        return f"CACHE_S3: {bucket!r} refused the credentials ({settings}, S3_REGION): {err.strerror}"
+    if err.code == "NoSuchBucket" or err.status == 404:
+        return f"CACHE_S3: {bucket!r} has no such bucket (create it first): {err.strerror}"
+    return f"CACHE_S3: {bucket!r} refused a listing (S3_ENDPOINT, S3_ADDRESSING): {err.strerror}"
 
 
 def directory_writable(path: str) -> bool:

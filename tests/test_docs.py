@@ -163,7 +163,8 @@ ROUTE_SETTINGS = {
 }
 
 # Settings with no flag: --help names them in its epilog, without a default.
-FLAGLESS = ("UPSTREAM_<ROUTE>_USERNAME", "UPSTREAM_<ROUTE>_PASSWORD", "ADMIN_TOKEN")
+FLAGLESS = ("UPSTREAM_<ROUTE>_USERNAME", "UPSTREAM_<ROUTE>_PASSWORD", "ADMIN_TOKEN", "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "PEER_SECRET")
 
 
 def canonical_settings():
