@@ -2278,7 +2278,7 @@ class Access:
         """Rule 2, for an object linked at `linked` (stale: upstream is down)."""
         if identity is not None and self.grants.fresh((identity, upstream, repository)):
             return True
-        since = self.records.public_since(upstream, repository) if self.records else None
+        since = self.records.public_since(upstream, repository, needed=linked) if self.records else None
         return since is not None and linked <= since and (stale or self.clock.time() - since < ACCESS_TTL)
 
     def may_serve(self, identity: str | None, upstream: str, repository: str, digest: str,
@@ -2299,6 +2299,11 @@ class Access:
             self.grants.discard((identity, upstream, repository))
         elif self.records is not None:
             self.records.drop_public(upstream, repository)
+
+    def link(self, upstream: str, repository: str, digests: list) -> None:
+        """Upstream served `digests` from `repository` to someone: rule 1 only, nobody's access."""
+        if self.records is not None:
+            self.records.link(upstream, repository, digests)
 
     def record(self, identity: str | None, upstream: str, repository: str, digests: list) -> None:
         """Upstream let this client have `digests` of `repository`: link them, open the repository."""
@@ -3750,8 +3755,10 @@ class AccessRecords:
         except OSError as err:  # without a link the next hit asks upstream: slower, not wrong
             self.trouble.warn(err)
 
-    def public_since(self, upstream: str, repository: str) -> float | None:
-        """When an anonymous pull of the repository last succeeded upstream, if ever."""
+    def public_since(self, upstream: str, repository: str, fresh: bool = False,
+                     needed: float | None = None) -> float | None:
+        """When an anonymous pull of the repository last succeeded upstream, if ever
+        (read anew each time: `fresh` and `needed` are for BucketRecords)."""
         try:
             return os.stat(public_marker_path(self.root, upstream, repository)).st_mtime
         except OSError:
@@ -4035,8 +4042,7 @@ class Fills:
         self._changed = threading.Condition()
         self._running = {}            # key -> Fill
         self._storing = {}            # digest -> verified Fill being fsynced and renamed
-        self._uploading = 0           # stored fills being uploaded to the bucket
-        self.on_stored = None         # (digest, media type) -> None: the upload to a bucket, if any
+        self.on_stored = None         # (digest, media type) -> None: queues the upload to a bucket, if any
         self.on_corrupt = None        # (digest) -> None: the bucket's copy did not match its digest
 
     def begin(self, key: tuple, identity: str | None, now: float) -> tuple:
@@ -4065,8 +4071,7 @@ class Fills:
     def wait_idle(self, timeout: float) -> bool:
         """Wait until no fill is running or being stored; False on timeout."""
         with self._changed:
-            return self._changed.wait_for(
-                lambda: not self._running and not self._storing and not self._uploading, timeout)
+            return self._changed.wait_for(lambda: not self._running and not self._storing, timeout)
 
     def wait_room(self, timeout: float) -> bool:
         """Wait until fewer than MAX_FILLS run (a prefetch's next blob is then cached); False on timeout."""
@@ -4156,22 +4161,9 @@ class Fills:
             self.budget.unreserve(fill.length)
             with self._changed:
                 self._storing.pop(actual, None)
-                upload = state == Fill.DONE and fill.source == "upstream" and self.on_stored is not None
-                self._uploading += upload
+            if state == Fill.DONE and fill.source == "upstream" and self.on_stored is not None:
+                self.on_stored(actual, media_type)  # queued (Uploads): what came from upstream only
             self.end(fill, state)
-        if upload:
-            self._upload(actual, media_type)
-
-    def _upload(self, digest: str, media_type: str | None) -> None:
-        """After the fill ended (its clients served, new ones find it stored): to the bucket."""
-        try:
-            self.on_stored(digest, media_type)
-        except Exception:
-            log.exception("upload of %s failed", digest)
-        finally:
-            with self._changed:
-                self._uploading -= 1
-                self._changed.notify_all()
 
     def _copy_verified(self, fill: Fill, response, spool: Spool, digest: str | None) -> str:
         """Upstream bytes to the spool, hashed as they land; their digest if all is well."""
@@ -4307,7 +4299,7 @@ class Cache:
         self.records = shared.records if shared else AccessRecords(root, clock, trouble)
         self.fills = Fills(self.store, self.budget, trouble, max_fills, self.metrics)
         if shared is not None:
-            self.fills.on_stored = functools.partial(shared.upload, self.store)
+            self.fills.on_stored = shared.uploads_for(self.store, max_fills).add
             self.fills.on_corrupt = shared.discard
 
     def tag(self, upstream: str, repository: str, tag: str, kind: str) -> dict | None:
@@ -4358,8 +4350,12 @@ class Cache:
         return [entry for entry in entries if entry]
 
     def wait_idle(self, timeout: float = 60.0) -> bool:
-        """Wait until no fill is running or being stored (tests, shutdown)."""
-        return self.fills.wait_idle(timeout)
+        """Wait until no fill is running or being stored, nor uploaded (tests, shutdown)."""
+        deadline = time.monotonic() + timeout
+        idle = self.fills.wait_idle(timeout)
+        if self.shared is not None and self.shared.uploads is not None:
+            idle = self.shared.uploads.wait_idle(max(deadline - time.monotonic(), 0.0)) and idle
+        return idle
 
     # Eviction ----------------------------------------------------------------
 
@@ -5166,6 +5162,9 @@ MAX_PARTS = 10_000
 # seconds): the next start-up of any instance aborts it.
 STALE_UPLOAD_AGE = 3600.0
 
+# Uploads waiting for a worker at most: each a digest, a few hundred bytes.
+MAX_QUEUED_UPLOADS = 10_000
+
 # Uploads the journal keeps at most (a bucket down for a day of fills).
 MAX_JOURNALED_UPLOADS = 10_000
 UPLOAD_JOURNAL = "s3-uploads"
@@ -5177,6 +5176,15 @@ BUCKET_SEEN_TTL = 60.0
 # How long an anonymous-pull mark read from the bucket is believed: a
 # repository another instance saw turn private closes here within this.
 PUBLIC_MARK_TTL = 5.0
+
+# mark_public() serialises the marks of one repository (each a bucket round
+# trip): repositories share these locks by hash, so parallel fills of
+# different images rarely wait for each other.
+MARK_LOCKS = 64
+
+# A tag entry this instance wrote is not written again, naming the same
+# manifest, within this many seconds (a burst of HEADs of an uncached tag).
+TAG_REWRITE_INTERVAL = 30.0
 
 # A tag entry is a small JSON document: a larger one is not ours.
 MAX_TAG_ENTRY = 4096
@@ -5196,6 +5204,10 @@ PEER_SKEW = 60.0
 PEER_CONNECT_TIMEOUT = 2.0
 PEER_RETRY = 30.0
 MIN_PEER_SECRET = 16
+
+# Nonces of peer proofs remembered (each 2 x PEER_SKEW): only peers, who
+# hold the secret, make them, at most one a miss.
+MAX_PEER_NONCES = 100_000
 
 
 # The pure parts: signatures, keys, listings.
@@ -5375,7 +5387,9 @@ def parse_upload_list(body: bytes) -> tuple:
     uploads = [(xml_text(item, "Key"), xml_text(item, "UploadId"), s3_time(xml_text(item, "Initiated")))
                for item in xml_children(root, "Upload")]
     truncated = xml_text(root, "IsTruncated").strip().lower() == "true"
-    following = (xml_text(root, "NextKeyMarker"), xml_text(root, "NextUploadIdMarker"))
+    # (SeaweedFS leaves NextKeyMarker out: the page's last key is where the next begins)
+    last_key = uploads[-1][0] if uploads else ""
+    following = (xml_text(root, "NextKeyMarker") or last_key, xml_text(root, "NextUploadIdMarker"))
     return uploads, following if truncated and any(following) else None
 
 
@@ -5399,21 +5413,32 @@ def rendezvous_order(peers, key: str) -> list:
     return sorted(peers, key=score, reverse=True)
 
 
-def peer_signature(secret: str, method: str, path: str, timestamp: str) -> str:
-    """The HMAC a peer request carries: of what it asks and when, never the secret itself."""
-    message = "\n".join(("dockerproxy-peer-v1", method, path, timestamp)).encode()
+def peer_signature(secret: str, method: str, peer: str, path: str, timestamp: str, nonce: str) -> str:
+    """The HMAC a peer request carries, never the secret itself: of what it
+    asks, of whom (a proof for one peer is worth nothing to another), when,
+    and a nonce (the peer takes each once)."""
+    message = "\n".join(("dockerproxy-peer-v2", method, peer, path, timestamp, nonce)).encode()
     return hmac.new(secret.encode(), message, hashlib.sha256).hexdigest()
 
 
-def peer_request_problem(secret: str, method: str, path: str, timestamp: str, signature: str,
-                         now: float) -> str:
-    """Why a peer request's proof fails, or ""."""
-    if not re.fullmatch(r"[0-9]{1,12}", timestamp or ""):
-        return "no timestamp"
+def parse_peer_proof(proof: str) -> tuple:
+    """'<timestamp> <nonce> <signature>' -> its three parts; ValueError if it is not one."""
+    parts = proof.strip().split(" ")
+    if len(parts) != 3 or not re.fullmatch(r"[0-9]{1,12}", parts[0]) or not re.fullmatch(
+            r"[0-9a-f]{32}", parts[1]) or not re.fullmatch(r"[0-9a-f]{64}", parts[2]):
+        raise ValueError("malformed proof")
+    return tuple(parts)
+
+
+def peer_request_problem(secret: str, method: str, peer: str, path: str, proof: str, now: float) -> str:
+    """Why a peer request's proof (for `peer`, this instance) fails, or "" (the nonce is the caller's to check)."""
+    try:
+        timestamp, nonce, signature = parse_peer_proof(proof)
+    except ValueError as err:
+        return str(err)
     if abs(now - int(timestamp)) > PEER_SKEW:
         return "stale timestamp"
-    expected = peer_signature(secret, method, path, timestamp)
-    if not hmac.compare_digest(expected, (signature or "").lower()):
+    if not hmac.compare_digest(peer_signature(secret, method, peer, path, timestamp, nonce), signature):
         return "wrong signature"
     return ""
 
@@ -5478,9 +5503,12 @@ class Bucket:
         self.base_path = "" if virtual else f"/{self.name}"
         self.read_timeout = config.read_timeout
         self.connect_timeout = config.connect_timeout
+        # Watched by a circuit breaker, as upstreams are: a bucket that keeps
+        # failing is left alone a while, so requests fail at once instead of
+        # each waiting out the timeouts.
         self.http = Upstreams(config.connect_timeout, config.read_timeout,
                               {urllib.parse.urlsplit(f"{url.scheme}://{self.host}").hostname},
-                              clock, Metrics(), MAX_S3_REQUESTS)
+                              clock, Metrics(), MAX_S3_REQUESTS, {f"{url.scheme}://{self.host}"})
 
     def __repr__(self) -> str:
         return f"Bucket(s3://{self.name}/{self.prefix} at {self.endpoint})"
@@ -5567,8 +5595,17 @@ class Bucket:
         except RegistryError as err:  # broken off, or larger than limit: not what was put there
             raise S3Failure("get", 0, "", err.message) from None
 
-    def put_small(self, key: str, data: bytes, content_type: str = "application/octet-stream") -> None:
-        self.body("put", "PUT", key, body=data, extra={"content-type": content_type})
+    def put_small(self, key: str, data: bytes, content_type: str = "application/octet-stream",
+                  if_absent: bool = False) -> bool:
+        """Write a small object; with `if_absent`, only if there is none (False if there was)."""
+        extra = {"content-type": content_type, **({"if-none-match": "*"} if if_absent else {})}
+        response = self.send("put", "PUT", key, body=data, extra=extra, ok=(200, 412) if if_absent else (200,))
+        written = response.status == 200
+        try:
+            response.consume()
+        except RegistryError as err:
+            raise S3Failure("put", 0, "", err.message) from None
+        return written
 
     def delete(self, key: str) -> None:
         self.body("delete", "DELETE", key, ok=(200, 204, 404))
@@ -5580,10 +5617,13 @@ class Bucket:
             query = [("list-type", "2"), ("prefix", prefix), ("max-keys", str(S3_LIST_PAGE))]
             query += [("continuation-token", token)] if token else []
             body = self.body("list", "GET", query=query, limit=MAX_S3_LISTING)
-            entries, token = parse_object_list(body)
-            yield from entries
-            if not token:
+            entries, following = parse_object_list(body)
+            yield from (entry for entry in entries if entry[0].startswith(prefix))
+            if not following:
                 return
+            if following == token:  # a store that never gets further must not hold a thread forever
+                raise S3Failure("list", 200, "", "the listing does not advance")
+            token = following
 
     # Large objects from files --------------------------------------------------
 
@@ -5658,10 +5698,13 @@ class Bucket:
             if following:
                 query += [("key-marker", following[0]), ("upload-id-marker", following[1])]
             body = self.body("upload_list", "GET", query=query, limit=MAX_S3_LISTING)
-            uploads, following = parse_upload_list(body)
-            yield from uploads
-            if following is None:
+            uploads, marker = parse_upload_list(body)
+            yield from (upload for upload in uploads if upload[0].startswith(prefix))
+            if marker is None:
                 return
+            if marker == following:
+                raise S3Failure("upload_list", 200, "", "the listing does not advance")
+            following = marker
 
     def presigned_url(self, key: str, expires: float, base: str = "") -> str:
         """A GET URL anyone may use until it expires; on `base` (a CDN) if given, with the same signed path."""
@@ -5675,6 +5718,16 @@ class Bucket:
         """At start: the credentials and the bucket work (a listing of one key); S3Failure if not."""
         query = [("list-type", "2"), ("prefix", self.prefix), ("max-keys", "1")]
         self.body("list", "GET", query=query, limit=MAX_S3_LISTING)
+
+
+class BucketTrouble(DiskTrouble):
+    """A bucket that fails: one warning per episode, saying what still works."""
+
+    def warn(self, err: OSError) -> None:
+        if not self.warned:
+            self.warned = True
+            log.warning("bucket: %s; serving from CACHE_DIR and upstream (every instance on its own) "
+                        "until it answers", err.strerror or err)
 
 
 class UploadJournal:
@@ -5722,7 +5775,7 @@ class BucketRecords(AccessRecords):
         self.prefix = bucket.prefix
         self._linked = {}             # link key -> time linked
         self._marks = {}              # mark key -> (time marked or None, when read)
-        self._lock = threading.Lock()
+        self._mark_locks = [threading.Lock() for _ in range(MARK_LOCKS)]  # by repository, striped
 
     def _read_time(self, key: str) -> float | None:
         data = self.bucket.get_small(key, 64)
@@ -5757,15 +5810,22 @@ class BucketRecords(AccessRecords):
             for digest in digests:
                 key = link_key(self.prefix, upstream, repository, digest)
                 if key not in self._linked:
-                    self.bucket.put_small(key, repr(now).encode(), "text/plain")
-                    self._remember(self._linked, key, now)
+                    # only if absent: a link keeps the time it was first made (stores without
+                    # conditional writes overwrite it, which only narrows access)
+                    if self.bucket.put_small(key, repr(now).encode(), "text/plain", if_absent=True):
+                        self._remember(self._linked, key, now)
         except S3Failure as err:
             self.trouble.warn(err)
 
-    def public_since(self, upstream: str, repository: str, fresh: bool = False) -> float | None:
+    def public_since(self, upstream: str, repository: str, fresh: bool = False,
+                     needed: float | None = None) -> float | None:
+        """The mark, as remembered for PUBLIC_MARK_TTL; read anew when `fresh`, or when the
+        remembered one is short of `needed` (a link another instance made after it: its
+        mark may have followed, and the client would otherwise be sent upstream)."""
         key = record_key(self.prefix, upstream, repository, "_public")
         known = self._marks.get(key)
-        if known is not None and not fresh and self.clock.monotonic() - known[1] < PUBLIC_MARK_TTL:
+        short = needed is not None and (known is None or known[0] is None or known[0] < needed)
+        if known is not None and not (fresh or short) and self.clock.monotonic() - known[1] < PUBLIC_MARK_TTL:
             return known[0]
         try:
             marked = self._read_time(key)
@@ -5784,10 +5844,12 @@ class BucketRecords(AccessRecords):
             self.trouble.warn(err)
 
     def mark_public(self, upstream: str, repository: str) -> None:
-        """As on disk (see AccessRecords.mark_public): never moved back by up to MARK_SKEW."""
+        """As on disk (see AccessRecords.mark_public): never moved back by up to MARK_SKEW.
+        The mark it compares with is read at most every PUBLIC_MARK_TTL (the ones this
+        process wrote are remembered), and one repository's marks wait for each other only."""
         key = record_key(self.prefix, upstream, repository, "_public")
-        with self._marking:
-            now, marked = self.clock.time(), self.public_since(upstream, repository, fresh=True) or 0.0
+        with self._mark_locks[hash(key) % len(self._mark_locks)]:
+            now, marked = self.clock.time(), self.public_since(upstream, repository) or 0.0
             if now < marked <= now + MARK_SKEW:
                 now = marked
             try:
@@ -5835,6 +5897,7 @@ class BucketTags(TagIndex):
         super().__init__("", clock, trouble)
         self.bucket = bucket
         self.prefix = bucket.prefix
+        self._written = {}            # key -> (digest, media type, when) this instance last wrote
 
     def _key(self, upstream: str, repository: str, tag: str, kind: str = "") -> str:
         return record_key(self.prefix, upstream, repository, "_tags", tag, f"{kind}.json" if kind else "")
@@ -5862,15 +5925,25 @@ class BucketTags(TagIndex):
             return []
 
     def put(self, upstream: str, repository: str, tag: str, kind: str, digest: str, media_type: str) -> None:
-        entry = {"digest": digest, "media_type": media_type, "checked": self.clock.time()}
+        """The entry, unless this instance wrote the same one within TAG_REWRITE_INTERVAL
+        (each HEAD of an uncached tag notes it: one write, not one per HEAD)."""
+        key, now = self._key(upstream, repository, tag, kind), self.clock.time()
+        written = self._written.get(key)
+        if written and written[:2] == (digest, media_type) and 0 <= now - written[2] < TAG_REWRITE_INTERVAL:
+            return
+        entry = {"digest": digest, "media_type": media_type, "checked": now}
         try:
-            self.bucket.put_small(self._key(upstream, repository, tag, kind), json.dumps(entry).encode(),
-                                  "application/json")
+            self.bucket.put_small(key, json.dumps(entry).encode(), "application/json")
         except S3Failure as err:
             self.trouble.warn(err)
+            return
+        if len(self._written) >= MAX_REMEMBERED:
+            self._written.clear()
+        self._written[key] = (digest, media_type, now)
 
     def _delete_under(self, prefix: str) -> set:
         """Delete every entry under `prefix`; the tags they were of."""
+        self._written.clear()
         tags = set()
         try:
             for key, _, _ in list(self.bucket.list(prefix)):
@@ -5916,19 +5989,76 @@ class LastUse:
                 self._pending.add(digest)
 
     def flush(self) -> int:
-        """Write the pending markers; how many."""
+        """Write the pending markers; how many.  A bucket that fails keeps the
+        rest pending for the next flush (S3Failure)."""
         with self._lock:
-            pending, self._pending = self._pending, set()
-        written = 0
-        for digest in pending:
+            pending, self._pending = list(self._pending), set()
+        for written, digest in enumerate(pending):
             try:
                 self.bucket.put_small(used_key(self.bucket.prefix, digest), b"", "text/plain")
-            except S3Failure as err:
-                log.warning("bucket: last use of %s not recorded: %s", digest, err.strerror)
-                continue
+            except S3Failure:
+                with self._lock:
+                    room = max(MAX_PENDING_USES - len(self._pending), 0)
+                    self._pending.update(pending[written:written + room])
+                raise
             self.marked.add(digest)
-            written += 1
-        return written
+        return len(pending)
+
+
+class Uploads:
+    """The uploads to the bucket that fills left behind: a queue of digests
+    (at most MAX_QUEUED_UPLOADS), worked by at most `workers` (MAX_FILLS)
+    threads, each holding one open file and one connection.  A slow bucket
+    makes the queue longer, never the threads more; what the queue cannot
+    take stays in CACHE_DIR only (logged)."""
+
+    def __init__(self, upload, workers: int) -> None:
+        self.upload = upload          # (digest, media type) -> None
+        self.workers = workers
+        self._queue = collections.deque()
+        self._queued = set()
+        self._started = self._idle = self._busy = 0
+        self._cond = threading.Condition()
+
+    def add(self, digest: str, media_type: str | None) -> None:
+        with self._cond:
+            if digest in self._queued:
+                return
+            if len(self._queue) >= MAX_QUEUED_UPLOADS:
+                log.warning("bucket: %d uploads wait already; %s stays in CACHE_DIR only", len(self._queue), digest)
+                return
+            self._queue.append((digest, media_type))
+            self._queued.add(digest)
+            if not self._idle and self._started < self.workers:
+                self._started += 1
+                threading.Thread(target=self._work, daemon=True, name="upload").start()
+            self._cond.notify()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                self._cond.wait_for(lambda: self._queue)
+                self._idle -= 1
+                digest, media_type = self._queue.popleft()
+                self._busy += 1
+            try:
+                self.upload(digest, media_type)
+            except Exception:
+                log.exception("bucket: upload of %s failed", digest)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._queued.discard(digest)
+                    self._cond.notify_all()
+
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._queue) + self._busy
+
+    def wait_idle(self, timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
 
 
 class SharedStore:
@@ -5948,7 +6078,7 @@ class SharedStore:
         self.bucket = bucket
         self.clock = clock
         self.metrics = metrics
-        self.trouble = DiskTrouble()
+        self.trouble = BucketTrouble()
         self.tags = BucketTags(bucket, clock, self.trouble)
         self.records = BucketRecords(bucket, clock, self.trouble)
         self.uses = LastUse(bucket, clock)
@@ -5961,8 +6091,7 @@ class SharedStore:
         self.lifecycle = config.cache_s3_lifecycle
         self.seen = Recent(BUCKET_SEEN_TTL, clock)
         self.counted = None           # (objects, bytes, when) as the last listing found
-        self.uploads = 0              # uploads in progress
-        self._lock = threading.Lock()
+        self.uploads = None           # the Uploads queue, once the Cache made it (uploads_for)
 
     def key(self, digest: str) -> str:
         return blob_key(self.bucket.prefix, digest)
@@ -6021,6 +6150,10 @@ class SharedStore:
 
     # Uploads -------------------------------------------------------------------
 
+    def uploads_for(self, store: BlobStore, workers: int) -> Uploads:
+        self.uploads = Uploads(functools.partial(self.upload, store), workers)
+        return self.uploads
+
     def upload(self, store: BlobStore, digest: str, media_type: str | None) -> None:
         """Put a verified local object in the bucket, unless it is there already."""
         if self.has(digest):
@@ -6029,8 +6162,6 @@ class SharedStore:
         if opened is None:  # evicted already
             return
         file, size = opened
-        with self._lock:
-            self.uploads += 1
         try:
             self._upload(file.fileno(), size, digest, media_type or BLOB_TYPE)
             self.seen.add(digest)
@@ -6041,8 +6172,6 @@ class SharedStore:
             log.warning("bucket: upload of %s failed: %s", digest, printable(str(err)))
         finally:
             store.close(file)
-            with self._lock:
-                self.uploads -= 1
 
     def _upload(self, fd: int, size: int, digest: str, content_type: str) -> None:
         key = self.key(digest)
@@ -6129,7 +6258,7 @@ class SharedStore:
         return {"bucket": f"s3://{self.bucket.name}/{self.bucket.prefix}", "endpoint": self.bucket.endpoint,
                 "objects": objects, "size_bytes": size, "counted": when, "max_size_bytes": self.max_size,
                 "max_age_seconds": self.max_age, "lifecycle": self.lifecycle, "redirect": self.redirect,
-                "uploads_in_progress": self.uploads}
+                "uploads_waiting": self.uploads.pending() if self.uploads else 0}
 
 
 class Peers:
@@ -6154,6 +6283,8 @@ class Peers:
                               config.max_upstream_requests)
         self._down = {}               # peer -> (until, why): passed over until then
         self._lock = threading.Lock()
+        self.nonces = Recent(2 * PEER_SKEW, clock, MAX_PEER_NONCES)  # proofs taken: each only once
+        self.refusals_logged = Recent(60.0, clock)
 
     def live(self) -> list:
         now = self.clock.monotonic()
@@ -6176,23 +6307,33 @@ class Peers:
             if self._down.pop(peer, None) is not None:
                 log.info("peer %s answers again", peer)
 
-    def proof(self, method: str, path: str) -> str:
-        timestamp = str(int(self.clock.time()))
-        return f"{timestamp} {peer_signature(self.secret, method, path, timestamp)}"
+    def proof(self, method: str, peer: str, path: str) -> str:
+        timestamp, nonce = str(int(self.clock.time())), os.urandom(16).hex()
+        return f"{timestamp} {nonce} {peer_signature(self.secret, method, peer, path, timestamp, nonce)}"
 
     def fetch(self, peer: str, route: Route, path: str) -> UpstreamResponse:
         """GET `path` of `peer`, signed; RegistryError if it does not answer."""
-        headers = {PEER_HEADER: self.proof("GET", path), "user-agent": SERVER_VERSION}
+        headers = {PEER_HEADER: self.proof("GET", peer, path), "user-agent": SERVER_VERSION}
         return self.http.send("GET", peer + path, headers, purpose=(route.name, ""))
 
-    def check(self, method: str, path: str, proof: str) -> None:
-        """RegistryError 403 unless the proof of a peer request holds."""
-        timestamp, _, signature = proof.strip().partition(" ")
-        problem = peer_request_problem(self.secret, method, path, timestamp, signature, self.clock.time())
+    def problem(self, method: str, path: str, proof: str) -> str:
+        """Why a peer request's proof does not hold, or "": signed for this
+        instance, recent, and its nonce not seen before (a proof seen on the
+        wire cannot be replayed)."""
+        problem = peer_request_problem(self.secret, method, self.own, path, proof, self.clock.time())
+        if not problem:
+            nonce = proof.split(" ")[1]
+            with self._lock:
+                if self.nonces.fresh(nonce):
+                    problem = "replayed"
+                else:
+                    self.nonces.add(nonce)
         if problem:
             self.metrics.add("dockerproxy_peer_served_total", ("refused",))
-            log.warning("peer request refused: %s", problem)
-            raise RegistryError(403, "DENIED", f"peer request refused: {problem}")
+            if not self.refusals_logged.fresh(problem):  # one line a minute for each kind: no log flood
+                self.refusals_logged.add(problem)
+                log.warning("peer request refused: %s (logged once a minute)", problem)
+        return problem
 
     def status(self) -> list:
         now = self.clock.monotonic()
@@ -6262,6 +6403,9 @@ class BucketKeeper(threading.Thread):
                     self.shared.sweep(self.sweeper())
                 else:
                     self.shared.uses.flush()
+                self.shared.trouble.cleared()
+            except S3Failure as err:  # the bucket is down: said once, tried again next time
+                self.shared.trouble.warn(err)
             except Exception:
                 log.exception("bucket sweep failed")
             self.stopping.wait(USE_FLUSH_INTERVAL)
@@ -6955,7 +7099,7 @@ class CachedObject(PassThrough):
         self.cache = proxy.cache
         self.access = proxy.access
         self.identity = None if request.via_peer else proxy.access.identity(request.authorization)
-        self.fill_identity = self.identity  # whose pull a fill records (a peer's: anonymous)
+        self.fill_source = "upstream"       # where a fill's bytes came from (see record_fill)
         self.from_bucket = False            # a fill's source: the bucket, which Access let this client have
 
     def may_serve(self, digest: str, stale: bool = False) -> bool:
@@ -7091,14 +7235,13 @@ class CachedObject(PassThrough):
         if self.from_bucket:
             response = shared.open(digest)
             if response is not None:
-                fill.source = "bucket"
+                fill.source = self.fill_source = "bucket"
                 self.answer.note_cache("hit")
                 return response
         if not manifest and digest and peers is not None and not self.request.via_peer:
             response = self.ask_peers(digest)
             if response is not None:
-                fill.source = "peer"
-                self.fill_identity = None  # the owner pulled it as an anonymous client
+                fill.source = self.fill_source = "peer"
                 return response
         return self.fetch("GET")
 
@@ -7205,13 +7348,24 @@ class CachedObject(PassThrough):
         return True
 
     def record_fill(self, tag_kind: str | None, media_type: str | None, digest: str, spool: Spool) -> None:
-        """After a verified fill (in its thread): the link, the tag entry, and who may see it."""
+        """After a verified fill (in its thread): the link, the tag entry, and who may see it.
+
+        Only upstream's answer to this client opens the repository to it (or,
+        anonymous, to everyone).  A copy from the bucket was allowed by what
+        the records say already, and changes nothing; a peer's answer links
+        the object (the owner's upstream served it from this repository) but
+        opens nothing: a new anonymous-pull mark would reopen a repository
+        that turned private to everything linked before it.
+        """
         upstream, repository = self.route.upstream, self.target.repository
         if media_type and tag_kind:
             self.cache.tags.put(upstream, repository, self.target.reference, tag_kind, digest, media_type)
         # This object only: what a manifest names is not proof that upstream
         # would serve it from this repository (Access, rule 1).
-        self.access.record(self.fill_identity, upstream, repository, [digest])
+        if self.fill_source == "upstream":
+            self.access.record(self.identity, upstream, repository, [digest])
+        elif self.fill_source == "peer":
+            self.access.link(upstream, repository, [digest])
 
 
 class BlobEndpoint(CachedObject):
@@ -8120,9 +8274,12 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
 
     def serve_request(self) -> None:
         target_host, path, query = split_target(self.path)
-        via_peer = self.from_peer()
+        peer_problem = self.peer_problem()  # None: not a peer request
+        via_peer = self.peer_request = peer_problem == ""
         if self.proxy.config.allow_clients and path not in ALWAYS_OPEN and self.client_rules and not via_peer:
             self.proxy.check_client(self.judged_client())
+        if peer_problem:
+            raise RegistryError(403, "DENIED", f"peer request refused: {peer_problem}")
         problem = request_problem(self.command, self.headers)
         if problem:
             raise RegistryError(400, "UNSUPPORTED", problem, close=True)
@@ -8149,15 +8306,15 @@ class ProxyHandler(Answers, http.server.BaseHTTPRequestHandler):
                                     self.proxy.routes.implied(host), form, self.client_address[0], via_peer)
         serving_part(endpoint.name, self.proxy.cache)(self.proxy, self.client, self, endpoint).serve()
 
-    def from_peer(self) -> bool:
-        """A request of another instance of PEERS, its proof checked (403 if it fails).
-        Without PEERS the header means nothing: the request is a client's like any other."""
-        proof = self.headers.get(PEER_HEADER)
-        if proof is None or self.proxy.peers is None:
-            return False
-        self.proxy.peers.check(self.command, self.path, proof)
-        self.peer_request = True
-        return True
+    def peer_problem(self) -> str | None:
+        """For a request of another instance of PEERS: why its proof fails, or "".
+        None for any other request: without PEERS the header means nothing."""
+        proofs = self.headers.get_all(PEER_HEADER) or []
+        if not proofs or self.proxy.peers is None:
+            return None
+        if len(proofs) > 1:
+            return "more than one proof"
+        return self.proxy.peers.problem(self.command, self.path, proofs[0])
 
     def judged_client(self) -> str:
         """The client's address for the limits and ALLOW_CLIENTS, worked out once a request."""
