@@ -123,5 +123,8 @@ say "benchmark smoke run (bench/run --quick: tiny blob, one run; figures are not
 say "prefetch smoke run (bench/prefetch --quick: 6 blobs of 1 MiB, one run; figures are not judged)"
 "$PYTHON" bench/prefetch --quick
 
+say "S3 store smoke run (bench/s3 --quick: 4 MiB blob through SeaweedFS, one run; figures are not judged)"
+"$PYTHON" bench/s3 --quick
+
 say "load smoke run (bench/load --quick: 50 clients, 50 slow-loris connections, 5 s; figures are not judged)"
 "$PYTHON" bench/load --quick
