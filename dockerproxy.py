@@ -2912,7 +2912,8 @@ METRIC_FAMILIES = {
     "dockerproxy_s3_size_bytes": ("gauge", "Bytes in the bucket, as its last count found.", ()),
     "dockerproxy_peer_requests_total": (
         "counter", "Misses this instance asked a peer to fill, by result: ok (the peer sent the "
-        "blob), declined (it could not: filled here), unreachable (the next peer was asked).", ("result",)),
+        "blob), declined (it could not: filled here), unreachable (it did not answer, refused our "
+        "proof, or its answer broke off: passed over for a while).", ("result",)),
     "dockerproxy_peer_served_total": (
         "counter", "Requests of peers this instance answered, by cache result (hit, miss, bypass) "
         "or refused (a wrong or stale PEER_SECRET proof).", ("result",)),
@@ -3635,6 +3636,27 @@ class BlobStore:
                     yield path, digest
 
 
+# How far ahead of this process's clock a repository's anonymous-pull mark may
+# be and still be kept (not moved back): a mark another thread wrote a moment
+# after the time a record() read.  Seconds: far more than a thread waits for
+# the disk, far less than ACCESS_TTL.
+MARK_SKEW = 5.0
+
+
+def checked_tag_entry(entry: object, now: float) -> dict | None:
+    """A tag entry as read, if it is one: a digest, and a time of check that is a
+    number and not ahead of `now` by more than MARK_SKEW (an instance whose clock
+    runs ahead would keep it fresh for everyone: it is then taken as never checked)."""
+    if not isinstance(entry, dict) or not DIGEST.match(str(entry.get("digest"))):
+        return None
+    checked = entry.get("checked")
+    if isinstance(checked, bool) or not isinstance(checked, (int, float)) or not math.isfinite(checked):
+        return None
+    if checked > now + MARK_SKEW:
+        entry["checked"] = 0.0
+    return entry
+
+
 class TagIndex:
     """Which manifest a tag named (per kind of Accept), and when upstream last said so."""
 
@@ -3650,9 +3672,7 @@ class TagIndex:
                 entry = json.load(file)
         except (OSError, ValueError):
             return None
-        if not isinstance(entry, dict) or not DIGEST.match(str(entry.get("digest"))):
-            return None
-        return entry
+        return checked_tag_entry(entry, self.clock.time())
 
     def kinds(self, upstream: str, repository: str, tag: str) -> list:
         """The kinds of Accept the tag has entries for."""
@@ -3708,11 +3728,6 @@ class TagIndex:
         return dropped
 
 
-# How far ahead of this process's clock a repository's anonymous-pull mark may
-# be and still be kept (not moved back): a mark another thread wrote a moment
-# after the time a record() read.  Seconds: far more than a thread waits for
-# the disk, far less than ACCESS_TTL.
-MARK_SKEW = 5.0
 
 
 class AccessRecords:
@@ -3865,6 +3880,7 @@ class Fill:
         self.spool_path = ""         # where the bytes so far are
         self.stored_digest = ""      # once stored, the name late followers open instead
         self.source = "upstream"     # or "bucket" or "peer": only what came from upstream is uploaded
+        self.origin = ""             # the peer it came from, if one
 
     def set_state(self, state: str) -> None:
         with self.cond:
@@ -4043,7 +4059,14 @@ class Fills:
         self._running = {}            # key -> Fill
         self._storing = {}            # digest -> verified Fill being fsynced and renamed
         self.on_stored = None         # (digest, media type) -> None: queues the upload to a bucket, if any
-        self.on_corrupt = None        # (digest) -> None: the bucket's copy did not match its digest
+        self.on_failed = None         # (fill, digest, error) -> None: a fill from the bucket or a peer failed
+        # With a bucket, the bookkeeping (bucket requests) comes after the fill
+        # ended rather than holding every client's last byte, or the fill's slot:
+        # a slow bucket must not cut cold pulls.  A client's next request
+        # meanwhile may ask upstream with a HEAD (the link is not there yet):
+        # slower, never wrong.  (A bucket that does not answer fails these at
+        # once behind its circuit breaker, so they cannot pile up threads.)
+        self.record_late = False
 
     def begin(self, key: tuple, identity: str | None, now: float) -> tuple:
         """(fill, True) for the first request of `key`, (its fill, False) for the
@@ -4143,7 +4166,7 @@ class Fills:
         try:
             actual = self._copy_verified(fill, response, spool, digest)
             response.release()
-            self._release_verified(fill, actual, spool, on_verified)
+            self._release_verified(fill, actual, spool, None if self.record_late else on_verified)
             spool.finish(fill.written)
             self._store(fill, spool, actual, media_type)
             state = Fill.DONE
@@ -4152,18 +4175,25 @@ class Fills:
             log.warning("cache fill of %s stopped: %s", digest or "manifest", printable(str(err)))
             if isinstance(err, DigestMismatch):
                 self.metrics.add("dockerproxy_cache_verify_failures_total")
-                if fill.source == "bucket" and self.on_corrupt is not None:
-                    self.on_corrupt(digest)
+            if self.on_failed is not None and not fill.verified:
+                self.on_failed(fill, digest, err)
             spool.discard()
             response.close()
         finally:
             spool.close()
             self.budget.unreserve(fill.length)
-            with self._changed:
-                self._storing.pop(actual, None)
+            late = state == Fill.DONE and self.record_late
+            if not late:
+                with self._changed:
+                    self._storing.pop(actual, None)
             if state == Fill.DONE and fill.source == "upstream" and self.on_stored is not None:
                 self.on_stored(actual, media_type)  # queued (Uploads): what came from upstream only
             self.end(fill, state)
+        if late:  # its slot among MAX_FILLS is free; wait_idle() still waits for this
+            self._record(actual, spool, on_verified)
+            with self._changed:
+                self._storing.pop(actual, None)
+                self._changed.notify_all()
 
     def _copy_verified(self, fill: Fill, response, spool: Spool, digest: str | None) -> str:
         """Upstream bytes to the spool, hashed as they land; their digest if all is well."""
@@ -4200,15 +4230,20 @@ class Fills:
         bookkeeping goes first, so what a client may ask next is in place
         (it names an object that exists only after the rename, so it is inert until then).
         """
-        try:
-            on_verified(digest, spool)
-        except Exception:  # bookkeeping only: the object itself is good
-            log.exception("cache bookkeeping for %s failed", digest)
+        if on_verified is not None:
+            self._record(digest, spool, on_verified)
         with self._changed:
             self._storing[digest] = fill
         with fill.cond:
             fill.verified = True
             fill.cond.notify_all()
+
+    @staticmethod
+    def _record(digest: str, spool: Spool, on_verified) -> None:
+        try:
+            on_verified(digest, spool)
+        except Exception:  # bookkeeping only: the object itself is good
+            log.exception("cache bookkeeping for %s failed", digest)
 
     def _store(self, fill: Fill, spool: Spool, digest: str, media_type: str | None) -> None:
         """The verified bytes take their name; followers open that from now on."""
@@ -4300,7 +4335,7 @@ class Cache:
         self.fills = Fills(self.store, self.budget, trouble, max_fills, self.metrics)
         if shared is not None:
             self.fills.on_stored = shared.uploads_for(self.store, max_fills).add
-            self.fills.on_corrupt = shared.discard
+            self.fills.record_late = True
 
     def tag(self, upstream: str, repository: str, tag: str, kind: str) -> dict | None:
         """A tag's entry, with the media type stored with the manifest's bytes
@@ -5147,9 +5182,26 @@ class UpstreamAuth:
 # S3 requests at once per instance (uploads aside: one per fill).
 MAX_S3_REQUESTS = 64
 
-# A listing page: S3 sends at most 1000 keys, each a few hundred bytes of XML.
+# A listing page: S3 sends at most 1000 keys, each a few hundred bytes of XML
+# (a page parses to about 40 times its size: 1 MiB of nested elements, 40 MiB).
 S3_LIST_PAGE = 1000
-MAX_S3_LISTING = 4 * 1024 * 1024
+MAX_S3_LISTING = 1024 * 1024
+
+# Keys one listing reads at most: a purge's or a count's (a repository's
+# records), and the sweep's (MAX_SWEPT_OBJECTS objects, about 150 bytes each
+# in memory: a 50 TB bucket of 50 MB layers); more is a store that never ends.
+MAX_LISTED_KEYS = 1_000_000
+MAX_SWEPT_OBJECTS = 1_000_000
+
+# An S3 answer's XML is read a piece at a time and given up beyond this
+# nesting or this many elements: a listing page of 1000 keys has 4 levels
+# and about 8,000 elements; a tree of nested elements costs 250 bytes each.
+XML_FEED = 16 * 1024
+MAX_XML_DEPTH = 16
+MAX_XML_ELEMENTS = 20_000
+
+# Pages of unfinished multipart uploads read at most (1000 each).
+MAX_UPLOAD_PAGES = 100
 
 # An object from this size is uploaded in parts of PART_SIZE (more when it
 # would take more than MAX_PARTS, S3's limit): a failed part is the only
@@ -5161,6 +5213,11 @@ MAX_PARTS = 10_000
 # A multipart upload older than this is no live peer's (a part takes
 # seconds): the next start-up of any instance aborts it.
 STALE_UPLOAD_AGE = 3600.0
+
+# An upload the store refuses as busy (503 SlowDown, 500) or does not
+# answer is tried this many times in all, after 1 s, then 2 s.
+UPLOAD_ATTEMPTS = 3
+UPLOAD_RETRY_DELAY = 1.0
 
 # Uploads waiting for a worker at most: each a digest, a few hundred bytes.
 MAX_QUEUED_UPLOADS = 10_000
@@ -5221,6 +5278,7 @@ MAX_PEER_NONCES = 100_000
 SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
+EMPTY_BLOB = f"sha256:{EMPTY_SHA256}"
 
 class S3Credentials(collections.namedtuple("S3Credentials", "access_key secret_key session_token",
                                            defaults=("",))):
@@ -5352,30 +5410,49 @@ def xml_text(element, name: str) -> str:
 
 
 def parse_xml(body: bytes):
-    """An S3 answer's XML document; ValueError if it is not one (no DTD: no entity expansion)."""
+    """An S3 answer's XML document; ValueError if it is not one (no DTD: no entity expansion).
+    Whitespace around it is dropped: S3 (and MinIO) send some ahead of a slow
+    CompleteMultipartUpload's answer to keep the connection alive."""
+    body = body.strip()
     if b"<!DOCTYPE" in body[:1024].upper() or b"<!ENTITY" in body.upper():
         raise ValueError("an XML answer with a DTD")
+    parser = xml.etree.ElementTree.XMLPullParser(("start", "end"))
+    root, depth, elements = None, 0, 0
     try:
-        return xml.etree.ElementTree.fromstring(body)
+        for offset in range(0, len(body), XML_FEED):  # a piece at a time: a bomb stops early
+            parser.feed(body[offset:offset + XML_FEED])
+            for event, element in parser.read_events():
+                depth += 1 if event == "start" else -1
+                elements += event == "start"
+                root = element if root is None else root
+                if depth > MAX_XML_DEPTH or elements > MAX_XML_ELEMENTS:
+                    raise ValueError("an XML answer nested too deep, or too large")
+        parser.close()
     except xml.etree.ElementTree.ParseError as err:
         raise ValueError(f"not XML: {err}") from None
+    if root is None:
+        raise ValueError("not XML: no element")
+    return root
 
 
-def s3_time(text: str) -> float:
-    """'2026-12-01T02:55:14.000Z' -> Unix time; 0 if unreadable."""
+def s3_time(text: str) -> float | None:
+    """'2026-12-01T02:55:14.000Z' -> Unix time; None if unreadable (never "1970": a sweep
+    would take that for an object unused for decades)."""
     try:
-        return calendar.timegm(time.strptime(text.strip()[:19], "%Y-%m-%dT%H:%M:%S"))
+        return float(calendar.timegm(time.strptime(text.strip()[:19], "%Y-%m-%dT%H:%M:%S")))
     except ValueError:
-        return 0.0
+        return None
 
 
 def parse_object_list(body: bytes) -> tuple:
-    """A ListObjectsV2 page: ([(key, size, last modified)], the next continuation token or "")."""
+    """A ListObjectsV2 page: ([(key, size, last modified)], the next continuation token or "");
+    a size or time it cannot read is None."""
     root = parse_xml(body)
     entries = []
     for item in xml_children(root, "Contents"):
-        size = xml_text(item, "Size")
-        entries.append((xml_text(item, "Key"), int(size) if size.isdigit() else 0,
+        size = xml_text(item, "Size").strip()
+        readable = re.fullmatch(r"[0-9]{1,16}", size) and int(size) <= MAX_UPSTREAM_LENGTH
+        entries.append((xml_text(item, "Key"), int(size) if readable else None,
                         s3_time(xml_text(item, "LastModified"))))
     truncated = xml_text(root, "IsTruncated").strip().lower() == "true"
     return entries, xml_text(root, "NextContinuationToken") if truncated else ""
@@ -5385,7 +5462,7 @@ def parse_upload_list(body: bytes) -> tuple:
     """A ListMultipartUploads page: ([(key, upload id, initiated)], (next key, next id) or None)."""
     root = parse_xml(body)
     uploads = [(xml_text(item, "Key"), xml_text(item, "UploadId"), s3_time(xml_text(item, "Initiated")))
-               for item in xml_children(root, "Upload")]
+               for item in xml_children(root, "Upload")]  # (an unreadable time: None, never aborted as old)
     truncated = xml_text(root, "IsTruncated").strip().lower() == "true"
     # (SeaweedFS leaves NextKeyMarker out: the page's last key is where the next begins)
     last_key = uploads[-1][0] if uploads else ""
@@ -5537,7 +5614,8 @@ class Bucket:
             response = self.http.send(method, self.url(path, query), headers, body or None)
         except RegistryError as err:
             self.count(operation, "unreachable")
-            raise S3Failure(operation, 0, "", err.message) from None
+            code = "CircuitOpen" if isinstance(err, UpstreamHeldBack) else ""
+            raise S3Failure(operation, 0, code, err.message) from None
         return self.checked(operation, response, ok)
 
     def body(self, operation: str, method: str, key: str = "", query=(), body: bytes = b"",
@@ -5610,17 +5688,22 @@ class Bucket:
     def delete(self, key: str) -> None:
         self.body("delete", "DELETE", key, ok=(200, 204, 404))
 
-    def list(self, prefix: str):
-        """(key, size, last modified) of every object under `prefix`, a page at a time."""
-        token = ""
+    def list(self, prefix: str, limit: int = MAX_LISTED_KEYS):
+        """(key, size, last modified) of the objects under `prefix`, a page at a time;
+        S3Failure past `limit` keys (a store that never ends a listing must not
+        hold a thread, nor fill its memory)."""
+        token, listed = "", 0
         while True:
             query = [("list-type", "2"), ("prefix", prefix), ("max-keys", str(S3_LIST_PAGE))]
             query += [("continuation-token", token)] if token else []
             body = self.body("list", "GET", query=query, limit=MAX_S3_LISTING)
             entries, following = parse_object_list(body)
             yield from (entry for entry in entries if entry[0].startswith(prefix))
+            listed += len(entries)
             if not following:
                 return
+            if listed >= limit:
+                raise S3Failure("list", 200, "", f"more than {limit} keys under {prefix}")
             if following == token:  # a store that never gets further must not hold a thread forever
                 raise S3Failure("list", 200, "", "the listing does not advance")
             token = following
@@ -5635,6 +5718,10 @@ class Bucket:
         headers = self.signed(method, path, query, payload_hash,
                               {**extra, "content-length": str(length)})
         url = urllib.parse.urlsplit(self.url(path, query))
+        origin, breakers = f"{url.scheme}://{url.netloc}", self.http.breakers
+        if breakers.open_for(origin):  # the bucket keeps failing: left alone, as for every other request
+            self.count(operation, "unreachable")
+            raise S3Failure(operation, 0, "CircuitOpen", "the bucket keeps failing: left alone for a while")
         if url.scheme == "https":
             connection = http.client.HTTPSConnection(url.hostname, url.port, timeout=self.connect_timeout,
                                                      context=ssl.create_default_context())
@@ -5650,9 +5737,11 @@ class Bucket:
             body = response.read(MAX_SMALL_BODY)
         except (OSError, http.client.HTTPException) as err:
             self.count(operation, "unreachable")
+            breakers.failed(origin)
             raise S3Failure(operation, 0, "", err.__class__.__name__) from None
         finally:
             connection.close()
+        breakers.succeeded(origin)
         if response.status != 200:
             self.count(operation, "error")
             raise S3Failure(operation, response.status, *s3_error(body))
@@ -5692,8 +5781,11 @@ class Bucket:
 
     def uploads(self, prefix: str):
         """(key, upload id, initiated) of every multipart upload in progress under `prefix`."""
-        following = None
+        following, pages = None, 0
         while True:
+            pages += 1
+            if pages > MAX_UPLOAD_PAGES:
+                raise S3Failure("upload_list", 200, "", f"more than {MAX_UPLOAD_PAGES} pages of uploads")
             query = [("uploads", ""), ("prefix", prefix)]
             if following:
                 query += [("key-marker", following[0]), ("upload-id-marker", following[1])]
@@ -5723,11 +5815,15 @@ class Bucket:
 class BucketTrouble(DiskTrouble):
     """A bucket that fails: one warning per episode, saying what still works."""
 
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name = name
+
     def warn(self, err: OSError) -> None:
         if not self.warned:
             self.warned = True
-            log.warning("bucket: %s; serving from CACHE_DIR and upstream (every instance on its own) "
-                        "until it answers", err.strerror or err)
+            log.warning("bucket %s does not answer as it should (%s): serving from CACHE_DIR and "
+                        "upstream, every instance on its own, until it does", self.name, err.strerror or err)
 
 
 class UploadJournal:
@@ -5780,9 +5876,10 @@ class BucketRecords(AccessRecords):
     def _read_time(self, key: str) -> float | None:
         data = self.bucket.get_small(key, 64)
         try:
-            return float(data) if data is not None else None
+            value = float(data) if data is not None else None
         except ValueError:
             return None
+        return value if value is not None and math.isfinite(value) else None
 
     def linked_since(self, upstream: str, repository: str, digest: str) -> float | None:
         key = link_key(self.prefix, upstream, repository, digest)
@@ -5832,6 +5929,8 @@ class BucketRecords(AccessRecords):
         except S3Failure as err:
             self.trouble.warn(err)
             return known[0] if known else None
+        if marked is not None and marked > self.clock.time() + MARK_SKEW:
+            marked = None  # an instance's clock ahead: it would hold the repository open that much longer
         self._remember(self._marks, key, (marked, self.clock.monotonic()))
         return marked
 
@@ -5911,9 +6010,7 @@ class BucketTags(TagIndex):
             return None
         except (ValueError, RecursionError):
             return None
-        if not isinstance(entry, dict) or not DIGEST.match(str(entry.get("digest"))):
-            return None
-        return entry
+        return checked_tag_entry(entry, self.clock.time())
 
     def kinds(self, upstream: str, repository: str, tag: str) -> list:
         directory = self._key(upstream, repository, tag)
@@ -6078,7 +6175,7 @@ class SharedStore:
         self.bucket = bucket
         self.clock = clock
         self.metrics = metrics
-        self.trouble = BucketTrouble()
+        self.trouble = BucketTrouble(repr(bucket))
         self.tags = BucketTags(bucket, clock, self.trouble)
         self.records = BucketRecords(bucket, clock, self.trouble)
         self.uses = LastUse(bucket, clock)
@@ -6090,6 +6187,7 @@ class SharedStore:
         self.max_age = config.cache_s3_max_age
         self.lifecycle = config.cache_s3_lifecycle
         self.seen = Recent(BUCKET_SEEN_TTL, clock)
+        self.avoided = Recent(BUCKET_SEEN_TTL, clock)  # objects whose reading broke off or stalled
         self.counted = None           # (objects, bytes, when) as the last listing found
         self.uploads = None           # the Uploads queue, once the Cache made it (uploads_for)
 
@@ -6097,7 +6195,10 @@ class SharedStore:
         return blob_key(self.bucket.prefix, digest)
 
     def has(self, digest: str) -> bool:
-        """The bucket holds `digest` (a failing bucket holds nothing)."""
+        """The bucket holds `digest` (a failing bucket holds nothing, nor does an object
+        whose reading just failed, for BUCKET_SEEN_TTL)."""
+        if self.avoided.fresh(digest):
+            return False
         if self.seen.fresh(digest):
             return True
         try:
@@ -6116,7 +6217,10 @@ class SharedStore:
         except S3Failure as err:
             self.trouble.warn(err)
             return None
-        if response is not None and response.length is None:
+        if response is None:
+            self.seen.discard(digest)  # gone since it was seen: the next fill uploads it again
+            return None
+        if response.length is None:
             response.close()  # every S3 answer to a GET has a length: this is not one
             return None
         return response
@@ -6134,6 +6238,12 @@ class SharedStore:
         if data is None or bytes_digest(data, digest) != digest:
             return None
         return data, info[1]
+
+    def avoid(self, digest: str) -> None:
+        """Reading the object failed (cut, stalled): not read again for a while."""
+        log.warning("bucket: reading %s failed: not read again for %gs", digest, BUCKET_SEEN_TTL)
+        self.seen.discard(digest)
+        self.avoided.add(digest)
 
     def discard(self, digest: str) -> None:
         """A bucket object whose bytes are not its digest (damaged in the store): removed."""
@@ -6163,15 +6273,28 @@ class SharedStore:
             return
         file, size = opened
         try:
-            self._upload(file.fileno(), size, digest, media_type or BLOB_TYPE)
+            self._upload_retried(file.fileno(), size, digest, media_type or BLOB_TYPE)
             self.seen.add(digest)
             self.trouble.cleared()
             self.metrics.add("dockerproxy_s3_uploads_total", ("ok",))
         except (OSError, ValueError) as err:  # S3Failure too; the object stays local only
             self.metrics.add("dockerproxy_s3_uploads_total", ("failed",))
-            log.warning("bucket: upload of %s failed: %s", digest, printable(str(err)))
+            log.info("bucket: upload of %s failed: %s", digest, printable(str(err)))
+            self.trouble.warn(err if isinstance(err, OSError) else OSError(errno.EIO, str(err)))
         finally:
             store.close(file)
+
+    def _upload_retried(self, fd: int, size: int, digest: str, content_type: str) -> None:
+        """_upload(), tried again after a pause when the store is busy or briefly away
+        (503 SlowDown, 500, no answer): UPLOAD_ATTEMPTS in all."""
+        for attempt in range(1, UPLOAD_ATTEMPTS + 1):
+            try:
+                return self._upload(fd, size, digest, content_type)
+            except S3Failure as err:
+                if attempt == UPLOAD_ATTEMPTS or err.status not in (0, 500, 502, 503, 504) or err.code == "CircuitOpen":
+                    raise
+                log.info("bucket: upload of %s: %s; again in %gs", digest, err.strerror, attempt * UPLOAD_RETRY_DELAY)
+                time.sleep(attempt * UPLOAD_RETRY_DELAY)  # an upload worker's own time: no client waits
 
     def _upload(self, fd: int, size: int, digest: str, content_type: str) -> None:
         key = self.key(digest)
@@ -6199,11 +6322,22 @@ class SharedStore:
             log.warning("bucket: could not abort upload %s of %s (the next start will): %s",
                         printable(upload_id[:16]), printable(key), err.strerror)
 
-    def abort_stale_uploads(self) -> int:
-        """At start: abort this instance's unfinished uploads, and anyone's older
-        than STALE_UPLOAD_AGE (a live peer finishes its own well within that)."""
+    def abort_journaled(self) -> int:
+        """At shutdown, after SHUTDOWN_GRACE: abort the multipart uploads still running."""
+        entries = self.journal.entries()
+        for upload_id, key in entries:
+            self._abort(key, upload_id)
+        if entries:
+            log.warning("shutdown: %d uploads to the bucket aborted (the objects stay in CACHE_DIR)",
+                        len(entries))
+        return len(entries)
+
+    def abort_stale_uploads(self, stale_only: bool = False) -> int:
+        """Abort this instance's unfinished uploads (the journal: at start, what a
+        past run left), unless `stale_only`, and anyone's older than
+        STALE_UPLOAD_AGE (a live peer finishes its own well within that)."""
         aborted = 0
-        for upload_id, key in self.journal.entries():
+        for upload_id, key in ([] if stale_only else self.journal.entries()):
             self._abort(key, upload_id)
             aborted += 1
         now = self.clock.time()
@@ -6216,17 +6350,19 @@ class SharedStore:
     # The bucket's limits ------------------------------------------------------------
 
     def objects(self) -> list:
-        """Every object of the bucket's blob store: StoredObject(digest, size, last use)."""
-        used = {}
-        for key, _, modified in self.bucket.list(f"{self.bucket.prefix}dockerproxy/used/"):
+        """The objects of the bucket's blob store, StoredObject(digest, size, last use), at most
+        MAX_SWEPT_OBJECTS; one whose size or time the listing does not say is left out (kept)."""
+        used, now = {}, self.clock.time()
+        for key, _, modified in self.bucket.list(f"{self.bucket.prefix}dockerproxy/used/", MAX_SWEPT_OBJECTS):
             digest = digest_of_used_key(self.bucket.prefix, key)
-            if digest:
+            if digest and modified is not None:
                 used[digest] = max(used.get(digest, 0.0), modified)
         found = []
-        for key, size, modified in self.bucket.list(f"{self.bucket.prefix}docker/registry/v2/blobs/"):
+        for key, size, modified in self.bucket.list(f"{self.bucket.prefix}docker/registry/v2/blobs/",
+                                                    MAX_SWEPT_OBJECTS):
             digest = digest_of_blob_key(self.bucket.prefix, key)
-            if digest:
-                found.append(StoredObject(digest, size, max(modified, used.get(digest, 0.0))))
+            if digest and size is not None and modified is not None:
+                found.append(StoredObject(digest, size, min(max(modified, used.get(digest, 0.0)), now)))
         return found
 
     def sweep(self, sweeping: bool) -> dict:
@@ -6395,12 +6531,20 @@ class BucketKeeper(threading.Thread):
         return self.peers is None or self.peers.order("sweep")[0] == self.peers.own
 
     def run(self) -> None:
-        next_sweep = 0.0
+        next_sweep, journal_done = 0.0, False
         while not self.stopping.is_set():
             try:
+                if not journal_done:  # here, not in start-up: a slow bucket must not hold the port closed
+                    aborted = self.shared.abort_stale_uploads()
+                    journal_done = True
+                    if aborted:
+                        log.info("bucket: aborted %d unfinished uploads", aborted)
                 if time.monotonic() >= next_sweep:
                     next_sweep = time.monotonic() + SWEEP_INTERVAL
-                    self.shared.sweep(self.sweeper())
+                    sweeping = self.sweeper()
+                    self.shared.sweep(sweeping)
+                    if sweeping:  # uploads of instances gone for good (scaled down) end here
+                        self.shared.abort_stale_uploads(stale_only=True)
                 else:
                     self.shared.uses.flush()
                 self.shared.trouble.cleared()
@@ -7055,6 +7199,29 @@ def bytes_digest(data: bytes, digest: str) -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
+def empty_for(response: UpstreamResponse, digest: str) -> bool:
+    """An answer of no bytes for a digest of some: it would be a clean empty 200."""
+    return response.length == 0 and digest != EMPTY_BLOB
+
+
+def peer_refusal(response: UpstreamResponse) -> str:
+    """Why a peer refused our proof (its 403 says so), or "" for any other answer; the answer is closed."""
+    body = b""
+    if response.status == 403:
+        try:
+            body = response.read_small()
+        except RegistryError:
+            pass
+    response.close()
+    try:
+        message = json.loads(body)["errors"][0]["message"] if body else ""
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError):
+        message = ""
+    message = message if isinstance(message, str) else ""
+    return f"refused our proof ({printable(message[len('peer request refused: '):][:40])})" \
+        if message.startswith("peer request refused") else ""
+
+
 def peer_path(routes: RouteTable, route: Route, target: Target) -> str | None:
     """The path that asks a peer for `target` on the same upstream: prefixed with
     a registry host of a route to that upstream (every peer has the same routes);
@@ -7234,18 +7401,25 @@ class CachedObject(PassThrough):
         shared, peers = self.cache.shared, self.proxy.peers
         if self.from_bucket:
             response = shared.open(digest)
-            if response is not None:
+            if response is not None and empty_for(response, digest):
+                response.close()  # a zero-byte object under a digest of bytes: never a clean empty 200
+                shared.discard(digest)
+            elif response is not None:
                 fill.source = self.fill_source = "bucket"
                 self.answer.note_cache("hit")
                 return response
         if not manifest and digest and peers is not None and not self.request.via_peer:
-            response = self.ask_peers(digest)
+            response = self.ask_peers(fill, digest)
             if response is not None:
                 fill.source = self.fill_source = "peer"
                 return response
-        return self.fetch("GET")
+        response = self.fetch("GET")
+        if not manifest and digest and response.status == 200 and empty_for(response, digest):
+            response.close()
+            raise UpstreamUnavailable(f"upstream sent no bytes for {digest}")
+        return response
 
-    def ask_peers(self, digest: str) -> UpstreamResponse | None:
+    def ask_peers(self, fill: Fill, digest: str) -> UpstreamResponse | None:
         """The owner's answer for a blob this instance does not fill itself; None: fill it here.
 
         Peers ahead of this one in the digest's order are asked in turn, and
@@ -7269,12 +7443,21 @@ class CachedObject(PassThrough):
                 peers.failed(peer, err.message)
                 metrics.add("dockerproxy_peer_requests_total", ("unreachable",))
                 continue
-            peers.answered(peer)
-            if response.status == 200 and response.length is not None and (
+            if response.status == 200 and response.length is not None and not empty_for(response, digest) and (
                     response.headers.get("docker-content-digest") == digest):
+                peers.answered(peer)
                 metrics.add("dockerproxy_peer_requests_total", ("ok",))
+                fill.origin = peer  # passed over if its answer fails (Proxy.fill_failed)
                 return response
-            response.close()
+            if response.status == 429:  # upstream's limit for the owner's pulls holds for ours too
+                metrics.add("dockerproxy_peer_requests_total", ("declined",))
+                return response
+            refusal = peer_refusal(response)
+            if refusal:  # our proof: a clock out of step, another PEER_SECRET
+                peers.failed(peer, refusal)
+                metrics.add("dockerproxy_peer_requests_total", ("unreachable",))
+                continue
+            peers.answered(peer)
             metrics.add("dockerproxy_peer_requests_total", ("declined",))
             return None
         return None
@@ -9413,6 +9596,8 @@ class Proxy:
         if config.peers:
             self.peers = Peers(config, self.clock, self.metrics, own_peer(config))
         self.metrics.start_shared(self.shared is not None, self.peers is not None)
+        if self.cache is not None:
+            self.cache.fills.on_failed = self.fill_failed
         self.access = Access(self.cache.records if self.cache else None, self.clock)
 
     def start(self) -> None:
@@ -9426,22 +9611,34 @@ class Proxy:
         if self.config.prefetch_file:
             KeepWarm(self).start()
 
+    def fill_failed(self, fill: Fill, digest: str | None, err: Exception) -> None:
+        """A fill from the bucket or a peer failed before it was verified: that source
+        is passed over for the digest (the client's retry goes upstream), and a
+        bucket object whose bytes are not its digest is deleted."""
+        if isinstance(err, FillAbandoned):  # its clients left: no fault of the source
+            return
+        if fill.source == "bucket" and self.shared is not None and digest:
+            if isinstance(err, DigestMismatch):
+                self.shared.discard(digest)
+            else:
+                self.shared.avoid(digest)
+        elif fill.source == "peer" and self.peers is not None and fill.origin:
+            self.metrics.add("dockerproxy_peer_requests_total", ("unreachable",))  # its answer broke off
+            self.peers.failed(fill.origin, f"its answer for {digest} failed: {printable(str(err))[:80]}")
+
     def start_bucket(self) -> None:
         """Check the bucket's credentials, abort the uploads a past run left, start the keeper.
         A bucket that does not answer yet is not fatal: the cache works from CACHE_DIR meanwhile."""
         shared = self.shared
         try:
             shared.bucket.check()
-            aborted = shared.abort_stale_uploads()
         except S3Failure as err:
             if err.status in (400, 401, 403, 404):
                 raise ConfigError(bucket_refusal(err, shared.bucket)) from None
-            log.warning("bucket %r does not answer (%s): serving from CACHE_DIR and upstream until it does",
-                        shared.bucket, err.strerror)
+            shared.trouble.warn(err)
         else:
-            log.info("bucket %r: ready%s", shared.bucket,
-                     f"; aborted {aborted} unfinished uploads" if aborted else "")
-        BucketKeeper(shared, self.peers, self.draining).start()
+            log.info("bucket %r: ready", shared.bucket)
+        BucketKeeper(shared, self.peers, self.draining).start()  # aborts what past runs left, first
 
     def prefetch(self, images: list, answer: Answers, background: bool = False) -> None:
         """POST /admin/prefetch: its events to the client as NDJSON while it runs;
@@ -10001,6 +10198,8 @@ class Shutdown:
         if cache is not None:  # a fill stores its object after its clients' last byte
             cache.wait_idle(max(deadline - time.monotonic(), 0))
         abandoned = self.abandon_fills()
+        if self.proxy.shared is not None:  # an upload cut by the exit would stay pending in the bucket
+            self.proxy.shared.abort_journaled()
         if left or abandoned:
             log.warning("shutdown: %d connections still open after SHUTDOWN_GRACE were cut; "
                         "%d downloads into the cache abandoned", left, abandoned)

@@ -302,7 +302,7 @@ class Cluster:
                 bad.append((key, actual))
         return bad
 
-    def wait_for_blobs(self, digests, timeout=30.0):
+    def wait_for_blobs(self, digests, timeout=120.0):
         """Poll the bucket until every digest of `digests` has its object there."""
         wanted = set(digests)
         wait_until(lambda: wanted <= set(self.blob_objects()), timeout=timeout, interval=0.1,

@@ -330,6 +330,8 @@ def test_uploads_in_flight_are_bounded_by_max_fills(start_proxy, fake):
         anonymous = client(proxy, "library/pub")
         for digest in digests:              # one after the other: never more than one fill at once
             assert anonymous.request("GET", f"/v2/library/pub/blobs/{digest}")[0] == 200
+            # (its fsync and rename end after the client's last byte: the next one gets a fill too)
+            assert proxy.cache.fills.wait_idle(30)
         wait_until(lambda: state["held"] >= 1, timeout=30, what="a first upload")
         assert stays_false(lambda: state["most"] > 2, 2.0), f"{state['most']} uploads in flight with MAX_FILLS=2"
         state["release"].set()

@@ -63,6 +63,11 @@ def key_of(digest):
     return dockerproxy.blob_key(PREFIX + "/", digest)
 
 
+def wait_for_keeper(proxy):
+    """Until the bucket keeper's first round ended: the aborts of start-up, then a count."""
+    wait_until(lambda: shared_of(proxy).counted is not None, timeout=60, what="the keeper's first round")
+
+
 def shared_of(proxy):
     return proxy.server.proxy.shared
 
@@ -195,7 +200,8 @@ def test_an_upload_cut_between_parts_is_aborted_at_the_next_start(private_s3serv
     assert server.head(bucket, key) is None, "a cut upload left an object"
     assert [(k, u) for k, u, _ in server.pending_uploads(bucket)] == [(key, upload_id)]
     # The next start on this CACHE_DIR aborts what its journal holds.
-    start_proxy("--upstream", f"docker={fake.url}", **s3_settings(server, bucket))
+    again = start_proxy("--upstream", f"docker={fake.url}", **s3_settings(server, bucket))
+    wait_for_keeper(again)  # it aborts in its keeper thread (a slow bucket must not hold start-up)
     assert server.pending_uploads(bucket) == []
     assert server.head(bucket, key) is None
     assert journal.entries() == []
@@ -209,13 +215,13 @@ def test_another_instances_upload_is_aborted_at_start_only_when_stale(s3bucket, 
     their_upload = server.start_multipart(bucket, theirs, part=b"x" * 1000)
     server.start_multipart(bucket, outside, part=b"y" * 1000)
 
-    start_proxy("--upstream", f"docker={fake.url}", **s3_settings(server, bucket))
+    wait_for_keeper(start_proxy("--upstream", f"docker={fake.url}", **s3_settings(server, bucket)))
     pending = sorted((key, upload_id) for key, upload_id, _ in server.pending_uploads(bucket))
     assert (theirs, their_upload) in pending and len(pending) == 2, "a fresh upload of another instance was aborted"
 
     monkeypatch.setattr(dockerproxy, "STALE_UPLOAD_AGE", 0.0)
-    start_proxy("--cache-dir", str(tmp_path / "other-cache"), "--upstream", f"docker={fake.url}",
-                **s3_settings(server, bucket))
+    wait_for_keeper(start_proxy("--cache-dir", str(tmp_path / "other-cache"), "--upstream", f"docker={fake.url}",
+                                **s3_settings(server, bucket)))
     assert [key for key, _, _ in server.pending_uploads(bucket)] == [outside]
 
 
