@@ -2305,13 +2305,15 @@ class Access:
         if self.records is not None:
             self.records.link(upstream, repository, digests)
 
-    def record(self, identity: str | None, upstream: str, repository: str, digests: list) -> None:
-        """Upstream let this client have `digests` of `repository`: link them, open the repository."""
+    def record(self, identity: str | None, upstream: str, repository: str, digests: list,
+               when: float | None = None) -> None:
+        """Upstream let this client have `digests` of `repository` (answering at `when`,
+        if the records are written later): link them, open the repository."""
         if self.records is None:
             return
-        self.records.link(upstream, repository, digests)
+        self.records.link(upstream, repository, digests, when)
         if identity is None:
-            self.records.mark_public(upstream, repository)
+            self.records.mark_public(upstream, repository, when)
         else:
             self.grants.add((identity, upstream, repository))
 
@@ -3683,7 +3685,8 @@ class TagIndex:
             return []
 
     def put(self, upstream: str, repository: str, tag: str, kind: str,
-            digest: str, media_type: str) -> None:
+            digest: str, media_type: str, checked: float | None = None) -> None:
+        """The entry, checked now (`checked` is for BucketTags, written after the fill)."""
         entry = {"digest": digest, "media_type": media_type, "checked": self.clock.time()}
         try:
             write_atomic(tag_path(self.root, upstream, repository, tag, kind), json.dumps(entry).encode())
@@ -3762,7 +3765,9 @@ class AccessRecords:
                 if last:
                     raise
 
-    def link(self, upstream: str, repository: str, digests) -> None:
+    def link(self, upstream: str, repository: str, digests, when: float | None = None) -> None:
+        """Link `digests` now (on disk records are written before the client's last byte:
+        `when` is for BucketRecords, written after it)."""
         now = self.clock.time()
         try:
             for digest in digests:
@@ -3806,7 +3811,7 @@ class AccessRecords:
         except OSError:
             return []
 
-    def mark_public(self, upstream: str, repository: str) -> None:
+    def mark_public(self, upstream: str, repository: str, when: float | None = None) -> None:
         """The marker's time is now, or a moment later if another thread just marked.
 
         Each record() links, then marks: the last mark must come after every
@@ -5901,8 +5906,9 @@ class BucketRecords(AccessRecords):
             table.clear()  # bounded: the cost is a few reads again
         table[key] = value
 
-    def link(self, upstream: str, repository: str, digests) -> None:
-        now = self.clock.time()
+    def link(self, upstream: str, repository: str, digests, when: float | None = None) -> None:
+        """Dated `when` upstream answered (the fill's records are written after its end)."""
+        now = self.clock.time() if when is None else when
         try:
             for digest in digests:
                 key = link_key(self.prefix, upstream, repository, digest)
@@ -5942,15 +5948,15 @@ class BucketRecords(AccessRecords):
         except S3Failure as err:
             self.trouble.warn(err)
 
-    def mark_public(self, upstream: str, repository: str) -> None:
-        """As on disk (see AccessRecords.mark_public): never moved back by up to MARK_SKEW.
-        The mark it compares with is read at most every PUBLIC_MARK_TTL (the ones this
-        process wrote are remembered), and one repository's marks wait for each other only."""
+    def mark_public(self, upstream: str, repository: str, when: float | None = None) -> None:
+        """As on disk (see AccessRecords.mark_public): never moved back by up to MARK_SKEW,
+        and dated `when` upstream answered (a drop_public() since is not undone by a late mark).
+        One repository's marks wait for each other only."""
         key = record_key(self.prefix, upstream, repository, "_public")
         with self._mark_locks[hash(key) % len(self._mark_locks)]:
-            now, marked = self.clock.time(), self.public_since(upstream, repository) or 0.0
-            if now < marked <= now + MARK_SKEW:
-                now = marked
+            now = self.clock.time() if when is None else when
+            if (self.public_since(upstream, repository, fresh=True) or 0.0) >= now:
+                return  # a later mark stands (one further ahead than MARK_SKEW reads as none)
             try:
                 self.bucket.put_small(key, repr(now).encode(), "text/plain")
             except S3Failure as err:
@@ -5997,6 +6003,7 @@ class BucketTags(TagIndex):
         self.bucket = bucket
         self.prefix = bucket.prefix
         self._written = {}            # key -> (digest, media type, when) this instance last wrote
+        self._locks = [threading.Lock() for _ in range(MARK_LOCKS)]  # by tag, striped
 
     def _key(self, upstream: str, repository: str, tag: str, kind: str = "") -> str:
         return record_key(self.prefix, upstream, repository, "_tags", tag, f"{kind}.json" if kind else "")
@@ -6021,19 +6028,30 @@ class BucketTags(TagIndex):
             self.trouble.warn(err)
             return []
 
-    def put(self, upstream: str, repository: str, tag: str, kind: str, digest: str, media_type: str) -> None:
+    def put(self, upstream: str, repository: str, tag: str, kind: str, digest: str, media_type: str,
+            checked: float | None = None) -> None:
         """The entry, unless this instance wrote the same one within TAG_REWRITE_INTERVAL
-        (each HEAD of an uncached tag notes it: one write, not one per HEAD)."""
-        key, now = self._key(upstream, repository, tag, kind), self.clock.time()
-        written = self._written.get(key)
-        if written and written[:2] == (digest, media_type) and 0 <= now - written[2] < TAG_REWRITE_INTERVAL:
-            return
-        entry = {"digest": digest, "media_type": media_type, "checked": now}
-        try:
-            self.bucket.put_small(key, json.dumps(entry).encode(), "application/json")
-        except S3Failure as err:
-            self.trouble.warn(err)
-            return
+        (each HEAD of an uncached tag notes it: one write, not one per HEAD).  A fill's
+        entry is dated `checked`, when upstream answered, and written after the fill
+        ended: it does not replace an entry checked later that names another manifest
+        (a fill of the tag since, after upstream moved it)."""
+        key = self._key(upstream, repository, tag, kind)
+        with self._locks[hash(key) % len(self._locks)]:  # this instance's writes of a tag: one at a time
+            now = self.clock.time()
+            written = self._written.get(key)
+            if written and written[:2] == (digest, media_type) and 0 <= now - written[2] < TAG_REWRITE_INTERVAL:
+                return
+            if checked is not None:
+                current = self.get(upstream, repository, tag, kind)
+                if current and current["digest"] != digest and current["checked"] > checked:
+                    return
+                now = min(checked, now)
+            entry = {"digest": digest, "media_type": media_type, "checked": now}
+            try:
+                self.bucket.put_small(key, json.dumps(entry).encode(), "application/json")
+            except S3Failure as err:
+                self.trouble.warn(err)
+                return
         if len(self._written) >= MAX_REMEMBERED:
             self._written.clear()
         self._written[key] = (digest, media_type, now)
@@ -6419,7 +6437,7 @@ class Peers:
                               config.max_upstream_requests)
         self._down = {}               # peer -> (until, why): passed over until then
         self._lock = threading.Lock()
-        self.nonces = Recent(2 * PEER_SKEW, clock, MAX_PEER_NONCES)  # proofs taken: each only once
+        self._nonces = collections.OrderedDict()  # nonce -> when it may be forgotten (monotonic)
         self.refusals_logged = Recent(60.0, clock)
 
     def live(self) -> list:
@@ -6458,18 +6476,28 @@ class Peers:
         wire cannot be replayed)."""
         problem = peer_request_problem(self.secret, method, self.own, path, proof, self.clock.time())
         if not problem:
-            nonce = proof.split(" ")[1]
-            with self._lock:
-                if self.nonces.fresh(nonce):
-                    problem = "replayed"
-                else:
-                    self.nonces.add(nonce)
+            problem = self._take_nonce(proof.split(" ")[1])
         if problem:
             self.metrics.add("dockerproxy_peer_served_total", ("refused",))
             if not self.refusals_logged.fresh(problem):  # one line a minute for each kind: no log flood
                 self.refusals_logged.add(problem)
                 log.warning("peer request refused: %s (logged once a minute)", problem)
         return problem
+
+    def _take_nonce(self, nonce: str) -> str:
+        """"" the first time a (signed) nonce is seen within 2 x PEER_SKEW; why not, else.
+        Full, the memory refuses new proofs rather than forget old ones (the asker then
+        fills itself): forgetting would make every proof still in its window good again."""
+        now = self.clock.monotonic()
+        with self._lock:
+            while self._nonces and next(iter(self._nonces.values())) <= now:
+                self._nonces.popitem(last=False)  # the oldest first: they expire in order
+            if nonce in self._nonces:
+                return "replayed"
+            if len(self._nonces) >= MAX_PEER_NONCES:
+                return "busy"
+            self._nonces[nonce] = now + 2 * PEER_SKEW
+        return ""
 
     def status(self) -> list:
         now = self.clock.monotonic()
@@ -7267,6 +7295,7 @@ class CachedObject(PassThrough):
         self.access = proxy.access
         self.identity = None if request.via_peer else proxy.access.identity(request.authorization)
         self.fill_source = "upstream"       # where a fill's bytes came from (see record_fill)
+        self.asked_at = None                # when this request's fill asked its source
         self.from_bucket = False            # a fill's source: the bucket, which Access let this client have
 
     def may_serve(self, digest: str, stale: bool = False) -> bool:
@@ -7361,6 +7390,7 @@ class CachedObject(PassThrough):
     def lead_fill(self, fill: Fill, digest: str | None, manifest: bool, tag_kind: str | None) -> None:
         fills = self.cache.fills
         self.answer.note_cache("miss")  # asked upstream to fill the cache, whatever it answers
+        self.asked_at = self.proxy.clock.time()  # what the fill's records are dated (see record_fill)
         try:
             response = self.fetch_for_fill(fill, digest, manifest)
         except RegistryError as err:
@@ -7449,7 +7479,9 @@ class CachedObject(PassThrough):
                 metrics.add("dockerproxy_peer_requests_total", ("ok",))
                 fill.origin = peer  # passed over if its answer fails (Proxy.fill_failed)
                 return response
-            if response.status == 429:  # upstream's limit for the owner's pulls holds for ours too
+            if response.status == 429 and self.identity is None:
+                # upstream's limit on the owner's anonymous pulls holds for this anonymous
+                # client too; a client with credentials of its own has its own quota
                 metrics.add("dockerproxy_peer_requests_total", ("declined",))
                 return response
             refusal = peer_refusal(response)
@@ -7542,11 +7574,12 @@ class CachedObject(PassThrough):
         """
         upstream, repository = self.route.upstream, self.target.repository
         if media_type and tag_kind:
-            self.cache.tags.put(upstream, repository, self.target.reference, tag_kind, digest, media_type)
+            self.cache.tags.put(upstream, repository, self.target.reference, tag_kind, digest, media_type,
+                                self.asked_at)
         # This object only: what a manifest names is not proof that upstream
         # would serve it from this repository (Access, rule 1).
         if self.fill_source == "upstream":
-            self.access.record(self.identity, upstream, repository, [digest])
+            self.access.record(self.identity, upstream, repository, [digest], self.asked_at)
         elif self.fill_source == "peer":
             self.access.link(upstream, repository, [digest])
 
