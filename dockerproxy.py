@@ -2298,10 +2298,10 @@ class Access:
         elif self.records is not None:
             self.records.drop_public(upstream, repository)
 
-    def link(self, upstream: str, repository: str, digests: list) -> None:
+    def link(self, upstream: str, repository: str, digests: list, when: float | None = None) -> None:
         """Upstream served `digests` from `repository` to someone: rule 1 only, nobody's access."""
         if self.records is not None:
-            self.records.link(upstream, repository, digests)
+            self.records.link(upstream, repository, digests, when)
 
     def record(self, identity: str | None, upstream: str, repository: str, digests: list,
                when: float | None = None) -> None:
@@ -7580,8 +7580,8 @@ class CachedObject(PassThrough):
         # would serve it from this repository (Access, rule 1).
         if self.fill_source == "upstream":
             self.access.record(self.identity, upstream, repository, [digest], self.asked_at)
-        elif self.fill_source == "peer":
-            self.access.link(upstream, repository, [digest])
+        elif self.fill_source == "peer":  # dated when asked: no later than the owner's own mark
+            self.access.link(upstream, repository, [digest], self.asked_at)
 
 
 class BlobEndpoint(CachedObject):

@@ -27,11 +27,13 @@ SeaweedFS and boto3 likewise (conftest's s3server fixture).
 """
 
 import base64
+import calendar
 import hashlib
 import http.client
 import json
 import os
 import re
+import time
 import urllib.parse
 
 import pytest
@@ -318,7 +320,7 @@ def test_redirect_base_keeps_the_signed_path_and_query(make_cluster, public_regi
         assert query["X-Amz-Credential"].startswith(server.access_key + "/")
         assert query["X-Amz-Expires"] == "1200"  # S3_REDIRECT_TTL's default, 20m
         # exactly what presigned_url() makes on the endpoint at that second: only the origin differs
-        when = dockerproxy.calendar.timegm(dockerproxy.time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
+        when = calendar.timegm(time.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ"))
         config = dockerproxy.load_config(["--env-file", os.devnull], proxy.env)  # the process's settings
         signer = dockerproxy.Bucket(config, FixedClock(when), dockerproxy.Metrics())
         assert signer.presigned_url(key_of(layer), 1200) == f"{server.endpoint}{url.path}?{url.query}"
