@@ -4186,14 +4186,17 @@ class Fills:
             spool.close()
             self.budget.unreserve(fill.length)
             late = state == Fill.DONE and self.record_late
+            upload = state == Fill.DONE and fill.source == "upstream" and self.on_stored is not None
             if not late:
                 with self._changed:
                     self._storing.pop(actual, None)
-            if state == Fill.DONE and fill.source == "upstream" and self.on_stored is not None:
-                self.on_stored(actual, media_type)  # queued (Uploads): what came from upstream only
+                if upload:
+                    self.on_stored(actual, media_type)  # queued (Uploads): what came from upstream only
             self.end(fill, state)
         if late:  # its slot among MAX_FILLS is free; wait_idle() still waits for this
             self._record(actual, spool, on_verified)
+            if upload:  # after its records: an object in the bucket is never one nobody may be served
+                self.on_stored(actual, media_type)
             with self._changed:
                 self._storing.pop(actual, None)
                 self._changed.notify_all()
