@@ -1864,6 +1864,15 @@ MANIFEST_KINDS = {
 BLOB_TYPE = "application/octet-stream"
 
 
+def empty_for(length: int | None, digest: str | None) -> bool:
+    """No bytes for a digest of some (a DIGEST): sent, that would be a clean empty
+    200 (there is no last byte to hold back until the digest is checked)."""
+    if length != 0 or not digest:
+        return False
+    algorithm, _, hexdigest = digest.partition(":")
+    return hexdigest != hashlib.new(algorithm).hexdigest()
+
+
 def accepted_types(accept: str) -> list:
     """'a/b;q=0.5, c/d' -> ['a/b', 'c/d']; parameters do not change what may be sent."""
     return [part.split(";")[0].strip().lower() for part in accept.split(",") if part.strip()]
@@ -4134,7 +4143,9 @@ class Fills:
         cannot be cached (no room reserved): the caller passes it through.
         """
         length = response.length
-        spool = self._reserved_spool(length, digest) if length is not None else None
+        if length is None or empty_for(length, digest):  # passed through: relay() refuses the latter
+            return None
+        spool = self._reserved_spool(length, digest)
         if spool is None:
             return None
         fill.length, fill.spool_path, fill.headers = length, spool.path, headers
@@ -5283,8 +5294,6 @@ MAX_PEER_NONCES = 100_000
 
 SIGV4_ALGORITHM = "AWS4-HMAC-SHA256"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
-EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-EMPTY_BLOB = f"sha256:{EMPTY_SHA256}"
 
 class S3Credentials(collections.namedtuple("S3Credentials", "access_key secret_key session_token",
                                            defaults=("",))):
@@ -5864,6 +5873,14 @@ class UploadJournal:
             self._write([entry for entry in self.entries() if entry[0] != upload_id])
 
 
+def remember(table: dict, key: str, value) -> None:
+    """table[key] = value, in a table of at most MAX_REMEMBERED entries (when full it
+    is emptied: bounded, and the cost is a few bucket reads again)."""
+    if len(table) >= MAX_REMEMBERED:
+        table.clear()
+    table[key] = value
+
+
 class BucketRecords(AccessRecords):
     """AccessRecords in the bucket, so that what one instance linked every
     instance may serve.  A link or an anonymous-pull mark is an object whose
@@ -5900,14 +5917,8 @@ class BucketRecords(AccessRecords):
             self.trouble.warn(err)
             return None
         if linked is not None:
-            self._remember(self._linked, key, linked)
+            remember(self._linked, key, linked)
         return linked
-
-    @staticmethod
-    def _remember(table: dict, key: str, value) -> None:
-        if len(table) >= MAX_REMEMBERED:
-            table.clear()  # bounded: the cost is a few reads again
-        table[key] = value
 
     def link(self, upstream: str, repository: str, digests, when: float | None = None) -> None:
         """Dated `when` upstream answered (the fill's records are written after its end)."""
@@ -5919,7 +5930,7 @@ class BucketRecords(AccessRecords):
                     # only if absent: a link keeps the time it was first made (stores without
                     # conditional writes overwrite it, which only narrows access)
                     if self.bucket.put_small(key, repr(now).encode(), "text/plain", if_absent=True):
-                        self._remember(self._linked, key, now)
+                        remember(self._linked, key, now)
         except S3Failure as err:
             self.trouble.warn(err)
 
@@ -5940,7 +5951,7 @@ class BucketRecords(AccessRecords):
             return known[0] if known else None
         if marked is not None and marked > self.clock.time() + MARK_SKEW:
             marked = None  # an instance's clock ahead: it would hold the repository open that much longer
-        self._remember(self._marks, key, (marked, self.clock.monotonic()))
+        remember(self._marks, key, (marked, self.clock.monotonic()))
         return marked
 
     def drop_public(self, upstream: str, repository: str) -> None:
@@ -5965,7 +5976,7 @@ class BucketRecords(AccessRecords):
             except S3Failure as err:
                 self.trouble.warn(err)
                 return
-            self._remember(self._marks, key, (now, self.clock.monotonic()))
+            remember(self._marks, key, (now, self.clock.monotonic()))
 
     def forget(self, upstream: str, repository: str) -> list:
         links = record_key(self.prefix, upstream, repository, "_links") + "/"
@@ -6055,9 +6066,7 @@ class BucketTags(TagIndex):
             except S3Failure as err:
                 self.trouble.warn(err)
                 return
-        if len(self._written) >= MAX_REMEMBERED:
-            self._written.clear()
-        self._written[key] = (digest, media_type, now)
+        remember(self._written, key, (digest, media_type, now))
 
     def _delete_under(self, prefix: str) -> set:
         """Delete every entry under `prefix`; the tags they were of."""
@@ -6520,10 +6529,12 @@ def own_peer(config: Config) -> str:
             raise ConfigError(f"PEER_SELF={config.peer_self}: not an entry of PEERS")
         return config.peer_self
     names = {socket.gethostname().lower(), socket.getfqdn().lower(), "localhost"}
-    candidates = [peer for peer in config.peers
-                  if (urllib.parse.urlsplit(peer).port or 80) == config.port
-                  and (urllib.parse.urlsplit(peer).hostname in names
-                       or is_own_address(urllib.parse.urlsplit(peer).hostname))]
+
+    def is_this_machine(peer: str) -> bool:
+        url = urllib.parse.urlsplit(peer)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        return port == config.port and (url.hostname in names or is_own_address(url.hostname))
+    candidates = [peer for peer in config.peers if is_this_machine(peer)]
     if len(candidates) != 1:
         raise ConfigError(f"PEERS: {'none' if not candidates else 'several'} of its entries on port "
                           f"{config.port} is this machine; set PEER_SELF")
@@ -7230,11 +7241,6 @@ def bytes_digest(data: bytes, digest: str) -> str:
     return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
 
 
-def empty_for(response: UpstreamResponse, digest: str) -> bool:
-    """An answer of no bytes for a digest of some: it would be a clean empty 200."""
-    return response.length == 0 and digest != EMPTY_BLOB
-
-
 def peer_refusal(response: UpstreamResponse) -> str:
     """Why a peer refused our proof (its 403 says so), or "" for any other answer; the answer is closed."""
     body = b""
@@ -7297,7 +7303,6 @@ class CachedObject(PassThrough):
         self.cache = proxy.cache
         self.access = proxy.access
         self.identity = None if request.via_peer else proxy.access.identity(request.authorization)
-        self.fill_source = "upstream"       # where a fill's bytes came from (see record_fill)
         self.asked_at = None                # when this request's fill asked its source
         self.from_bucket = False            # a fill's source: the bucket, which Access let this client have
 
@@ -7420,11 +7425,11 @@ class CachedObject(PassThrough):
         if manifest:  # what the bytes say they are, else what the header says
             media_type = document_media_type(bytes(response.body)) or bare_media_type(
                 response.headers.get("content-type", ""))
-        record = functools.partial(self.record_fill, tag_kind, media_type)
+        record = functools.partial(self.record_fill, fill.source, tag_kind, media_type)
         reader = fills.start(fill, response, digest, headers, media_type, record)
         if reader is None:
             fills.end(fill, Fill.DECLINED)
-            self.answer.note_cache("bypass")  # no room
+            self.answer.note_cache("bypass")  # no room (or no bytes for a digest of some: refused in relay)
             return self.send_uncached(response, headers)
         self.follow(fill, reader)
 
@@ -7434,23 +7439,19 @@ class CachedObject(PassThrough):
         shared, peers = self.cache.shared, self.proxy.peers
         if self.from_bucket:
             response = shared.open(digest)
-            if response is not None and empty_for(response, digest):
+            if response is not None and empty_for(response.length, digest):
                 response.close()  # a zero-byte object under a digest of bytes: never a clean empty 200
                 shared.discard(digest)
             elif response is not None:
-                fill.source = self.fill_source = "bucket"
+                fill.source = "bucket"
                 self.answer.note_cache("hit")
                 return response
         if not manifest and digest and peers is not None and not self.request.via_peer:
             response = self.ask_peers(fill, digest)
             if response is not None:
-                fill.source = self.fill_source = "peer"
+                fill.source = "peer"
                 return response
-        response = self.fetch("GET")
-        if not manifest and digest and response.status == 200 and empty_for(response, digest):
-            response.close()
-            raise UpstreamUnavailable(f"upstream sent no bytes for {digest}")
-        return response
+        return self.fetch("GET")  # (no bytes for a digest of some: Fills.start and relay() refuse it)
 
     def ask_peers(self, fill: Fill, digest: str) -> UpstreamResponse | None:
         """The owner's answer for a blob this instance does not fill itself; None: fill it here.
@@ -7476,7 +7477,7 @@ class CachedObject(PassThrough):
                 peers.failed(peer, err.message)
                 metrics.add("dockerproxy_peer_requests_total", ("unreachable",))
                 continue
-            if response.status == 200 and response.length is not None and not empty_for(response, digest) and (
+            if response.status == 200 and response.length is not None and not empty_for(response.length, digest) and (
                     response.headers.get("docker-content-digest") == digest):
                 peers.answered(peer)
                 metrics.add("dockerproxy_peer_requests_total", ("ok",))
@@ -7565,7 +7566,8 @@ class CachedObject(PassThrough):
             self.cache.fills.close_reader(fill, reader)
         return True
 
-    def record_fill(self, tag_kind: str | None, media_type: str | None, digest: str, spool: Spool) -> None:
+    def record_fill(self, source: str, tag_kind: str | None, media_type: str | None, digest: str,
+                    spool: Spool) -> None:
         """After a verified fill (in its thread): the link, the tag entry, and who may see it.
 
         Only upstream's answer to this client opens the repository to it (or,
@@ -7581,9 +7583,9 @@ class CachedObject(PassThrough):
                                 self.asked_at)
         # This object only: what a manifest names is not proof that upstream
         # would serve it from this repository (Access, rule 1).
-        if self.fill_source == "upstream":
+        if source == "upstream":
             self.access.record(self.identity, upstream, repository, [digest], self.asked_at)
-        elif self.fill_source == "peer":  # dated when asked: no later than the owner's own mark
+        elif source == "peer":  # dated when asked: no later than the owner's own mark
             self.access.link(upstream, repository, [digest], self.asked_at)
 
 
@@ -8237,6 +8239,8 @@ class Answers:
                 return self.send_registry_error(refusal_error(response.status, response.headers, kind))
             headers = response_headers(response.headers, prefix)
             check = DigestCheck(verify if response.status == 200 else "")
+            if empty_for(response.length, check.digest):
+                raise UpstreamUnavailable(f"upstream {redacted_url(response.url)} sent no bytes for {check.digest}")
             if check.digest:  # the digest asked for, whatever upstream's header says
                 headers = [(k, v) for k, v in headers if k != "Docker-Content-Digest"] + [
                     ("Docker-Content-Digest", check.digest)]

@@ -27,25 +27,11 @@ import json
 import os
 import threading
 
-import pytest
-
 import dockerproxy
-from fakeregistry import FakeRegistry, DOCKER_MANIFEST
+from fakeregistry import DOCKER_MANIFEST
 from realregistry import free_port, wait_until
-from test_s3_review_upstream import FakeS3, blob_owned_by, fetch
-
-
-@pytest.fixture
-def upstream():
-    with FakeRegistry(auth_required=False) as registry:
-        yield registry
-
-
-@pytest.fixture
-def fake_s3():
-    store = FakeS3()
-    yield store
-    store.close()
+from test_s3_review_upstream import blob_owned_by, fetch
+from test_s3_review_upstream import fake_s3, upstream  # noqa: F401 (fixtures)
 
 
 def peers_env(me, *others, secret="peer-secret-0123456789abcdef"):

@@ -502,6 +502,32 @@ def test_upstream_zero_length_through_the_owner_is_never_a_clean_200(start_proxy
             assert instance.cache.store.digest_of(digest) == digest, "a wrong object stored"
 
 
+@pytest.mark.parametrize("length, digest, refused", [
+    (0, "sha256:" + hashlib.sha256(b"").hexdigest(), False),   # a real empty blob
+    (0, "sha512:" + hashlib.sha512(b"").hexdigest(), False),   # the same under sha512 (the final review's find)
+    (0, "sha256:" + "a" * 64, True),
+    (0, "sha512:" + "a" * 128, True),
+    (0, None, False),                                          # a manifest by tag: no digest to hold it to
+    (0, "", False),
+    (None, "sha256:" + "a" * 64, False),                       # no length: not this check's business
+    (3000, "sha256:" + "a" * 64, False),
+])
+def test_empty_for(length, digest, refused):
+    assert dockerproxy.empty_for(length, digest) is refused
+
+
+def test_a_zero_length_blob_passed_through_is_never_a_clean_200(start_proxy, upstream):
+    """The same upstream lie on the pass-through path (no cache: every blob is
+    relayed with its digest checked): Content-Length 0 for a 3000-byte blob
+    left nothing to hold back, so the client got a clean empty 200."""
+    data = os.urandom(3000)
+    digest = upstream.add_blob("library/app", data)
+    proxy = start_proxy("--cache-dir", "", "--upstream", f"docker={upstream.url}")
+    upstream.fault("cdn", "/blobs/", "framing", method="GET", content_length="0", nbytes=0)
+    status, body, _ = fetch(proxy, f"/v2/library/app/blobs/{digest}")
+    assert_never_a_clean_wrong_200(status, body, data)
+
+
 # 3. sources that fail after their head ###############################################
 
 PEER_FAILURES = ("wrong-bytes", "cut", "short-length", "stall")
