@@ -4080,13 +4080,21 @@ class Fills:
         # once behind its circuit breaker, so they cannot pile up threads.)
         self.record_late = False
 
-    def begin(self, key: tuple, identity: str | None, now: float) -> tuple:
+    def begin(self, key: tuple, identity: str | None, now: float, stored=None) -> tuple:
         """(fill, True) for the first request of `key`, (its fill, False) for the
-        others, (None, False) when MAX_FILLS are running: pass it through."""
+        others, (None, False) when MAX_FILLS are running: pass it through.
+
+        (None, True) when `stored()` says the object is in the store now: the
+        fill that put it there ended after the caller looked (serve it from
+        there).  Asked under the lock, where it is exact: a fill renames its
+        object into place before end() takes it.
+        """
         with self._changed:
             fill = self._running.get(key)
             if fill is not None:
                 return fill, False
+            if stored is not None and stored():
+                return None, True
             if len(self._running) >= self.max_fills:
                 return None, False
             fill = self._running[key] = Fill(key, identity, now)
@@ -4446,7 +4454,8 @@ class Cache:
             self.budget.counted(total, kept)
             self._purged |= {digest for digest in purged if self.store.exists(digest)}  # in use: next time
             dropped = self.tags.prune(self.store.exists)
-        self.metrics.add("dockerproxy_cache_evictions_total", (), removed)
+            # counted before the next sweep may run: whoever sweeps after this one sees its evictions
+            self.metrics.add("dockerproxy_cache_evictions_total", (), removed)
         if removed:
             log.info("cache evicted %d objects (%d bytes) and %d tag entries; %d bytes remain",
                      removed, freed, dropped, total)
@@ -7305,6 +7314,7 @@ class CachedObject(PassThrough):
         self.identity = None if request.via_peer else proxy.access.identity(request.authorization)
         self.asked_at = None                # when this request's fill asked its source
         self.from_bucket = False            # a fill's source: the bucket, which Access let this client have
+        self.looked_again = False           # serve() ran again for an object stored since it looked
 
     def may_serve(self, digest: str, stale: bool = False) -> bool:
         return self.access.may_serve(self.identity, self.route.upstream, self.target.repository, digest, stale)
@@ -7379,11 +7389,17 @@ class CachedObject(PassThrough):
         finally:
             self.cache.store.close(file)
 
-    def fill_and_follow(self, digest: str | None, manifest: bool, tag_kind: str | None = None) -> None:
+    def fill_and_follow(self, digest: str | None, manifest: bool, tag_kind: str | None = None,
+                        stored=None) -> None:
         """A miss: one upstream GET per object, however many clients ask at once
-        (beyond MAX_FILLS, passed through uncached)."""
+        (beyond MAX_FILLS, passed through uncached).  `stored()` says whether
+        serve() would find the object in the store now: a fill that ended since
+        serve() looked (a look at the bucket takes a while) leaves it there."""
         fill, leader = self.cache.fills.begin(fill_key(self.target, tag_kind), self.identity,
-                                              self.proxy.clock.time())
+                                              self.proxy.clock.time(), None if self.looked_again else stored)
+        if fill is None and leader:
+            self.looked_again = True  # once: an object evicted meanwhile is then filled
+            return self.serve()
         if fill is None:
             return self.pass_through()
         if not leader:
@@ -7605,7 +7621,7 @@ class BlobEndpoint(CachedObject):
         elif self.request.method == "HEAD" or self.request.headers.get("range"):
             self.pass_through()
         else:
-            self.fill_and_follow(digest, manifest=False)
+            self.fill_and_follow(digest, manifest=False, stored=lambda: self.cache.store.exists(digest))
 
     def redirects(self) -> bool:
         """S3_REDIRECT answers this request: a client's GET (a peer wants the bytes)."""
@@ -7659,13 +7675,17 @@ class ManifestEndpoint(CachedObject):
         digest = self.target.reference
         self.wait_until_stored()
         media_type = self.cache.media_type(digest)
-        if media_type and accepts(self.request.accept, media_type):
+        if self.acceptable(media_type):
             if self.allow_or_relay_refusal(digest):
                 self.send_cached(digest, media_type)
         elif self.request.method == "HEAD":
             self.pass_through()
         else:
-            self.fill_and_follow(digest, manifest=True)
+            self.fill_and_follow(digest, manifest=True,
+                                 stored=lambda: self.acceptable(self.cache.store.media_type(digest)))
+
+    def acceptable(self, media_type: str | None) -> bool:
+        return bool(media_type) and accepts(self.request.accept, media_type)
 
 
 class TagEndpoint(CachedObject):

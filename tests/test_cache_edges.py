@@ -173,3 +173,37 @@ def test_head_of_a_tag_on_a_full_disk_is_passed_through(start_proxy, monkeypatch
         status, headers, body = proxy.request("HEAD", "/v2/library/a/manifests/1", ACCEPT)
         status2, _, _ = proxy.request("GET", "/v2/library/a/manifests/1", ACCEPT)
         assert (status, status2) == (200, 200)
+
+
+def looks_missing_once(monkeypatch, store, method, digest, missing):
+    """store.<method>(digest) answers `missing` the first time: the request looked just before a
+    running fill of the digest renamed its object into place (and then ended)."""
+    real, looked = getattr(store, method), []
+
+    def first_look_misses(asked, *args):
+        if asked == digest and not looked:
+            looked.append(asked)
+            return missing
+        return real(asked, *args)
+    monkeypatch.setattr(store, method, first_look_misses)
+    return looked
+
+
+@pytest.mark.parametrize("kind", ["blobs", "manifests"])
+def test_an_object_stored_after_the_request_looked_is_a_hit_not_a_second_fill(start_proxy, monkeypatch, kind):
+    """A fill ends (object renamed in, fill removed) between a request's look at the
+    store and its own begin(): the request is served from the store, not by a new
+    upstream GET (with a bucket, the look at the bucket in between made this window
+    wide enough for the cluster test to hit it)."""
+    with FakeRegistry(auth_required=False) as fake:
+        image = fake.add_image("library/a", "1", [b"layer" * 1000])
+        proxy = start_proxy("--upstream", f"docker={fake.url}")
+        digest = image["layers"][0] if kind == "blobs" else image["digest"]
+        assert proxy.request("GET", f"/v2/library/a/{kind}/{digest}", ACCEPT)[0] == 200
+        assert proxy.cache.wait_idle(), "settled"
+        fake.reset_counters()
+        looked = looks_missing_once(monkeypatch, proxy.cache.store, "exists" if kind == "blobs" else "media_type",
+                                    digest, False if kind == "blobs" else None)
+        status, headers, body = proxy.request("GET", f"/v2/library/a/{kind}/{digest}", ACCEPT)
+        assert looked and status == 200 and dockerproxy.bytes_digest(body, digest) == digest
+        assert (headers["X-Cache"], fake.count(method="GET")) == ("HIT", 0)

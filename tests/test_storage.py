@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import threading
+import time
 
 import pytest
 
@@ -415,3 +416,51 @@ def test_an_access_link_is_made_even_when_a_purge_removes_its_directory_meanwhil
     monkeypatch.setattr(dockerproxy.os, "makedirs", makedirs_then_purge)
     records.link("https://u", "library/app", [digest])
     assert purged and os.path.exists(path)
+
+
+class WatchedLock:
+    """A lock that says when a thread waits for it (a second sweep, here)."""
+
+    def __init__(self):
+        self.lock, self.waiting = threading.Lock(), threading.Event()
+
+    def __enter__(self):
+        if not self.lock.acquire(blocking=False):
+            self.waiting.set()
+            self.lock.acquire()
+        return self
+
+    def __exit__(self, *exc):
+        self.lock.release()
+
+
+def test_a_sweep_counts_its_evictions_before_the_next_sweep_can_run(tmp_path, monkeypatch):
+    """One who runs a sweep right after another (an operator's, the tests') sees the other's
+    evictions counted: the count is added before the sweep lets the next one in."""
+    cache = dockerproxy.Cache(str(tmp_path / "cache"), 100, 0, clock=MovableClock(), metrics=dockerproxy.Metrics())
+    for index in range(3):
+        put(cache.store, bytes([index]) * 60)
+    cache._sweep_lock = lock = WatchedLock()
+    counting, go, real_add = threading.Event(), threading.Event(), cache.metrics.add
+
+    def held_add(name, labels=(), amount=1):
+        if threading.current_thread().name == "first sweep":
+            counting.set()
+            go.wait(30)
+        real_add(name, labels, amount)
+    monkeypatch.setattr(cache.metrics, "add", held_add)
+    first = threading.Thread(target=cache.sweep, name="first sweep")
+    first.start()
+    assert counting.wait(30), "the first sweep counts its evictions"
+    seen = []
+    second = threading.Thread(target=lambda: (cache.sweep(), seen.append(
+        cache.metrics.value("dockerproxy_cache_evictions_total"))))
+    second.start()
+    deadline = time.monotonic() + 30
+    while second.is_alive() and not lock.waiting.is_set() and time.monotonic() < deadline:
+        second.join(0.01)  # until it waits for the first sweep, or ran past it
+    go.set()
+    first.join(30)
+    second.join(30)
+    removed = 3 - len(cache.store.objects())
+    assert removed >= 1 and seen == [removed]
