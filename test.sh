@@ -82,6 +82,8 @@ ensure_packages() {
   { command -v promtool >/dev/null && command -v prometheus >/dev/null; } || missing+=(prometheus)  # /metrics, alert rules
   command -v chromium >/dev/null || missing+=(chromium)         # the status page in a real browser
   command -v chromedriver >/dev/null || missing+=(chromium-driver)
+  [ -x /usr/sbin/dockerd ] && [ -x /usr/bin/docker ] || missing+=(docker.io)  # the engine tests start their own dockerd
+  [ -x /bin/busybox ] || missing+=(busybox-static)  # the Dockerfile's stand-in helper image
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     say "installing ${missing[*]} with apt-get"

@@ -465,17 +465,6 @@ def test_bad_size_or_duration_is_refused(text):
         dockerproxy.parse_size(text)
 
 
-def test_readme_daemon_json_snippet_is_valid_json_naming_the_proxy():
-    """docker cannot run here (no engine); at least its README snippet must be what dockerd parses."""
-    import re as regex
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    blocks = [block for block in regex.findall(r"```json\n(.*?)```", readme, regex.S) if "registry-mirrors" in block]
-    assert blocks
-    for block in blocks:
-        daemon = json.loads(block)
-        assert daemon["registry-mirrors"] == ["http://proxy.example:8080"]
-
-
 def test_config_repr_shows_no_auth_file_accounts(tmp_path):
     """accounts was repr=False on the dataclass ("never printed"); the namedtuple's repr
     prints every account: host and username (the password stays ***)."""
