@@ -307,6 +307,13 @@ MAX_SIZE_OVERSHOOT = 2
 ORPHAN_MIN_RATE = 64 * 1024
 ORPHAN_GRACE = 30.0
 
+# Fills that ended with their object stored, remembered by key and digest so
+# that a request which looked just before one ended is served from the store
+# rather than filling again (Fills.begin); 2 entries a fill, about 200 bytes
+# each.  A request slower than this many fills between its look and its
+# begin() fills once more: never wrong, one more upstream GET.
+MAX_ENDED_FILLS = 4096
+
 # Digests a purge left for the next sweep to check, at most (100 bytes each):
 # beyond, objects of purged repositories wait for ordinary eviction.
 MAX_PURGED = 100_000
@@ -4070,6 +4077,8 @@ class Fills:
         self._changed = threading.Condition()
         self._running = {}            # key -> Fill
         self._storing = {}            # digest -> verified Fill being fsynced and renamed
+        self._ended = collections.OrderedDict()  # key or digest -> self.ends when its fill ended stored
+        self.ends = 0                 # fills ended stored so far: a request notes it before it looks
         self.on_stored = None         # (digest, media type) -> None: queues the upload to a bucket, if any
         self.on_failed = None         # (fill, digest, error) -> None: a fill from the bucket or a peer failed
         # With a bucket, the bookkeeping (bucket requests) comes after the fill
@@ -4080,20 +4089,25 @@ class Fills:
         # once behind its circuit breaker, so they cannot pile up threads.)
         self.record_late = False
 
-    def begin(self, key: tuple, identity: str | None, now: float, stored=None) -> tuple:
+    def begin(self, key: tuple, identity: str | None, now: float, since: int | None = None,
+              digest: str | None = None) -> tuple:
         """(fill, True) for the first request of `key`, (its fill, False) for the
         others, (None, False) when MAX_FILLS are running: pass it through.
 
-        (None, True) when `stored()` says the object is in the store now: the
-        fill that put it there ended after the caller looked (serve it from
-        there).  Asked under the lock, where it is exact: a fill renames its
-        object into place before end() takes it.
+        (None, True): look again, do not fill.  A fill of `key` (or of
+        `digest`, from any repository) ended stored, its records written,
+        after the caller noted `since` = self.ends and looked: the caller's
+        look may have missed it (a look at a bucket takes a while).  Nothing
+        but memory is read under the lock.  (With a bucket, a request while a
+        fill's records are still being written fills again: waiting for them
+        would let a slow bucket stall pulls, which record_late exists to avoid.)
         """
         with self._changed:
             fill = self._running.get(key)
             if fill is not None:
                 return fill, False
-            if stored is not None and stored():
+            if since is not None and (self._ended.get(key, 0) > since
+                                      or (digest is not None and self._ended.get(digest, 0) > since)):
                 return None, True
             if len(self._running) >= self.max_fills:
                 return None, False
@@ -4126,6 +4140,15 @@ class Fills:
         fill = self._running.get(key)
         if fill is not None and fill.verified:
             fill.wait_finished(timeout)
+
+    def _remember_ended(self, fill: Fill, digest: str) -> None:
+        """A fill ended with its object stored and its records written (the caller holds the lock)."""
+        self.ends += 1
+        for name in (fill.key, digest):
+            self._ended[name] = self.ends
+            self._ended.move_to_end(name)
+        while len(self._ended) > MAX_ENDED_FILLS:
+            self._ended.popitem(last=False)
 
     def wait_digest_stored(self, digest: str, timeout: float) -> None:
         """If `digest` (from any repository or tag) is being stored, wait until it is."""
@@ -4206,11 +4229,13 @@ class Fills:
             self.budget.unreserve(fill.length)
             late = state == Fill.DONE and self.record_late
             upload = state == Fill.DONE and fill.source == "upstream" and self.on_stored is not None
-            if not late:
-                with self._changed:
+            with self._changed:
+                if not late:
                     self._storing.pop(actual, None)
-                if upload:
-                    self.on_stored(actual, media_type)  # queued (Uploads): what came from upstream only
+                if state == Fill.DONE and not late:
+                    self._remember_ended(fill, actual)
+            if upload and not late:
+                self.on_stored(actual, media_type)  # queued (Uploads): what came from upstream only
             self.end(fill, state)
         if late:  # its slot among MAX_FILLS is free; wait_idle() still waits for this
             self._record(actual, spool, on_verified)
@@ -4218,6 +4243,7 @@ class Fills:
                 self.on_stored(actual, media_type)
             with self._changed:
                 self._storing.pop(actual, None)
+                self._remember_ended(fill, actual)
                 self._changed.notify_all()
 
     def _copy_verified(self, fill: Fill, response, spool: Spool, digest: str | None) -> str:
@@ -7315,13 +7341,16 @@ class CachedObject(PassThrough):
         self.asked_at = None                # when this request's fill asked its source
         self.from_bucket = False            # a fill's source: the bucket, which Access let this client have
         self.looked_again = False           # serve() ran again for an object stored since it looked
+        self.looked_at = 0                  # Fills.ends when serve() began to look (see fill_and_follow)
 
     def may_serve(self, digest: str, stale: bool = False) -> bool:
         return self.access.may_serve(self.identity, self.route.upstream, self.target.repository, digest, stale)
 
     def wait_until_stored(self, tag_kind: str | None = None) -> None:
-        """Wait out the store of an object a client may just have received whole."""
+        """Wait out the store of an object a client may just have received
+        whole; what the look that follows may miss, begin() catches."""
         fills, timeout = self.cache.fills, self.proxy.config.read_timeout
+        self.looked_at = fills.ends
         fills.wait_stored(fill_key(self.target, tag_kind), timeout)
         if tag_kind is None:
             fills.wait_digest_stored(self.target.reference, timeout)
@@ -7389,14 +7418,14 @@ class CachedObject(PassThrough):
         finally:
             self.cache.store.close(file)
 
-    def fill_and_follow(self, digest: str | None, manifest: bool, tag_kind: str | None = None,
-                        stored=None) -> None:
+    def fill_and_follow(self, digest: str | None, manifest: bool, tag_kind: str | None = None) -> None:
         """A miss: one upstream GET per object, however many clients ask at once
-        (beyond MAX_FILLS, passed through uncached).  `stored()` says whether
-        serve() would find the object in the store now: a fill that ended since
-        serve() looked (a look at the bucket takes a while) leaves it there."""
+        (beyond MAX_FILLS, passed through uncached).  A fill of it that ended
+        since serve() looked (a look at the bucket takes a while) sends this
+        request back to serve() once, to find it stored."""
         fill, leader = self.cache.fills.begin(fill_key(self.target, tag_kind), self.identity,
-                                              self.proxy.clock.time(), None if self.looked_again else stored)
+                                              self.proxy.clock.time(),
+                                              None if self.looked_again else self.looked_at, digest)
         if fill is None and leader:
             self.looked_again = True  # once: an object evicted meanwhile is then filled
             return self.serve()
@@ -7621,7 +7650,7 @@ class BlobEndpoint(CachedObject):
         elif self.request.method == "HEAD" or self.request.headers.get("range"):
             self.pass_through()
         else:
-            self.fill_and_follow(digest, manifest=False, stored=lambda: self.cache.store.exists(digest))
+            self.fill_and_follow(digest, manifest=False)
 
     def redirects(self) -> bool:
         """S3_REDIRECT answers this request: a client's GET (a peer wants the bytes)."""
@@ -7681,8 +7710,7 @@ class ManifestEndpoint(CachedObject):
         elif self.request.method == "HEAD":
             self.pass_through()
         else:
-            self.fill_and_follow(digest, manifest=True,
-                                 stored=lambda: self.acceptable(self.cache.store.media_type(digest)))
+            self.fill_and_follow(digest, manifest=True)
 
     def acceptable(self, media_type: str | None) -> bool:
         return bool(media_type) and accepts(self.request.accept, media_type)

@@ -99,9 +99,20 @@ class DockerEngine:
                 self.process.kill()
                 self.process.wait(10)
         self.log.close()
-        # vfs copies each layer: do not leave them behind; unmount what a dead daemon left mounted first
-        subprocess.run(["umount", "-R", "-l", os.path.join(self.root, "exec")], capture_output=True)
-        shutil.rmtree(self.root, ignore_errors=True)
+        # vfs copies each layer: do not leave them behind; first what dockerd left mounted
+        # under its root (its network namespace file), deepest first
+        for mount_point in sorted(mounts_under(self.root), key=len, reverse=True):
+            subprocess.run(["umount", "-l", mount_point], capture_output=True)
+        left = mounts_under(self.root)
+        assert not left, f"still mounted after dockerd stopped: {left}"
+        shutil.rmtree(self.root)
+
+
+def mounts_under(root) -> list:
+    """Mount points at or below `root`, from /proc/self/mountinfo (field 5; octal escapes for spaces)."""
+    with open("/proc/self/mountinfo") as file:
+        points = [line.split()[4].encode().decode("unicode_escape") for line in file]
+    return [point for point in points if point == root or point.startswith(root.rstrip("/") + "/")]
 
 
 # Stand-in base images ########################################################
@@ -197,12 +208,14 @@ def import_base_images(engine, workdir) -> dict:
 def hosts_entries(entries: dict, path="/etc/hosts"):
     """`entries` (name -> address) added to /etc/hosts, written in place (it may be a
     bind mount); the original text is put back after."""
+    marker = "  # dockerproxy tests\n"
     with open(path) as file:
         original = file.read()
-    lines = "".join(f"{address} {name}  # dockerproxy tests\n" for name, address in entries.items())
-    with open(path, "w") as file:
-        file.write(original + ("" if original.endswith("\n") or not original else "\n") + lines)
-    try:
+    kept = "".join(line for line in original.splitlines(keepends=True) if not line.endswith(marker))
+    lines = "".join(f"{address} {name}{marker}" for name, address in entries.items())
+    try:  # a killed run's lines are not kept as if they were the machine's
+        with open(path, "w") as file:
+            file.write(kept + ("" if kept.endswith("\n") or not kept else "\n") + lines)
         yield
     finally:
         with open(path, "w") as file:
@@ -214,14 +227,16 @@ def trusted_ca(host_port: str, ca_pem_path, root="/etc/docker/certs.d"):
     """/etc/docker/certs.d/<host:port>/ca.crt, as the Docker documentation says; removed after."""
     directory = os.path.join(root, host_port)
     created = [path for path in (os.path.dirname(root), root, directory) if not os.path.exists(path)]
-    os.makedirs(directory, exist_ok=True)
-    shutil.copyfile(ca_pem_path, os.path.join(directory, "ca.crt"))
     try:
+        os.makedirs(directory, exist_ok=True)
+        shutil.copyfile(ca_pem_path, os.path.join(directory, "ca.crt"))
         yield
     finally:
-        os.remove(os.path.join(directory, "ca.crt"))
+        if os.path.exists(os.path.join(directory, "ca.crt")):
+            os.remove(os.path.join(directory, "ca.crt"))
         for path in reversed(created):
-            os.rmdir(path)
+            if os.path.isdir(path):
+                os.rmdir(path)
 
 
 def saved_layers(engine, reference, workdir) -> tuple:

@@ -175,35 +175,48 @@ def test_head_of_a_tag_on_a_full_disk_is_passed_through(start_proxy, monkeypatch
         assert (status, status2) == (200, 200)
 
 
-def looks_missing_once(monkeypatch, store, method, digest, missing):
-    """store.<method>(digest) answers `missing` the first time: the request looked just before a
-    running fill of the digest renamed its object into place (and then ended)."""
-    real, looked = getattr(store, method), []
-
-    def first_look_misses(asked, *args):
-        if asked == digest and not looked:
-            looked.append(asked)
-            return missing
-        return real(asked, *args)
-    monkeypatch.setattr(store, method, first_look_misses)
-    return looked
-
-
-@pytest.mark.parametrize("kind", ["blobs", "manifests"])
+@pytest.mark.parametrize("kind", ["blobs", "manifests", "tags"])
 def test_an_object_stored_after_the_request_looked_is_a_hit_not_a_second_fill(start_proxy, monkeypatch, kind):
-    """A fill ends (object renamed in, fill removed) between a request's look at the
-    store and its own begin(): the request is served from the store, not by a new
-    upstream GET (with a bucket, the look at the bucket in between made this window
-    wide enough for the cluster test to hit it)."""
+    """A first client's fill ends (object renamed in, fill removed) between a second
+    client's look at the store (or tag index) and its own begin(): the second is
+    served from the store, not by a second upstream GET (with a bucket, the look at
+    the bucket in between made this window wide enough for the cluster test to hit it)."""
     with FakeRegistry(auth_required=False) as fake:
         image = fake.add_image("library/a", "1", [b"layer" * 1000])
         proxy = start_proxy("--upstream", f"docker={fake.url}")
-        digest = image["layers"][0] if kind == "blobs" else image["digest"]
-        assert proxy.request("GET", f"/v2/library/a/{kind}/{digest}", ACCEPT)[0] == 200
-        assert proxy.cache.wait_idle(), "settled"
-        fake.reset_counters()
-        looked = looks_missing_once(monkeypatch, proxy.cache.store, "exists" if kind == "blobs" else "media_type",
-                                    digest, False if kind == "blobs" else None)
-        status, headers, body = proxy.request("GET", f"/v2/library/a/{kind}/{digest}", ACCEPT)
-        assert looked and status == 200 and dockerproxy.bytes_digest(body, digest) == digest
-        assert (headers["X-Cache"], fake.count(method="GET")) == ("HIT", 0)
+        digest = {"blobs": image["layers"][0], "manifests": image["digest"], "tags": "1"}[kind]
+        path = f"/v2/library/a/{'blobs' if kind == 'blobs' else 'manifests'}/{digest}"
+        fills = proxy.cache.fills
+        looked, method, position = {"blobs": (proxy.cache.store, "exists", 0),
+                                    "manifests": (proxy.cache.store, "media_type", 0),
+                                    "tags": (proxy.cache, "tag", 2)}[kind]
+        real_look, real_copy = getattr(looked, method), fills._copy_verified
+        first_looked, go, lookers = threading.Event(), threading.Event(), []
+
+        def look(*args):
+            if args[position] != digest or threading.get_ident() in lookers or threading.current_thread().name == "fill":
+                return real_look(*args)
+            lookers.append(threading.get_ident())
+            if len(lookers) == 1:
+                first_looked.set()
+                return real_look(*args)
+            seen = real_look(*args)     # the second client's look: not stored yet...
+            go.set()
+            assert fills.wait_idle(30)  # ...and the first client's fill ends before it begins its own
+            return seen
+
+        def held_copy(*args):
+            assert go.wait(30), "the second client looked"
+            return real_copy(*args)
+        monkeypatch.setattr(looked, method, look)
+        monkeypatch.setattr(fills, "_copy_verified", held_copy)
+        answers = {}
+        first = threading.Thread(target=lambda: answers.setdefault("first", proxy.request("GET", path, ACCEPT)))
+        first.start()
+        assert first_looked.wait(30)
+        status, headers, body = proxy.request("GET", path, ACCEPT)
+        first.join(30)
+        assert answers["first"][0] == 200 and len(lookers) == 2
+        assert status == 200 and body == answers["first"][2]
+        gets = fake.count(server="registry", method="GET", path_contains=path.rsplit("/", 1)[0])
+        assert (headers["X-Cache"], gets) == ("HIT", 1)

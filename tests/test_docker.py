@@ -68,23 +68,26 @@ def outside_address():
     return None
 
 
-@pytest.fixture(scope="module")
+OUTSIDE = outside_address()
+
+
+@pytest.fixture
 def address():
-    found = outside_address()
-    if found is None:
+    if OUTSIDE is None:
         unavailable("this machine has no IPv4 address outside 127.0.0.0/8 for the HTTPS test")
-    return found
+    return OUTSIDE
 
 
 @pytest.fixture(scope="module")
-def engine(trap, address):
+def engine(trap):
     """dockerd with the README's daemon.json, the test names in /etc/hosts from before it starts
     (Go caches the hosts file for 5 s), and the trap as its proxy for anything else."""
     engine_or_skip()
     environ = trap.environ()
-    no_proxy = f"127.0.0.1,localhost,.{DOMAIN},{address}"
+    no_proxy = ",".join(["127.0.0.1", "localhost", f".{DOMAIN}"] + ([OUTSIDE] if OUTSIDE else []))
     environ.update(NO_PROXY=no_proxy, no_proxy=no_proxy)
-    with hosts_entries({f"ghcr.{DOMAIN}": "127.0.0.1", TLS_NAME: address}):
+    names = {f"ghcr.{DOMAIN}": "127.0.0.1", **({TLS_NAME: OUTSIDE} if OUTSIDE else {})}
+    with hosts_entries(names):
         try:
             daemon = DockerEngine(readme_daemon_json(), environ)
         except (RuntimeError, TimeoutError) as err:
@@ -175,13 +178,14 @@ def test_docker_pulls_docker_hub_names_through_the_readme_mirror_and_again_offli
         ]
 
         def pull_all(round):
+            start = len(proxy.answers)
             for arguments, reference, image, repo_digest in pulls:
                 since = len(proxy.answers)
                 engine.docker("pull", *arguments)
                 assert manifests_served(proxy, since), (f"{arguments}: not through the mirror", proxy.answers[since:])
                 repository, digest = repo_digest.split("@")
                 check_engine_image(engine, reference, image, repository, digest, tmp_path)
-            blobs = {a["path"].rsplit("/", 1)[1] for a in served(proxy) if "/blobs/" in a["path"]}
+            blobs = {a["path"].rsplit("/", 1)[1] for a in served(proxy, start) if "/blobs/" in a["path"]}
             assert blobs >= {small["config"], arm64["config"], schema2["config"],
                              *small["layers"], *arm64["layers"], *schema2["layers"]}, round
 
@@ -234,7 +238,9 @@ def test_docker_pulls_ghcr_by_path_prefix_and_by_host_route_and_again_offline(
         remove_images(engine)
         offline = len(proxy.answers)
         pull_both("offline")
-        assert all(a["x_cache"] in ("HIT", "STALE") for a in served(proxy, offline)), served(proxy, offline)
+        answered = served(proxy, offline)
+        assert answered and all(a["x_cache"] in ("HIT", "STALE") for a in answered), answered
+        assert {a["path"].rsplit("/", 1)[1] for a in answered if "/blobs/" in a["path"]} >= set(image["layers"])
     finally:
         upstream.stop()
         upstream.tokens.stop()
@@ -308,6 +314,9 @@ def test_the_image_builds_from_local_bases_runs_as_65532_on_a_named_volume_and_s
         wait_until(lambda: state()["Health"]["Status"] == "healthy" or not state()["Running"],
                    timeout=60, what="the container's HEALTHCHECK")
         assert state()["Health"]["Status"] == "healthy", engine.docker("logs", "dockerproxy").stderr[-3000:]
+        probes = state()["Health"]["Log"]
+        assert probes and probes[-1]["ExitCode"] == 0, probes
+        assert '"GET 127.0.0.1:%d /healthz" route=- status=200' % port in engine.docker("logs", "dockerproxy").stderr
         with open(f"/proc/{state()['Pid']}/status") as file:
             ids = {line.split(":")[0]: line.split()[1:] for line in file if line.startswith(("Uid", "Gid"))}
         assert ids == {"Uid": ["65532"] * 4, "Gid": ["65532"] * 4}, ids
