@@ -160,13 +160,15 @@ class S3Server:
         server.endpoint        "http://127.0.0.1:PORT"
         server.access_key / .secret_key / .region
         server.stop(signal.SIGKILL); server.restart()   # same ports, same data
+        S3Server(domain="s3.example.test")      # also answers <bucket>.s3.example.test:PORT/<key>
 
     Attributes set by start(): endpoint, host ("127.0.0.1:PORT"), port,
     ports (role -> port), data_dir, log_path, process."""
 
     region = "us-east-1"  # SeaweedFS accepts any region in a signature's scope
 
-    def __init__(self):
+    def __init__(self, domain=None):
+        self.domain = domain  # -s3.domainName: <bucket>.<domain>[:port] addresses a bucket (virtual hosts)
         self.access_key = "AKIA" + secrets.token_hex(8).upper()
         self.secret_key = secrets.token_urlsafe(30)
         self.reader_access_key = "AKIA" + secrets.token_hex(8).upper()
@@ -318,7 +320,7 @@ class S3Server:
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-s3.iam=false",
             "-s3.autoCreateBucket=false",  # as AWS: a PUT into a missing bucket is 404 NoSuchBucket
             "-webdav=false", "-sftp=false",
-        ]
+        ] + ([f"-s3.domainName={self.domain}"] if self.domain else [])
 
     def _launch(self):
         with open(self.log_path, "ab") as log:

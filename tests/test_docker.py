@@ -317,6 +317,9 @@ def test_the_image_builds_from_local_bases_runs_as_65532_on_a_named_volume_and_s
         probes = state()["Health"]["Log"]
         assert probes and probes[-1]["ExitCode"] == 0, probes
         assert '"GET 127.0.0.1:%d /healthz" route=- status=200' % port in engine.docker("logs", "dockerproxy").stderr
+        probe = built["Healthcheck"]["Test"][1:]  # the probe itself fails where nothing answers
+        failed = engine.docker("exec", "-e", f"PORT={free_port()}", "dockerproxy", *probe, check=False)
+        assert failed.returncode == 1, (failed.returncode, failed.stderr[-1000:])
         with open(f"/proc/{state()['Pid']}/status") as file:
             ids = {line.split(":")[0]: line.split()[1:] for line in file if line.startswith(("Uid", "Gid"))}
         assert ids == {"Uid": ["65532"] * 4, "Gid": ["65532"] * 4}, ids
@@ -336,6 +339,26 @@ def test_the_image_builds_from_local_bases_runs_as_65532_on_a_named_volume_and_s
         assert (stopped["Running"], stopped["ExitCode"], stopped["OOMKilled"]) == (False, 0, False), (
             stopped, logs.stderr[-2000:])
         assert "SIGTERM: shutting down" in logs.stderr and "shutdown: done" in logs.stderr
+
+        # With TLS_CERT the HEALTHCHECK asks over HTTPS (the certificate names no 127.0.0.1)
+        need(openssl=OPENSSL)
+        certificates = tmp_path / "certificates"
+        certificates.mkdir()
+        _, cert, key = make_ca_and_certificate(certificates, TLS_NAME)
+        os.chmod(key, 0o644)  # for uid 65532, in this throwaway directory only
+        tls_port = free_port()
+        engine.docker("run", "-d", "--name", "dockerproxy-tls", "--network", "host", "--health-interval", "1s",
+                      "-v", f"{certificates}:/certificates:ro", "-e", f"PORT={tls_port}",
+                      "-e", "TLS_CERT=/certificates/proxy.crt", "-e", "TLS_KEY=/certificates/proxy.key",
+                      "-e", f"UPSTREAM_DOCKER={upstream.url}", "dockerproxy:test")
+
+        def tls_health():
+            return engine.inspect("container", "inspect", "dockerproxy-tls")[0]["State"]
+        wait_until(lambda: tls_health()["Health"]["Status"] == "healthy" or not tls_health()["Running"],
+                   timeout=60, what="the HEALTHCHECK over HTTPS")
+        assert tls_health()["Health"]["Status"] == "healthy", engine.docker("logs", "dockerproxy-tls").stderr[-3000:]
+        assert '"GET 127.0.0.1:%d /healthz" route=- status=200' % tls_port in engine.docker(
+            "logs", "dockerproxy-tls").stderr
     finally:
         upstream.stop()
 
