@@ -882,7 +882,8 @@ def test_sigterm_aborts_a_multipart_upload_it_cannot_finish(upstream, fake_s3, t
     e529c27 leaves it pending in the store for its own next start; an instance
     that never starts again (a StatefulSet scaled down) leaves it there, billed,
     until some other instance restarts (stale uploads are only swept at start)."""
-    digest = upstream.add_pattern_blob("library/app", 70 * 1024 * 1024, seed=7)
+    size = dockerproxy.MULTIPART_THRESHOLD + 6 * 1024 * 1024  # in parts: the process's own constants
+    digest = upstream.add_pattern_blob("library/app", size, seed=7)
     stuck = threading.Event()
 
     def hold_part_two(request):
@@ -910,8 +911,12 @@ def test_sigterm_aborts_a_multipart_upload_it_cannot_finish(upstream, fake_s3, t
             except OSError:
                 return False
         wait_until(serving, timeout=30, what="the proxy serving")
-        status, _, body = http_request(f"http://127.0.0.1:{port}/v2/library/app/blobs/{digest}", timeout=120)
-        assert status == 200 and len(body) == 70 * 1024 * 1024
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+        connection.request("GET", f"/v2/library/app/blobs/{digest}")
+        answer = connection.getresponse()
+        received = sum(len(chunk) for chunk in iter(lambda: answer.read(1 << 20), b""))  # not kept
+        connection.close()
+        assert answer.status == 200 and received == size
         assert stuck.wait(60), "the upload never reached part 2"
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, log_path.read_text()[-3000:]
