@@ -4095,12 +4095,13 @@ class Fills:
         others, (None, False) when MAX_FILLS are running: pass it through.
 
         (None, True): look again, do not fill.  A fill of `key` (or of
-        `digest`, from any repository) ended stored, its records written,
-        after the caller noted `since` = self.ends and looked: the caller's
-        look may have missed it (a look at a bucket takes a while).  Nothing
-        but memory is read under the lock.  (With a bucket, a request while a
-        fill's records are still being written fills again: waiting for them
-        would let a slow bucket stall pulls, which record_late exists to avoid.)
+        `digest`, from any repository) ended stored after the caller noted
+        `since` = self.ends and looked: the caller's look may have missed it
+        (a look at a bucket takes a while).  Nothing but memory is read under
+        the lock.  (With a bucket a fill's records may still be on their way:
+        a blob found again is then allowed by a HEAD upstream, as any blob
+        without its link; a tag whose entry is not written yet fills again,
+        since waiting for it would let a slow bucket stall pulls.)
         """
         with self._changed:
             fill = self._running.get(key)
@@ -4142,7 +4143,7 @@ class Fills:
             fill.wait_finished(timeout)
 
     def _remember_ended(self, fill: Fill, digest: str) -> None:
-        """A fill ended with its object stored and its records written (the caller holds the lock)."""
+        """A fill ended with its object stored (the caller holds the lock)."""
         self.ends += 1
         for name in (fill.key, digest):
             self._ended[name] = self.ends
@@ -4230,10 +4231,10 @@ class Fills:
             late = state == Fill.DONE and self.record_late
             upload = state == Fill.DONE and fill.source == "upstream" and self.on_stored is not None
             with self._changed:
+                if state == Fill.DONE:  # stored: a request that looked before finds it now (begin)
+                    self._remember_ended(fill, actual)
                 if not late:
                     self._storing.pop(actual, None)
-                if state == Fill.DONE and not late:
-                    self._remember_ended(fill, actual)
             if upload and not late:
                 self.on_stored(actual, media_type)  # queued (Uploads): what came from upstream only
             self.end(fill, state)
@@ -4243,7 +4244,6 @@ class Fills:
                 self.on_stored(actual, media_type)
             with self._changed:
                 self._storing.pop(actual, None)
-                self._remember_ended(fill, actual)
                 self._changed.notify_all()
 
     def _copy_verified(self, fill: Fill, response, spool: Spool, digest: str | None) -> str:
@@ -7229,12 +7229,10 @@ class PassThrough(Part):
         """The client's headers, with the proxy's own account if the client brings none
         (a peer's request: never a credential of its own, whatever it carries)."""
         headers = forwarded_request_headers(self.request.headers, same_host=not self.request.via_peer)
-        if "authorization" not in headers and self.route.credentials:
-            authorization = self.proxy.auth.authorization(self.route, self.target.repository)
-            if authorization:
-                headers["authorization"] = authorization
-        elif "authorization" not in headers and self.request.via_peer:
-            authorization = self.proxy.auth.anonymous_authorization(self.route, self.target.repository)
+        if "authorization" not in headers:
+            auth, repository = self.proxy.auth, self.target.repository
+            authorization = (auth.authorization(self.route, repository) if self.route.credentials else
+                             auth.anonymous_authorization(self.route, repository) if self.request.via_peer else None)
             if authorization:
                 headers["authorization"] = authorization
         return headers
@@ -7706,16 +7704,13 @@ class ManifestEndpoint(CachedObject):
         digest = self.target.reference
         self.wait_until_stored()
         media_type = self.cache.media_type(digest)
-        if self.acceptable(media_type):
+        if media_type and accepts(self.request.accept, media_type):
             if self.allow_or_relay_refusal(digest):
                 self.send_cached(digest, media_type)
         elif self.request.method == "HEAD":
             self.pass_through()
         else:
             self.fill_and_follow(digest, manifest=True)
-
-    def acceptable(self, media_type: str | None) -> bool:
-        return bool(media_type) and accepts(self.request.accept, media_type)
 
 
 class TagEndpoint(CachedObject):

@@ -284,6 +284,20 @@ def test_docker_login_to_the_proxy_pulls_a_private_image_and_nothing_without_it(
 
 # 4. The Dockerfile: built from local base images, run as the README says #######
 
+def wait_healthy(engine, container, port):
+    """Until the image's HEALTHCHECK calls `container` healthy (or it stopped): healthy, its last
+    probe exited 0, and the proxy answered that probe's /healthz on `port`."""
+    def state():
+        return engine.inspect("container", "inspect", container)[0]["State"]
+    wait_until(lambda: state()["Health"]["Status"] == "healthy" or not state()["Running"],
+               timeout=60, what=f"{container}'s HEALTHCHECK")
+    logs = engine.docker("logs", container).stderr
+    assert state()["Health"]["Status"] == "healthy", logs[-3000:]
+    probes = state()["Health"]["Log"]
+    assert probes and probes[-1]["ExitCode"] == 0, probes
+    assert '"GET 127.0.0.1:%d /healthz" route=- status=200' % port in logs
+
+
 def test_the_image_builds_from_local_bases_runs_as_65532_on_a_named_volume_and_stops_on_sigterm(
         clean_engine, tmp_path, trap):
     """ARG PYTHON_IMAGE / HELPER_IMAGE set to stand-ins; the HEALTHCHECK turns healthy; a pull
@@ -311,12 +325,7 @@ def test_the_image_builds_from_local_bases_runs_as_65532_on_a_named_volume_and_s
 
         def state():
             return engine.inspect("container", "inspect", "dockerproxy")[0]["State"]
-        wait_until(lambda: state()["Health"]["Status"] == "healthy" or not state()["Running"],
-                   timeout=60, what="the container's HEALTHCHECK")
-        assert state()["Health"]["Status"] == "healthy", engine.docker("logs", "dockerproxy").stderr[-3000:]
-        probes = state()["Health"]["Log"]
-        assert probes and probes[-1]["ExitCode"] == 0, probes
-        assert '"GET 127.0.0.1:%d /healthz" route=- status=200' % port in engine.docker("logs", "dockerproxy").stderr
+        wait_healthy(engine, "dockerproxy", port)
         probe = built["Healthcheck"]["Test"][1:]  # the probe itself fails where nothing answers
         failed = engine.docker("exec", "-e", f"PORT={free_port()}", "dockerproxy", *probe, check=False)
         assert failed.returncode == 1, (failed.returncode, failed.stderr[-1000:])
@@ -351,14 +360,7 @@ def test_the_image_builds_from_local_bases_runs_as_65532_on_a_named_volume_and_s
                       "-v", f"{certificates}:/certificates:ro", "-e", f"PORT={tls_port}",
                       "-e", "TLS_CERT=/certificates/proxy.crt", "-e", "TLS_KEY=/certificates/proxy.key",
                       "-e", f"UPSTREAM_DOCKER={upstream.url}", "dockerproxy:test")
-
-        def tls_health():
-            return engine.inspect("container", "inspect", "dockerproxy-tls")[0]["State"]
-        wait_until(lambda: tls_health()["Health"]["Status"] == "healthy" or not tls_health()["Running"],
-                   timeout=60, what="the HEALTHCHECK over HTTPS")
-        assert tls_health()["Health"]["Status"] == "healthy", engine.docker("logs", "dockerproxy-tls").stderr[-3000:]
-        assert '"GET 127.0.0.1:%d /healthz" route=- status=200' % tls_port in engine.docker(
-            "logs", "dockerproxy-tls").stderr
+        wait_healthy(engine, "dockerproxy-tls", tls_port)
     finally:
         upstream.stop()
 
