@@ -5294,7 +5294,9 @@ PUBLIC_MARK_TTL = 5.0
 MARK_LOCKS = 64
 
 # A tag entry this instance wrote is not written again, naming the same
-# manifest, within this many seconds (a burst of HEADs of an uncached tag).
+# manifest, within this many seconds (a burst of HEADs of an uncached tag),
+# nor half MANIFEST_TTL when that is shorter: a revalidated entry must be
+# fresh again for the next request.
 TAG_REWRITE_INTERVAL = 30.0
 
 # A tag entry is a small JSON document: a larger one is not ours.
@@ -5316,8 +5318,9 @@ PEER_CONNECT_TIMEOUT = 2.0
 PEER_RETRY = 30.0
 MIN_PEER_SECRET = 16
 
-# Nonces of peer proofs remembered (each 2 x PEER_SKEW): only peers, who
-# hold the secret, make them, at most one a miss.
+# Nonces of peer proofs remembered (each 2 x PEER_SKEW), at most: one a miss
+# of an asker, which a client can make many of.  Beyond, the oldest are
+# forgotten and no proof dated at or before them is taken (Peers._take_nonce).
 MAX_PEER_NONCES = 100_000
 
 
@@ -6049,10 +6052,11 @@ class BucketRecords(AccessRecords):
 class BucketTags(TagIndex):
     """The TagIndex in the bucket: an entry is a small JSON object, as on disk."""
 
-    def __init__(self, bucket: Bucket, clock: Clock, trouble: DiskTrouble) -> None:
+    def __init__(self, bucket: Bucket, clock: Clock, trouble: DiskTrouble, manifest_ttl: float) -> None:
         super().__init__("", clock, trouble)
         self.bucket = bucket
         self.prefix = bucket.prefix
+        self.rewrite_interval = min(TAG_REWRITE_INTERVAL, manifest_ttl / 2)
         self._written = {}            # key -> (digest, media type, when) this instance last wrote
         self._locks = [threading.Lock() for _ in range(MARK_LOCKS)]  # by tag, striped
 
@@ -6081,7 +6085,7 @@ class BucketTags(TagIndex):
 
     def put(self, upstream: str, repository: str, tag: str, kind: str, digest: str, media_type: str,
             checked: float | None = None) -> None:
-        """The entry, unless this instance wrote the same one within TAG_REWRITE_INTERVAL
+        """The entry, unless this instance wrote the same one within rewrite_interval
         (each HEAD of an uncached tag notes it: one write, not one per HEAD).  A fill's
         entry is dated `checked`, when upstream answered, and written after the fill
         ended: it does not replace an entry checked later that names another manifest
@@ -6090,7 +6094,7 @@ class BucketTags(TagIndex):
         with self._locks[hash(key) % len(self._locks)]:  # this instance's writes of a tag: one at a time
             now = self.clock.time()
             written = self._written.get(key)
-            if written and written[:2] == (digest, media_type) and 0 <= now - written[2] < TAG_REWRITE_INTERVAL:
+            if written and written[:2] == (digest, media_type) and 0 <= now - written[2] < self.rewrite_interval:
                 return
             if checked is not None:
                 current = self.get(upstream, repository, tag, kind)
@@ -6243,7 +6247,7 @@ class SharedStore:
         self.clock = clock
         self.metrics = metrics
         self.trouble = BucketTrouble(repr(bucket))
-        self.tags = BucketTags(bucket, clock, self.trouble)
+        self.tags = BucketTags(bucket, clock, self.trouble, config.manifest_ttl)
         self.records = BucketRecords(bucket, clock, self.trouble)
         self.uses = LastUse(bucket, clock)
         self.journal = UploadJournal(os.path.join(config.cache_dir, UPLOAD_JOURNAL))
@@ -6293,10 +6297,13 @@ class SharedStore:
         return response
 
     def manifest(self, digest: str) -> tuple | None:
-        """(bytes, media type) of a manifest the bucket holds, checked against its digest; else None."""
+        """(bytes, media type) of a manifest the bucket holds, checked against its digest; else None.
+
+        The type is what its bytes say when they say it (as stored, if they do not):
+        a manifest first asked for as a blob went up as a blob, and is one all the same."""
         try:
             info = self.bucket.head(self.key(digest))
-            if info is None or info[1] in ("", BLOB_TYPE):  # a blob: no manifest
+            if info is None or info[0] > MAX_MANIFEST_SIZE:
                 return None
             data = self.bucket.get_small(self.key(digest), MAX_MANIFEST_SIZE)
         except S3Failure as err:
@@ -6304,7 +6311,8 @@ class SharedStore:
             return None
         if data is None or bytes_digest(data, digest) != digest:
             return None
-        return data, info[1]
+        media_type = document_media_type(data) or (info[1] if info[1] not in ("", BLOB_TYPE) else None)
+        return (data, media_type) if media_type else None
 
     def avoid(self, digest: str) -> None:
         """Reading the object failed (cut, stalled): not read again for a while."""
@@ -6341,6 +6349,7 @@ class SharedStore:
         file, size = opened
         try:
             self._upload_retried(file.fileno(), size, digest, media_type or BLOB_TYPE)
+            self._check_landed(digest, size)
             self.seen.add(digest)
             self.trouble.cleared()
             self.metrics.add("dockerproxy_s3_uploads_total", ("ok",))
@@ -6350,6 +6359,16 @@ class SharedStore:
             self.trouble.warn(err if isinstance(err, OSError) else OSError(errno.EIO, str(err)))
         finally:
             store.close(file)
+
+    def _check_landed(self, digest: str, size: int) -> None:
+        """The object is in the bucket whole, by its size: a store that took a cut body
+        for a whole one would otherwise be where S3_REDIRECT sends clients (nothing
+        the proxy serves itself reads it unchecked).  Deleted, ValueError, if not."""
+        info = self.bucket.head(self.key(digest))
+        if info is None or info[0] != size:
+            if info is not None:
+                self.bucket.delete(self.key(digest))
+            raise ValueError(f"the store kept {'nothing' if info is None else info[0]} of {size} bytes")
 
     def _upload_retried(self, fd: int, size: int, digest: str, content_type: str) -> None:
         """_upload(), tried again after a pause when the store is busy or briefly away
@@ -6486,7 +6505,8 @@ class Peers:
                               config.max_upstream_requests)
         self._down = {}               # peer -> (until, why): passed over until then
         self._lock = threading.Lock()
-        self._nonces = collections.OrderedDict()  # nonce -> when it may be forgotten (monotonic)
+        self._nonces = collections.OrderedDict()  # nonce -> (when it may be forgotten (monotonic), its time)
+        self._forgotten_up_to = 0     # the latest proof time among nonces forgotten early: older proofs refused
         self.refusals_logged = Recent(60.0, clock)
 
     def live(self) -> list:
@@ -6525,7 +6545,8 @@ class Peers:
         wire cannot be replayed)."""
         problem = peer_request_problem(self.secret, method, self.own, path, proof, self.clock.time())
         if not problem:
-            problem = self._take_nonce(proof.split(" ")[1])
+            timestamp, nonce = proof.split(" ")[:2]
+            problem = self._take_nonce(nonce, int(timestamp))
         if problem:
             self.metrics.add("dockerproxy_peer_served_total", ("refused",))
             if not self.refusals_logged.fresh(problem):  # one line a minute for each kind: no log flood
@@ -6533,19 +6554,22 @@ class Peers:
                 log.warning("peer request refused: %s (logged once a minute)", problem)
         return problem
 
-    def _take_nonce(self, nonce: str) -> str:
+    def _take_nonce(self, nonce: str, timestamp: int) -> str:
         """"" the first time a (signed) nonce is seen within 2 x PEER_SKEW; why not, else.
-        Full, the memory refuses new proofs rather than forget old ones (the asker then
-        fills itself): forgetting would make every proof still in its window good again."""
+        Full (a client's misses make peer requests), the memory forgets its oldest
+        nonces before their time, and refuses every proof dated at or before the
+        latest of them from then on: none of those can be replayed, and the proofs
+        peers make now, dated now, still pass unless the flood is as many a second."""
         now = self.clock.monotonic()
         with self._lock:
-            while self._nonces and next(iter(self._nonces.values())) <= now:
+            while self._nonces and next(iter(self._nonces.values()))[0] <= now:
                 self._nonces.popitem(last=False)  # the oldest first: they expire in order
-            if nonce in self._nonces:
+            if nonce in self._nonces or timestamp <= self._forgotten_up_to:
                 return "replayed"
-            if len(self._nonces) >= MAX_PEER_NONCES:
-                return "busy"
-            self._nonces[nonce] = now + 2 * PEER_SKEW
+            while len(self._nonces) >= MAX_PEER_NONCES:
+                _, (_, forgotten) = self._nonces.popitem(last=False)
+                self._forgotten_up_to = max(self._forgotten_up_to, forgotten)
+            self._nonces[nonce] = (now + 2 * PEER_SKEW, timestamp)
         return ""
 
     def status(self) -> list:

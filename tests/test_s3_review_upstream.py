@@ -78,6 +78,7 @@ import threading
 import time
 import tracemalloc
 import urllib.parse
+import urllib.request
 from xml.sax.saxutils import escape
 
 import pytest
@@ -989,3 +990,159 @@ def test_a_nested_listing_page_costs_little_memory():
     finally:
         tracemalloc.stop()
     assert peak < 8 * dockerproxy.MAX_S3_LISTING, f"{peak / 2 ** 20:.0f} MiB to parse a 4 MiB page"
+
+
+def test_a_blob_stored_while_its_records_go_to_the_bucket_is_not_filled_again(start_proxy, upstream, fake_s3,
+                                                                             monkeypatch):
+    """With a bucket a fill's records are written after it ended.  A second client that
+    looked (disk, then bucket) before the first fill stored its blob, and begins after that
+    fill ended but before its records are written, is served the stored blob: not a second
+    upstream GET (test_s3_cluster's 8 cold clients hit this on 8afc007, 1 run in 8)."""
+    proxy = start_proxy("--upstream", f"docker={upstream.url}", **fake_s3.env())
+    digest = upstream.add_blob("library/app", os.urandom(300_000))
+    path = f"/v2/library/app/blobs/{digest}"
+    records, release = threading.Event(), threading.Event()
+
+    def hold_records(request):  # the first fill's first record write only
+        if request.method == "PUT" and "/dockerproxy/repos/" in request.key and not records.is_set():
+            records.set()
+            release.wait(30)
+        return None
+    fake_s3.hooks.append(hold_records)
+    store, fills = proxy.cache.store, proxy.cache.fills
+    real_exists, real_copy = store.exists, fills._copy_verified
+    first_looked, go, lookers = threading.Event(), threading.Event(), []
+
+    def exists(asked):
+        if asked != digest or threading.get_ident() in lookers or threading.current_thread().name == "fill":
+            return real_exists(asked)
+        lookers.append(threading.get_ident())
+        if len(lookers) == 1:
+            first_looked.set()
+            return real_exists(asked)
+        seen = real_exists(asked)  # the second client's look: not stored yet...
+        go.set()
+        assert records.wait(30), "the first fill ended and writes its records"
+        return seen                # ...and it begins once that fill ended, its records still on their way
+
+    def held_copy(*args):
+        assert go.wait(30), "the second client looked"
+        return real_copy(*args)
+    monkeypatch.setattr(store, "exists", exists)
+    monkeypatch.setattr(fills, "_copy_verified", held_copy)
+    answers = {}
+    try:
+        first = threading.Thread(target=lambda: answers.setdefault("first", proxy.request("GET", path)))
+        first.start()
+        assert first_looked.wait(30)
+        status, headers, body = proxy.request("GET", path)
+    finally:
+        release.set()
+    first.join(30)
+    assert answers["first"][0] == 200 and len(lookers) == 2
+    assert status == 200 and dockerproxy.bytes_digest(body, digest) == digest
+    assert upstream.count(server="registry", method="GET", path_contains="/blobs/") == 1, upstream.requests
+
+
+# Found in the last review of the whole change ###############################
+
+def follow(location):
+    """A client following a 307 (no proxy): (status, body)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(location, timeout=10) as response:
+        return response.status, response.read()
+
+
+def test_a_redirect_never_sends_clients_to_bytes_the_store_cut(start_proxy, upstream, fake_s3):
+    """The store answers 200 to the single PUT but keeps a cut object (a broken
+    gateway, a lying store).  Nothing checks the object after the PUT, and
+    S3_REDIRECT sends every client there, even from the instance that holds the
+    verified bytes itself; nobody reads it through the proxy, so it is never
+    discarded, and each redirect marks it used (the sweep keeps it)."""
+    data = os.urandom(5000)
+    digest = upstream.add_blob("library/app", data)
+    key = dockerproxy.blob_key(PREFIX, digest)
+
+    def truncating(request):
+        if request.method == "PUT" and request.key == key:
+            fake_s3.put(key, request.body[:-1000])
+            return 200, [("ETag", '"x"')], b""
+        return None
+    fake_s3.hooks.append(truncating)
+    proxy = start_proxy("--upstream", f"docker={upstream.url}", S3_REDIRECT="true", **fake_s3.env())
+    assert fetch(proxy, f"/v2/library/app/blobs/{digest}")[:2] == (200, data)
+    assert proxy.cache.wait_idle(30)
+    assert proxy.cache.store.exists(digest)  # the verified bytes are here
+    for _ in range(3):
+        status, headers, _ = proxy.request("GET", f"/v2/library/app/blobs/{digest}")
+        body = data if status == 200 else follow(headers["Location"])[1]
+        assert body == data, f"{status}: the client was sent to {len(body)} bytes that are not {digest}"
+
+
+def test_a_manifest_asked_as_a_blob_first_stays_a_manifest_in_the_bucket(start_proxy, upstream, fake_s3, tmp_path):
+    """A client GETs a manifest's digest through /blobs/ (distribution serves it
+    so) before anyone pulls it: the bucket gets it as application/octet-stream.
+    The real pull's fill finds the bucket 'has' it and uploads nothing, so no
+    other instance can ever copy the manifest from the bucket: each one goes
+    upstream (a counted Docker Hub pull) for it, until the bucket evicts it."""
+    image = upstream.add_image("library/app", "1.0", [os.urandom(500)])
+    manifest, digest = image["manifest"], image["digest"]
+    upstream.add_blob("library/app", manifest)  # distribution: a manifest is a blob too
+    a = start_proxy("--upstream", f"docker={upstream.url}", "--cache-dir", str(tmp_path / "a"), **fake_s3.env())
+    b = start_proxy("--upstream", f"docker={upstream.url}", "--cache-dir", str(tmp_path / "b"), **fake_s3.env())
+    accept = {"Accept": image["media_type"]}
+    assert fetch(a, f"/v2/library/app/blobs/{digest}")[0] == 200          # the hostile client
+    assert a.server.proxy.cache.wait_idle(10) and a.server.proxy.shared.uploads.wait_idle(10)
+    assert fetch(a, f"/v2/library/app/manifests/{digest}", accept)[0] == 200  # the real pull
+    assert a.server.proxy.cache.wait_idle(10) and a.server.proxy.shared.uploads.wait_idle(10)
+    before = upstream.count(method="GET", path_contains=f"/manifests/{digest}")
+    status, body, _ = fetch(b, f"/v2/library/app/manifests/{digest}", accept)
+    assert status == 200 and body == manifest
+    assert upstream.count(method="GET", path_contains=f"/manifests/{digest}") == before, \
+        "instance B went upstream for a manifest the bucket holds"
+
+
+def test_client_misses_do_not_exhaust_the_owners_nonce_memory(start_proxy, upstream, peers_env, monkeypatch):
+    """A client's GETs of made-up digests (each one a miss the asker sends to the
+    owner, signed) fill the owner's nonce memory; full, the owner refuses the
+    asker's real requests as 'busy', and the asker passes it over."""
+    monkeypatch.setattr(dockerproxy, "MAX_PEER_NONCES", 20)  # stands for 100_000 in 2 x PEER_SKEW
+    port_a, port_b = free_port(), free_port()
+    a_url, b_url = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
+    asker = start_proxy("--port", str(port_a), "--upstream", f"docker={upstream.url}", **peers_env(a_url, b_url))
+    owner = start_proxy("--port", str(port_b), "--upstream", f"docker={upstream.url}", **peers_env(b_url, a_url))
+    for _ in range(40):  # a hostile client: digests that exist nowhere, owned by B; twice the memory in
+        _, junk = blob_owned_by(b_url, [a_url], size=8)  # 40 s of 2 x PEER_SKEW (120 s): 2 x MAX_PEER_NONCES
+        fetch(asker, f"/v2/library/app/blobs/{junk}")
+        for proxy in (asker, owner):
+            proxy.clock.advance(1)
+    peers = owner.server.proxy.peers
+    forgotten = peers._forgotten_up_to
+    assert forgotten and peers._take_nonce("a proof of that time, never seen", forgotten) == "replayed"
+    for proxy in (asker, owner):  # the next real miss, a few seconds later (well within PEER_SKEW)
+        proxy.clock.advance(5)
+    data, digest = blob_owned_by(b_url, [a_url])
+    upstream.add_blob("library/app", data)
+    status, body, _ = fetch(asker, f"/v2/library/app/blobs/{digest}")
+    assert status == 200 and body == data
+    assert [p["state"] for p in asker.server.proxy.peers.status() if p["peer"] == b_url] == ["up"]
+    assert metric(owner, "dockerproxy_peer_served_total", "refused") == 0
+    assert peers.status() and len(peers._nonces) <= dockerproxy.MAX_PEER_NONCES
+
+
+def test_a_revalidated_tag_stays_fresh_with_a_short_manifest_ttl(start_proxy, upstream, fake_s3):
+    """MANIFEST_TTL=5 with a bucket: a revalidation that finds the same digest skipped the tag
+    entry's write (TAG_REWRITE_INTERVAL=30s), so the bucket entry keeps its old
+    'checked' and every request for up to 25 s more goes upstream with a HEAD
+    (and writes the anonymous mark): a client loops it at will.  On disk the
+    entry is re-dated at each revalidation."""
+    upstream.add_image("library/app", "1.0", [os.urandom(500)])
+    proxy = start_proxy("--upstream", f"docker={upstream.url}", "--manifest-ttl", "5", **fake_s3.env())
+    assert fetch(proxy, "/v2/library/app/manifests/1.0")[0] == 200
+    assert proxy.server.proxy.cache.wait_idle(10)
+    proxy.server.proxy.clock.advance(6)
+    heads = lambda: upstream.count(method="HEAD", path_contains="/manifests/1.0")
+    before = heads()
+    for _ in range(5):
+        assert fetch(proxy, "/v2/library/app/manifests/1.0")[0] == 200
+    assert heads() - before == 1, f"{heads() - before} HEADs upstream within MANIFEST_TTL of a revalidation"
